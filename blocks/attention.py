@@ -1,0 +1,226 @@
+"""Multi-expert attention: several token streams, each with its own projections, one attention.
+
+Every expert maps its own width into ONE shared head space (``HeadSpace``); the streams'
+queries, keys and values are concatenated along the sequence, rotated with joint positions,
+attended once, split back and projected out by each expert's own ``o_proj``. With one expert
+this is exactly LLaMA's attention.
+
+    expert 0 [B, L0, W0] --q/k/v_0--\\                               /--o_0--> [B, L0, W0]
+                                      concat -> RoPE -> attention -> split
+    expert 1 [B, L1, W1] --q/k/v_1--/                               \\--o_1--> [B, L1, W1]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlablocks.blocks.masks import as_additive_mask
+from vlablocks.blocks.rope import apply_rope
+
+KeyValue = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class HeadSpace:
+    """The attention head space that all experts of one joint attention share.
+
+    Attributes:
+        num_heads: query heads.
+        num_kv_heads: key/value heads (``num_heads`` for MHA, fewer for GQA, 1 for MQA).
+        head_dim: width of one head.
+        rope_theta: RoPE base.
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        for name in ("num_heads", "num_kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"HeadSpace.{name} must be a positive int; got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"HeadSpace.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads}) so that query heads share key/value heads in equal groups"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"HeadSpace.head_dim must be even for RoPE; got {self.head_dim}")
+
+    @property
+    def query_dim(self) -> int:
+        """``num_heads * head_dim``."""
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        """``num_kv_heads * head_dim``."""
+        return self.num_kv_heads * self.head_dim
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention backends: (query [B, H, Lq, D], key/value [B, Hkv, Lk, D], mask [B, Lq, Lk]) -> [B, H, Lq, D]
+# The mask may be bool (True = attend) or additive float; both backends give the same result.
+# ---------------------------------------------------------------------------------------------
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+def eager_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Reference attention written out: scores, additive mask, float32 softmax, weighted sum."""
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    scores = scores + as_additive_mask(mask, scores.dtype)[:, None]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(probs, value)
+
+
+def sdpa_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """torch's fused ``scaled_dot_product_attention`` (bool masks made additive so padded rows stay finite)."""
+    return F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=as_additive_mask(mask, query.dtype)[:, None],
+        scale=scale,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
+
+
+ATTENTION_BACKENDS: dict[str, AttentionFn] = {"sdpa": sdpa_attention, "eager": eager_attention}
+
+
+def get_attention_backend(name: str) -> AttentionFn:
+    """Look up an attention backend by name; ValueError lists the valid names."""
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; valid: {sorted(ATTENTION_BACKENDS)}")
+    return ATTENTION_BACKENDS[name]
+
+
+class ExpertProjections(nn.Module):
+    """One expert's q/k/v/o projections between its width and the shared head space."""
+
+    def __init__(
+        self,
+        width: int,
+        head_space: HeadSpace,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.q_proj = nn.Linear(width, head_space.query_dim, bias=bias, **factory)
+        self.k_proj = nn.Linear(width, head_space.kv_dim, bias=bias, **factory)
+        self.v_proj = nn.Linear(width, head_space.kv_dim, bias=bias, **factory)
+        self.o_proj = nn.Linear(head_space.query_dim, width, bias=bias, **factory)
+
+
+class MultiExpertAttention(nn.Module):
+    """Joint attention over the token streams of several experts in one shared head space.
+
+    Args:
+        widths: hidden width of each expert.
+        head_space: the shared head space.
+        bias: whether each expert's projections have biases (one flag, or one per expert).
+        backend: ``"sdpa"`` (default) or ``"eager"``; see :data:`ATTENTION_BACKENDS`.
+
+    Any expert may be absent from a call (``None``). Returns each present expert's output and
+    the post-RoPE keys/values of this call's tokens (not including ``past_key_value``), which is
+    what a prefix cache stores.
+    """
+
+    def __init__(
+        self,
+        widths: Sequence[int],
+        head_space: HeadSpace,
+        bias: bool | Sequence[bool] = False,
+        backend: str = "sdpa",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not widths:
+            raise ValueError("MultiExpertAttention needs at least one expert width; got none")
+        biases = [bias] * len(widths) if isinstance(bias, bool) else list(bias)
+        if len(biases) != len(widths):
+            raise ValueError(f"bias must be one bool or one per expert ({len(widths)}); got {len(biases)}")
+        self.head_space = head_space
+        self.scale = head_space.head_dim**-0.5
+        self.experts = nn.ModuleList(
+            ExpertProjections(w, head_space, b, device=device, dtype=dtype) for w, b in zip(widths, biases)
+        )
+        self.set_backend(backend)
+
+    def set_backend(self, backend: str) -> None:
+        """Switch the attention kernel (``"sdpa"`` or ``"eager"``)."""
+        self.attention_fn = get_attention_backend(backend)
+        self.backend = backend
+
+    def forward(
+        self,
+        hidden_states: Sequence[torch.Tensor | None],
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attention_mask: torch.Tensor,
+        past_key_value: KeyValue | None = None,
+    ) -> tuple[list[torch.Tensor | None], KeyValue]:
+        """Attend all present streams jointly.
+
+        Args:
+            hidden_states: per expert ``[B, L_e, W_e]`` or ``None``; present streams are
+                concatenated in expert order into ``Lq = sum(L_e)`` tokens.
+            cos, sin: ``[B, Lq, head_dim]`` RoPE tables for the concatenated tokens.
+            attention_mask: ``[B, Lq, P + Lq]`` bool (True = attend) or additive float, where
+                ``P`` is the length of ``past_key_value`` (0 without one).
+            past_key_value: cached post-RoPE ``(key, value)``, each ``[B, Hkv, P, head_dim]``,
+                placed before this call's keys.
+
+        Returns:
+            ``(outputs, (key, value))``: outputs per expert ``[B, L_e, W_e]`` (``None`` where
+            absent); key/value ``[B, Hkv, Lq, head_dim]`` post-RoPE for this call's tokens.
+        """
+        if len(hidden_states) != len(self.experts):
+            raise ValueError(f"expected {len(self.experts)} expert streams; got {len(hidden_states)}")
+        present = [(proj, x) for proj, x in zip(self.experts, hidden_states) if x is not None]
+        if not present:
+            raise ValueError("MultiExpertAttention needs at least one present expert stream")
+        space = self.head_space
+        query = torch.cat([proj.q_proj(x) for proj, x in present], dim=1)
+        key = torch.cat([proj.k_proj(x) for proj, x in present], dim=1)
+        value = torch.cat([proj.v_proj(x) for proj, x in present], dim=1)
+        batch, length, _ = query.shape
+        query = query.view(batch, length, space.num_heads, space.head_dim).transpose(1, 2)
+        key = key.view(batch, length, space.num_kv_heads, space.head_dim).transpose(1, 2)
+        value = value.view(batch, length, space.num_kv_heads, space.head_dim).transpose(1, 2)
+        query = apply_rope(query, cos, sin)
+        key = apply_rope(key, cos, sin)
+
+        all_key, all_value = key, value
+        if past_key_value is not None:
+            all_key = torch.cat([past_key_value[0].to(key.dtype), key], dim=2)
+            all_value = torch.cat([past_key_value[1].to(value.dtype), value], dim=2)
+        if attention_mask.shape != (batch, length, all_key.shape[2]):
+            raise ValueError(
+                f"attention_mask must be [B, Lq, P + Lq] = {[batch, length, all_key.shape[2]]}; "
+                f"got {list(attention_mask.shape)}"
+            )
+        attended = self.attention_fn(query, all_key, all_value, attention_mask, self.scale)
+        attended = attended.transpose(1, 2).reshape(batch, length, space.query_dim)
+
+        chunks = iter(attended.split([x.shape[1] for _, x in present], dim=1))
+        outputs = [None if x is None else proj.o_proj(next(chunks)) for proj, x in zip(self.experts, hidden_states)]
+        return outputs, (key, value)

@@ -1,0 +1,79 @@
+"""Feed-forward blocks: the one plain MLP and the one gated MLP of the toolkit."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from torch import nn
+
+ActLayer = Callable[[], nn.Module]
+
+#: tanh-approximated GELU, the activation of Gemma's GeGLU and of GR00T's feed-forward.
+GeluTanh: ActLayer = partial(nn.GELU, approximate="tanh")
+
+
+class Mlp(nn.Module):
+    """Two linear layers with an activation between them: ``fc2(act(fc1(x)))``.
+
+    Args:
+        in_features: input width.
+        hidden_features: hidden width (``None``: ``in_features``).
+        out_features: output width (``None``: ``in_features``).
+        act_layer: activation class or factory, e.g. ``nn.SiLU``.
+        bias: whether both linear layers have a bias.
+
+    Shapes: ``[..., in_features] -> [..., out_features]``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int | None = None,
+        out_features: int | None = None,
+        act_layer: ActLayer = nn.SiLU,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        hidden_features = hidden_features or in_features
+        out_features = out_features or in_features
+        factory = {"device": device, "dtype": dtype}
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias, **factory)
+        self.act = act_layer()
+        self.fc2 = nn.Linear(hidden_features, out_features, bias=bias, **factory)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class GatedMlp(nn.Module):
+    """Gated feed-forward of LLaMA / Gemma: ``down(act(gate(x)) * up(x))``.
+
+    ``act_layer=nn.SiLU`` gives SwiGLU (LLaMA, Mistral); ``act_layer=GeluTanh`` gives the
+    tanh-GeGLU of Gemma. Parameter names follow transformers (``gate_proj``, ``up_proj``,
+    ``down_proj``) so checkpoints map one to one.
+
+    Shapes: ``[..., dim] -> [..., dim]``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        act_layer: ActLayer = nn.SiLU,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=bias, **factory)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=bias, **factory)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=bias, **factory)
+        self.act = act_layer()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

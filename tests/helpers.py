@@ -1,0 +1,51 @@
+"""Tiny seeded models shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+
+from vlablocks.blocks.attention import HeadSpace
+from vlablocks.blocks.fusion import DeepFusionStack, ExpertSpec, every_kth_layer
+from vlablocks.blocks.masks import block_causal_mask, positions_from_pad
+
+SPACE = HeadSpace(num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=500.0)
+
+
+def tiny_stack(
+    base_width: int = 64,
+    base_layers: int = 4,
+    expert_width: int = 32,
+    expert_layers: tuple[int, ...] | None = every_kth_layer(4, 2),
+    adarms: bool = False,
+    seed: int = 0,
+    **stack_kwargs,
+) -> DeepFusionStack:
+    """Base 64 x 4 layers, expert 32 wide at layers 0 and 2, head space 4 x 16 with 2 kv heads."""
+    torch.manual_seed(seed)
+    experts = [
+        ExpertSpec("vlm", base_width, 2 * base_width, SPACE),
+        ExpertSpec("action", expert_width, 2 * expert_width, SPACE, layers=expert_layers,
+                   adarms_cond_dim=expert_width if adarms else None),
+    ]
+    stack = DeepFusionStack(experts, base_layers, **stack_kwargs)
+    with torch.no_grad():  # make the (zero-init) Gemma/AdaRMS style parameters non-trivial
+        for name, param in stack.named_parameters():
+            if "modulation" in name:
+                param.normal_(std=0.1)
+    return stack
+
+
+def random_prefix(batch: int = 2, length: int = 7, width: int = 64, seed: int = 1):
+    """Prefix embeddings with the last two tokens of sample 1 padded; bidirectional (ar 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    embeds = torch.randn(batch, length, width, generator=gen)
+    pad = torch.ones(batch, length, dtype=torch.bool)
+    pad[-1, -2:] = False
+    ar = torch.zeros(batch, length, dtype=torch.long)
+    return embeds, pad, ar
+
+
+def joint_mask(prefix_pad, prefix_ar, suffix_pad, suffix_ar):
+    pad = torch.cat([prefix_pad, suffix_pad], 1)
+    ar = torch.cat([prefix_ar, suffix_ar.expand(prefix_pad.shape[0], -1)], 1)
+    return block_causal_mask(pad, ar), positions_from_pad(pad)

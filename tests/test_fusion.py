@@ -1,0 +1,196 @@
+"""DeepFusionStack: parity with transformers decoders, the three modes, layer maps, checkpointing."""
+
+import pytest
+import torch
+from transformers import GemmaConfig, GemmaModel, LlamaConfig, LlamaForCausalLM, LlamaModel, MistralConfig, MistralModel
+
+from helpers import SPACE, joint_mask, random_prefix, tiny_stack
+from vlablocks.blocks.attention import HeadSpace
+from vlablocks.blocks.fusion import DeepFusionStack, ExpertSpec, every_kth_layer, every_layer, first_n_layers
+from vlablocks.blocks.masks import as_additive_mask, block_causal_mask, positions_from_pad, suffix_mask_and_positions
+from vlablocks.blocks.transformers_import import base_spec_from_config, load_base_from_transformers
+
+DECODER_SHAPES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, vocab_size=50)
+
+
+def make_transformers_decoder(family: str):
+    torch.manual_seed(0)
+    if family == "llama":
+        return LlamaModel(LlamaConfig(**DECODER_SHAPES, rope_parameters={"rope_type": "default", "rope_theta": 500.0},
+                                      attn_implementation="eager"))
+    if family == "llama_causal_lm":  # state dict keys under "model."
+        return LlamaForCausalLM(LlamaConfig(**DECODER_SHAPES, attention_bias=True, attn_implementation="eager"))
+    if family == "mistral":
+        return MistralModel(MistralConfig(**DECODER_SHAPES, sliding_window=None, attn_implementation="eager"))
+    model = GemmaModel(GemmaConfig(**DECODER_SHAPES, attn_implementation="eager"))
+    with torch.no_grad():  # Gemma norms are zero-init (1 + w): randomise so the offset matters
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(std=0.5)
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "llama_causal_lm", "mistral", "gemma"])
+@pytest.mark.parametrize("attention", ["causal", "prefix_lm"])
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_prefix_only_equals_transformers_decoder(family, attention, backend):
+    model = make_transformers_decoder(family).eval()
+    spec, depth = base_spec_from_config(model.config)
+    stack = DeepFusionStack([spec], depth, attention_backend=backend).eval()
+    rest = load_base_from_transformers(stack, model.state_dict())
+    assert "embed_tokens.weight" in rest  # the embedding is handed back, not silently dropped
+
+    embeds, pad, _ = random_prefix(width=64)
+    ar = torch.ones_like(pad, dtype=torch.long) if attention == "causal" else torch.zeros_like(pad, dtype=torch.long)
+    mask, positions = block_causal_mask(pad, ar), positions_from_pad(pad)
+    decoder = model.model if family == "llama_causal_lm" else model
+    with torch.no_grad():
+        expected = decoder(inputs_embeds=embeds, attention_mask=as_additive_mask(mask, torch.float32)[:, None],
+                           position_ids=positions).last_hidden_state
+        out = stack([embeds], mask, positions, return_cache=True)
+    assert (out.hidden_states[0] - expected).abs().max() <= 1e-5
+    assert out.cache is not None and all(k.shape == (2, 2, 7, 16) for k in out.cache.keys)
+
+
+def _suffix(batch=2, length=5, width=32, seed=2):
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(batch, length, width, generator=gen)
+    pad = torch.ones(batch, length, dtype=torch.bool)
+    ar = torch.tensor([1, 1] + [0] * (length - 2))  # pi0: state block, then one action block
+    return tokens, pad, ar
+
+
+STACK_VARIANTS = {
+    "equal_width_and_depth": dict(expert_width=64, expert_layers=None),
+    "narrow_every_2nd": dict(expert_width=32, expert_layers=every_kth_layer(4, 2)),
+    "narrow_first_3": dict(expert_width=24, expert_layers=first_n_layers(4, 3)),
+    "adarms_expert": dict(expert_width=32, expert_layers=None, adarms=True),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(STACK_VARIANTS))
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_joint_equals_cached_prefix_then_suffix(variant, backend):
+    kwargs = STACK_VARIANTS[variant]
+    stack = tiny_stack(attention_backend=backend, **kwargs).eval()
+    width = stack.experts[1].width
+    embeds, pad, ar = random_prefix()
+    suffix, suffix_pad, suffix_ar = _suffix(width=width)
+    cond = torch.randn(2, width) if kwargs.get("adarms") else None
+    mask, positions = joint_mask(pad, ar, suffix_pad, suffix_ar)
+    P = embeds.shape[1]
+    with torch.no_grad():
+        joint = stack([embeds, suffix], mask, positions, conds=[None, cond])
+        prefix = stack([embeds, None], mask[:, :P, :P], positions[:, :P], return_cache=True)
+        suffix_mask, suffix_positions = suffix_mask_and_positions(pad, ar, suffix_pad, suffix_ar)
+        cached = stack([None, suffix], suffix_mask, suffix_positions, cache=prefix.cache, conds=[None, cond])
+        changed = stack([embeds, suffix + 1.0], mask, positions, conds=[None, cond])
+    assert (cached.hidden_states[1] - joint.hidden_states[1]).abs().max() <= 1e-5
+    # real prefix tokens (padding rows attend uniformly to whatever keys exist: finite, meaningless)
+    assert (prefix.hidden_states[0][pad] - joint.hidden_states[0][pad]).abs().max() <= 1e-5
+    # the prefix never attends to the suffix: a different suffix leaves the prefix output unchanged
+    assert torch.equal(changed.hidden_states[0][pad], joint.hidden_states[0][pad])
+    assert not torch.equal(changed.hidden_states[1], joint.hidden_states[1])
+    # only the layers the expert attends at are cached
+    expected_layers = set(kwargs["expert_layers"] or every_layer(4))
+    assert {i for i, k in enumerate(prefix.cache.keys) if k is not None} == expected_layers
+
+
+def test_cache_is_bitwise_unchanged_by_denoising_steps():
+    stack = tiny_stack().eval()
+    embeds, pad, ar = random_prefix()
+    suffix, suffix_pad, suffix_ar = _suffix()
+    with torch.no_grad():
+        cache = stack([embeds, None], block_causal_mask(pad, ar), positions_from_pad(pad), return_cache=True).cache
+        snapshot = [(k.clone(), v.clone()) for k, v in zip(cache.keys, cache.values) if k is not None]
+        suffix_mask, suffix_positions = suffix_mask_and_positions(pad, ar, suffix_pad, suffix_ar)
+        x = suffix
+        for _ in range(10):
+            x = x - 0.1 * stack([None, x], suffix_mask, suffix_positions, cache=cache).hidden_states[1]
+    kept = [(k, v) for k, v in zip(cache.keys, cache.values) if k is not None]
+    assert len(kept) == len(snapshot) == 2
+    for (k, v), (k0, v0) in zip(kept, snapshot):
+        assert torch.equal(k, k0) and torch.equal(v, v0)
+    with pytest.raises(Exception):  # frozen dataclass
+        cache.keys = ()
+
+
+def test_gradient_checkpointing_gives_identical_loss_and_gradients():
+    results = []
+    for flag in (False, True):
+        stack = tiny_stack(seed=3, gradient_checkpointing=flag)
+        embeds, pad, ar = random_prefix()
+        suffix, suffix_pad, suffix_ar = _suffix()
+        mask, positions = joint_mask(pad, ar, suffix_pad, suffix_ar)
+        out = stack([embeds, suffix.requires_grad_()], mask, positions)
+        loss = out.hidden_states[0].pow(2).mean() + out.hidden_states[1].sin().mean()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in stack.named_parameters()}, suffix.grad))
+    (loss_a, grads_a, input_a), (loss_b, grads_b, input_b) = results
+    assert (loss_a - loss_b).abs() <= 1e-6
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        assert (grads_a[name] - grads_b[name]).abs().max() <= 1e-6, name
+    assert (input_a - input_b).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_random_masks_never_give_nan_forward_or_backward(backend):
+    stack = tiny_stack(attention_backend=backend, adarms=True)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(10):
+        embeds = torch.randn(3, 6, 64, generator=gen)
+        suffix = torch.randn(3, 4, 32, generator=gen)
+        pad = torch.rand(3, 10, generator=gen) < 0.5
+        pad[0] = False  # a sample with nothing but padding
+        ar = (torch.rand(3, 10, generator=gen) < 0.5).long()
+        out = stack([embeds, suffix], block_causal_mask(pad, ar), positions_from_pad(pad), conds=[None, torch.randn(3, 32)])
+        loss = sum(h.sum() for h in out.hidden_states)
+        loss.backward()
+        assert all(torch.isfinite(h).all() for h in out.hidden_states)
+        assert all(torch.isfinite(p.grad).all() for p in stack.parameters() if p.grad is not None)
+        stack.zero_grad()
+
+
+def test_layer_hidden_states_on_request():
+    stack = tiny_stack().eval()
+    embeds, pad, ar = random_prefix()
+    out = stack([embeds, None], block_causal_mask(pad, ar), positions_from_pad(pad), output_layer_hidden_states=True)
+    assert len(out.layer_hidden_states) == 4
+    assert all(layer[0].shape == embeds.shape and layer[1] is None for layer in out.layer_hidden_states)
+    torch.testing.assert_close(stack.final_norms[0](out.layer_hidden_states[-1][0]), out.hidden_states[0])
+
+
+def test_head_space_mismatch_names_both_head_spaces():
+    other = HeadSpace(num_heads=8, num_kv_heads=2, head_dim=8, rope_theta=500.0)
+    experts = [ExpertSpec("vlm", 64, 128, SPACE), ExpertSpec("action", 32, 64, other)]
+    with pytest.raises(ValueError) as err:
+        DeepFusionStack(experts, 2)
+    message = str(err.value)
+    assert "expert 1 ('action')" in message and "base expert 0 ('vlm')" in message
+    assert str(other) in message and str(SPACE) in message
+
+
+def test_layer_map_and_input_errors():
+    base = ExpertSpec("vlm", 64, 128, SPACE)
+    with pytest.raises(ValueError, match=r"layer map of expert 1 \('action'\) names layers \[4\], but the base has 4 layers \(valid 0..3\)"):
+        DeepFusionStack([base, ExpertSpec("action", 32, 64, SPACE, layers=(0, 4))], 4)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        DeepFusionStack([base, ExpertSpec("action", 32, 64, SPACE, layers=(2, 1))], 4)
+    with pytest.raises(ValueError, match="must have every layer"):
+        DeepFusionStack([ExpertSpec("vlm", 64, 128, SPACE, layers=(0,))], 4)
+    with pytest.raises(ValueError, match=r"needs 1 <= n <= num_layers \(4\); got 5"):
+        first_n_layers(4, 5)
+
+    stack = tiny_stack(adarms=True)
+    embeds, pad, ar = random_prefix()
+    mask, positions = block_causal_mask(pad, ar), positions_from_pad(pad)
+    with pytest.raises(ValueError, match=r"expert 0 \('vlm'\) must be \[B, L, 64\]; got \[2, 7, 32\]"):
+        stack([embeds[..., :32], None], mask, positions)
+    suffix, suffix_pad, suffix_ar = _suffix()
+    joint, joint_positions = joint_mask(pad, ar, suffix_pad, suffix_ar)
+    with pytest.raises(ValueError, match=r"expert 1 \('action'\) takes a \[B, 32\] cond; got None"):
+        stack([embeds, suffix], joint, joint_positions)
+    with pytest.raises(ValueError, match="prefix-only mode"):
+        stack([embeds, suffix], joint, joint_positions, conds=[None, torch.randn(2, 32)], return_cache=True)
