@@ -1,0 +1,123 @@
+"""DeepFusionDenoiser + FlowMatchingHead: the expert trains over a frozen base through the prefix cache."""
+
+import pytest
+import torch
+
+from helpers import joint_mask, tiny_stack
+from vlablocks.blocks.fusion import every_kth_layer
+from vlablocks.encoders.suffix import AdaRMSTimeFusion, ConcatMlpTimeFusion, SuffixEncoder
+from vlablocks.heads import DeepFusionDenoiser, FlowMatchingHead, Prefix
+
+H, A, S = 4, 3, 5
+
+
+def make_head(adarms: bool = False, seed: int = 0) -> FlowMatchingHead:
+    stack = tiny_stack(base_width=64, base_layers=4, expert_width=32, expert_layers=every_kth_layer(4, 2),
+                       adarms=adarms, seed=seed)
+    fusion = AdaRMSTimeFusion(32) if adarms else ConcatMlpTimeFusion(32)
+    suffix = SuffixEncoder(A, 32, H, fusion, state_dim=None if adarms else S)
+    return FlowMatchingHead(DeepFusionDenoiser(stack, suffix), horizon=H, action_dim=A)
+
+
+def make_batch(batch: int = 8, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    embeds = torch.randn(batch, 6, 64, generator=gen)
+    pad = torch.ones(batch, 6, dtype=torch.bool)
+    pad[::2, -1] = False
+    prefix = Prefix(embeds, pad, torch.zeros(batch, 6, dtype=torch.long))
+    state = torch.randn(batch, S, generator=gen)
+    actions = torch.tanh(embeds[:, :H, :A] + state[:, None, :A])
+    return prefix, state, actions
+
+
+def base_parameters(stack):
+    """Names of the base expert's parameters (local index 0 in every layer, final_norms.0)."""
+    return {n for n in dict(stack.named_parameters())
+            if n == "final_norms.0.weight" or any(f".{part}.0." in n for part in
+                                                   ("input_norms", "post_attention_norms", "experts", "mlps"))}
+
+
+def test_narrow_shallow_expert_trains_over_a_frozen_base():
+    torch.manual_seed(0)
+    head = make_head()
+    stack = head.denoiser.stack
+    frozen = base_parameters(stack)
+    assert len(frozen) == 4 * 9 + 1  # 4 layers x (2 norms, q/k/v/o, gate/up/down) + final norm
+    for name, param in stack.named_parameters():
+        param.requires_grad_(name not in frozen)
+    frozen_before = {n: p.detach().clone() for n, p in stack.named_parameters() if n in frozen}
+    prefix, state, actions = make_batch()
+    optimizer = torch.optim.Adam([p for p in head.parameters() if p.requires_grad], lr=1e-2)
+    gen = torch.Generator().manual_seed(1)
+    losses = []
+    for step in range(50):
+        loss = head.loss(prefix, actions, state, generator=gen).loss
+        optimizer.zero_grad()
+        loss.backward()
+        if step == 0:
+            for name, param in head.named_parameters():
+                if param.requires_grad:
+                    assert param.grad is not None and param.grad.abs().sum() > 0, f"no gradient reaches {name}"
+                else:
+                    assert param.grad is None, f"frozen {name} got a gradient"
+        optimizer.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.5 * first, (first, last)
+    for name, param in stack.named_parameters():
+        if name in frozen:
+            assert torch.equal(param, frozen_before[name]), name
+
+
+@pytest.mark.parametrize("adarms", [False, True])
+def test_cached_velocity_equals_the_joint_pass(adarms):
+    head = make_head(adarms=adarms).eval()
+    denoiser = head.denoiser
+    prefix, state, actions = make_batch(batch=3)
+    state = None if adarms else state
+    x_t, t = torch.randn_like(actions), torch.rand(3)
+    with torch.no_grad():
+        cached = denoiser.velocity(denoiser.prepare(prefix), x_t, t, state)
+        suffix = denoiser.suffix_encoder(x_t, t, state)
+        suffix_pad, suffix_ar = denoiser.suffix_encoder.layout(3)
+        mask, positions = joint_mask(prefix.pad, prefix.ar, suffix_pad, suffix_ar)
+        joint = denoiser.stack([prefix.embeds, suffix.tokens], mask, positions, conds=[None, suffix.cond])
+        expected = denoiser.suffix_encoder.decode(joint.hidden_states[1])
+    assert (cached - expected).abs().max() <= 1e-5
+
+
+def test_sampling_leaves_the_prefix_cache_bitwise_unchanged():
+    head = make_head().eval()
+    denoiser = head.denoiser
+    prefix, state, _ = make_batch(batch=2)
+    contexts, calls = [], []
+    prepare, velocity = denoiser.prepare, denoiser.velocity
+
+    def recording_prepare(p):
+        context = prepare(p)
+        contexts.append((context, [k.clone() for k in context.cache.keys if k is not None],
+                         [v.clone() for v in context.cache.values if v is not None]))
+        return context
+
+    def recording_velocity(context, x_t, t, s):
+        calls.append(float(t[0]))
+        return velocity(context, x_t, t, s)
+
+    denoiser.prepare, denoiser.velocity = recording_prepare, recording_velocity
+    with torch.no_grad():
+        chunk = head.sample(prefix, state, num_steps=10)
+    assert chunk.shape == (2, H, A) and torch.isfinite(chunk).all()
+    assert len(contexts) == 1 and len(calls) == 10
+    context, keys, values = contexts[0]
+    assert all(torch.equal(a, b) for a, b in zip([k for k in context.cache.keys if k is not None], keys))
+    assert all(torch.equal(a, b) for a, b in zip([v for v in context.cache.values if v is not None], values))
+
+
+def test_denoiser_checks_the_expert_it_drives():
+    stack = tiny_stack()
+    with pytest.raises(ValueError, match=r"suffix_encoder.width \(16\) must equal the width of expert 1 \('action': 32\)"):
+        DeepFusionDenoiser(stack, SuffixEncoder(A, 16, H, ConcatMlpTimeFusion(16)))
+    with pytest.raises(ValueError, match="AdaRMS condition of width 32 but expert 1 .* adarms_cond_dim=None"):
+        DeepFusionDenoiser(stack, SuffixEncoder(A, 32, H, AdaRMSTimeFusion(32)))
+    with pytest.raises(ValueError, match=r"expert must index a non-base expert \(1..1\); got 0"):
+        DeepFusionDenoiser(stack, SuffixEncoder(A, 32, H, ConcatMlpTimeFusion(32)), expert=0)
