@@ -1,0 +1,27 @@
+"""The Python snippets of README.md and docs/*.md run, in order, one namespace per file."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+SNIPPET = re.compile(r"```python\n(.*?)```", re.DOTALL)
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
+def test_snippets_run(path, capsys):
+    snippets = SNIPPET.findall(path.read_text())
+    namespace: dict = {}
+    for index, code in enumerate(snippets):
+        exec(compile(code, f"{path.name}[snippet {index}]", "exec"), namespace)
+
+
+def test_relative_links_exist():
+    link = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+    for path in DOCS:
+        for target in link.findall(path.read_text()):
+            if "://" in target:
+                continue
+            assert (path.parent / target).exists(), f"{path.name} links to missing {target}"
