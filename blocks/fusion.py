@@ -22,7 +22,7 @@ modes, chosen by which streams are given:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -289,6 +289,27 @@ class DeepFusionStack(nn.Module):
             )
         return layers
 
+    def expert_named_parameters(self, expert: int) -> Iterator[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` pairs of one expert, with names as in ``named_parameters()``.
+
+        Useful for freezing (the base) or per-expert learning rates.
+        """
+        for i, (layer, present) in enumerate(zip(self.layers, self.layer_experts)):
+            if expert not in present:
+                continue
+            j = present.index(expert)
+            parts = {
+                f"input_norms.{j}": layer.input_norms[j],
+                f"attention.experts.{j}": layer.attention.experts[j],
+                f"post_attention_norms.{j}": layer.post_attention_norms[j],
+                f"mlps.{j}": layer.mlps[j],
+            }
+            for prefix, module in parts.items():
+                for name, param in module.named_parameters():
+                    yield f"layers.{i}.{prefix}.{name}", param
+        for name, param in self.final_norms[expert].named_parameters():
+            yield f"final_norms.{expert}.{name}", param
+
     def set_attention_backend(self, backend: str) -> None:
         """Switch every layer's attention kernel (``"sdpa"`` or ``"eager"``)."""
         for layer in self.layers:
@@ -390,9 +411,11 @@ class DeepFusionStack(nn.Module):
         if cache is not None:
             if streams[0] is not None:
                 raise ValueError("with a cache (suffix mode) the base stream must be None: it lives in the cache")
+            if len(cache.keys) != self.num_layers:
+                raise ValueError(f"cache has {len(cache.keys)} layers; this stack has {self.num_layers}")
             missing = [i for i in self.cached_layers if cache.keys[i] is None]
-            if len(cache.keys) != self.num_layers or missing:
-                raise ValueError(f"cache lacks keys/values for layers {missing or 'all'}; build it with return_cache=True")
+            if missing:
+                raise ValueError(f"cache lacks keys/values for layers {missing}; build it with return_cache=True")
 
 
 def _describe(x: torch.Tensor | None) -> str:

@@ -30,18 +30,11 @@ def make_batch(batch: int = 8, seed: int = 0):
     return prefix, state, actions
 
 
-def base_parameters(stack):
-    """Names of the base expert's parameters (local index 0 in every layer, final_norms.0)."""
-    return {n for n in dict(stack.named_parameters())
-            if n == "final_norms.0.weight" or any(f".{part}.0." in n for part in
-                                                   ("input_norms", "post_attention_norms", "experts", "mlps"))}
-
-
 def test_narrow_shallow_expert_trains_over_a_frozen_base():
     torch.manual_seed(0)
     head = make_head()
     stack = head.denoiser.stack
-    frozen = base_parameters(stack)
+    frozen = {name for name, _ in stack.expert_named_parameters(0)}
     assert len(frozen) == 4 * 9 + 1  # 4 layers x (2 norms, q/k/v/o, gate/up/down) + final norm
     for name, param in stack.named_parameters():
         param.requires_grad_(name not in frozen)

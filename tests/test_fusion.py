@@ -194,3 +194,27 @@ def test_layer_map_and_input_errors():
         stack([embeds, suffix], joint, joint_positions)
     with pytest.raises(ValueError, match="prefix-only mode"):
         stack([embeds, suffix], joint, joint_positions, conds=[None, torch.randn(2, 32)], return_cache=True)
+
+
+def test_llama_7b_shaped_stack_builds_on_meta_with_the_reference_parameter_count():
+    config = LlamaConfig()  # transformers' defaults are LLaMA-7B: 4096 wide, 32 layers, 11008 MLP
+    with torch.device("meta"):
+        reference = LlamaModel(config)
+    decoder_params = sum(p.numel() for n, p in reference.named_parameters() if not n.startswith("embed_tokens"))
+    base, depth = base_spec_from_config(config)
+    expert = ExpertSpec("action", 2048, 5504, base.head_space, layers=every_kth_layer(depth, 4))
+    stack = DeepFusionStack([base, expert], depth, device="meta")
+    base_params = sum(p.numel() for _, p in stack.expert_named_parameters(0))
+    assert base_params == decoder_params  # about 6.48e9: LLaMA-7B's 6.74e9 less its embedding and LM head
+    assert all(p.device.type == "meta" for p in stack.parameters())
+
+
+def test_expert_named_parameters_partition_the_stack():
+    stack = tiny_stack()
+    names = [dict(stack.expert_named_parameters(e)) for e in range(2)]
+    everything = dict(stack.named_parameters())
+    assert names[0].keys().isdisjoint(names[1].keys())
+    assert names[0].keys() | names[1].keys() == everything.keys()
+    assert all(everything[n] is p for n, p in names[1].items())
+    # the expert has layers 0 and 2 only: 2 x (2 norms, q/k/v/o, gate/up/down) + its final norm
+    assert len(names[1]) == 2 * 9 + 1 and not any(n.startswith(("layers.1.", "layers.3.")) for n in names[1])
