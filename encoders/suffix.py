@@ -60,11 +60,8 @@ class ConcatMlpTimeFusion(nn.Module):
         return tokens, tokens.new_zeros(tokens.shape[0], 0, tokens.shape[-1]), None
 
 
-class TimeTokenFusion(nn.Module):
-    """The seed design: a separate time token ``time_mlp_out(silu(time_mlp_in(sinusoid(t))))``."""
-
-    num_time_tokens = 1
-    cond_dim: int | None = None
+class _EmbeddedTimeFusion(nn.Module):
+    """Shared part of the token and AdaRMS fusions: ``embedder(t) = mlp(sinusoid(t))`` of width W."""
 
     def __init__(
         self,
@@ -75,7 +72,15 @@ class TimeTokenFusion(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        self.width = width
         self.embedder = TimestepEmbedder(width, min_period=min_period, max_period=max_period, device=device, dtype=dtype)
+
+
+class TimeTokenFusion(_EmbeddedTimeFusion):
+    """The seed design: a separate time token ``time_mlp_out(silu(time_mlp_in(sinusoid(t))))``."""
+
+    num_time_tokens = 1
+    cond_dim: int | None = None
 
     def forward(
         self, action_emb: torch.Tensor, t: torch.Tensor
@@ -84,22 +89,15 @@ class TimeTokenFusion(nn.Module):
         return action_emb, self.embedder(t).to(action_emb.dtype)[:, None], None
 
 
-class AdaRMSTimeFusion(nn.Module):
+class AdaRMSTimeFusion(_EmbeddedTimeFusion):
     """pi0.5: the condition ``silu(mlp(sinusoid(t)))`` for AdaRMS norms; no time in the tokens."""
 
     num_time_tokens = 0
 
-    def __init__(
-        self,
-        width: int,
-        min_period: float = 4e-3,
-        max_period: float = 4.0,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__()
-        self.cond_dim = width
-        self.embedder = TimestepEmbedder(width, min_period=min_period, max_period=max_period, device=device, dtype=dtype)
+    @property
+    def cond_dim(self) -> int:
+        """Width of the condition: the expert's width."""
+        return self.width
 
     def forward(
         self, action_emb: torch.Tensor, t: torch.Tensor

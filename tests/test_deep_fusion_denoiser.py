@@ -114,3 +114,20 @@ def test_denoiser_checks_the_expert_it_drives():
         DeepFusionDenoiser(stack, SuffixEncoder(A, 32, H, AdaRMSTimeFusion(32)))
     with pytest.raises(ValueError, match=r"expert must index a non-base expert \(1..1\); got 0"):
         DeepFusionDenoiser(stack, SuffixEncoder(A, 32, H, ConcatMlpTimeFusion(32)), expert=0)
+
+
+def test_bf16_autocast_matches_fp32_closely():
+    head = make_head(adarms=True)
+    prefix, _, actions = make_batch()
+    results = []
+    for enabled in (False, True):
+        with torch.autocast("cpu", torch.bfloat16, enabled=enabled):
+            out = head.loss(prefix, actions, generator=torch.Generator().manual_seed(0))
+        out.loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in head.parameters() if p.grad is not None])
+        results.append((out.loss.detach(), grads))
+        head.zero_grad()
+    (loss32, grad32), (loss16, grad16) = results
+    assert loss16.dtype == torch.float32 and torch.isfinite(grad16).all()
+    assert (loss16 - loss32).abs() <= 0.02 * loss32
+    assert torch.nn.functional.cosine_similarity(grad16, grad32, dim=0) > 0.99
