@@ -137,6 +137,9 @@ class MultiExpertAttention(nn.Module):
         head_space: the shared head space.
         bias: whether each expert's projections have biases (one flag, or one per expert).
         backend: ``"sdpa"`` (default) or ``"eager"``; see :data:`ATTENTION_BACKENDS`.
+        route: for each input stream, the index of the projection set it uses (``None``: stream
+            ``e`` uses set ``e``). Two streams routed to one set share weights (an expert that
+            reuses the base's projections).
 
     Any expert may be absent from a call (``None``). Returns each present expert's output and
     the post-RoPE keys/values of this call's tokens (not including ``past_key_value``), which is
@@ -149,6 +152,7 @@ class MultiExpertAttention(nn.Module):
         head_space: HeadSpace,
         bias: bool | Sequence[bool] = False,
         backend: str = "sdpa",
+        route: Sequence[int] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -158,6 +162,9 @@ class MultiExpertAttention(nn.Module):
         biases = [bias] * len(widths) if isinstance(bias, bool) else list(bias)
         if len(biases) != len(widths):
             raise ValueError(f"bias must be one bool or one per expert ({len(widths)}); got {len(biases)}")
+        self.route = tuple(range(len(widths))) if route is None else tuple(route)
+        if any(not 0 <= k < len(widths) for k in self.route):
+            raise ValueError(f"route must index the {len(widths)} projection sets; got {self.route}")
         self.head_space = head_space
         self.scale = head_space.head_dim**-0.5
         self.experts = nn.ModuleList(
@@ -193,9 +200,10 @@ class MultiExpertAttention(nn.Module):
             ``(outputs, (key, value))``: outputs per expert ``[B, L_e, W_e]`` (``None`` where
             absent); key/value ``[B, Hkv, Lq, head_dim]`` post-RoPE for this call's tokens.
         """
-        if len(hidden_states) != len(self.experts):
-            raise ValueError(f"expected {len(self.experts)} expert streams; got {len(hidden_states)}")
-        present = [(proj, x) for proj, x in zip(self.experts, hidden_states) if x is not None]
+        if len(hidden_states) != len(self.route):
+            raise ValueError(f"expected {len(self.route)} expert streams; got {len(hidden_states)}")
+        projections = [self.experts[k] for k in self.route]
+        present = [(proj, x) for proj, x in zip(projections, hidden_states) if x is not None]
         if not present:
             raise ValueError("MultiExpertAttention needs at least one present expert stream")
         space = self.head_space
@@ -222,5 +230,68 @@ class MultiExpertAttention(nn.Module):
         attended = attended.transpose(1, 2).reshape(batch, length, space.query_dim)
 
         chunks = iter(attended.split([x.shape[1] for _, x in present], dim=1))
-        outputs = [None if x is None else proj.o_proj(next(chunks)) for proj, x in zip(self.experts, hidden_states)]
+        outputs = [None if x is None else proj.o_proj(next(chunks)) for proj, x in zip(projections, hidden_states)]
         return outputs, (key, value)
+
+
+class KeyValueCrossAttention(nn.Module):
+    """One stream's queries attend to another stream's keys/values, re-projected (SmolVLA).
+
+    SmolVLA's cross-attention layers: the action expert's queries attend only to the VLM's
+    post-RoPE keys/values of that layer, passed through the expert's own
+    ``k_proj``/``v_proj`` (``Linear(kv_dim -> kv_dim)``); the re-projected keys get no second
+    rotation.
+
+    Args:
+        width: width of the query stream.
+        head_space: the shared head space (of the keys/values too).
+        bias: biases on the four projections.
+        backend: ``"sdpa"`` or ``"eager"``.
+    """
+
+    def __init__(
+        self,
+        width: int,
+        head_space: HeadSpace,
+        bias: bool = False,
+        backend: str = "sdpa",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.head_space = head_space
+        self.scale = head_space.head_dim**-0.5
+        self.q_proj = nn.Linear(width, head_space.query_dim, bias=bias, **factory)
+        self.k_proj = nn.Linear(head_space.kv_dim, head_space.kv_dim, bias=bias, **factory)
+        self.v_proj = nn.Linear(head_space.kv_dim, head_space.kv_dim, bias=bias, **factory)
+        self.o_proj = nn.Linear(head_space.query_dim, width, bias=bias, **factory)
+        self.set_backend(backend)
+
+    def set_backend(self, backend: str) -> None:
+        """Switch the attention kernel (``"sdpa"`` or ``"eager"``)."""
+        self.attention_fn = get_attention_backend(backend)
+        self.backend = backend
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """``hidden_states [B, L, W]`` with RoPE tables ``[B, L, head_dim]`` attend ``key/value
+        [B, Hkv, P, head_dim]`` under ``attention_mask [B, L, P]`` -> ``[B, L, W]``."""
+        space = self.head_space
+        batch, length, _ = hidden_states.shape
+        source = key.shape[2]
+        query = self.q_proj(hidden_states).view(batch, length, space.num_heads, space.head_dim).transpose(1, 2)
+        query = apply_rope(query, cos, sin)
+        key = self.k_proj(key.transpose(1, 2).reshape(batch, source, space.kv_dim))
+        value = self.v_proj(value.transpose(1, 2).reshape(batch, source, space.kv_dim))
+        key = key.view(batch, source, space.num_kv_heads, space.head_dim).transpose(1, 2)
+        value = value.view(batch, source, space.num_kv_heads, space.head_dim).transpose(1, 2)
+        attended = self.attention_fn(query, key, value, attention_mask, self.scale)
+        return self.o_proj(attended.transpose(1, 2).reshape(batch, length, space.query_dim))

@@ -18,18 +18,24 @@ modes, chosen by which streams are given:
   :class:`PrefixCache` of post-RoPE keys/values for the layers the other experts need;
 - suffix-with-cache: only expert streams, plus the cache, attending ``[cache ; own tokens]``;
 - joint: all streams in one pass (training with a language-model loss, or checks).
+
+Two variants from the reference designs: an expert may reuse the base's layer weights
+(``share_base_weights``, the parameter-shared expert of the LLaVA-3D brief: only its final norm
+is its own), and chosen layers may be cross-attention layers (SmolVLA), where the other experts'
+queries attend only to the base's keys/values of that layer (see :class:`CrossAttentionFusionBlock`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vlablocks.blocks.attention import HeadSpace, KeyValue, MultiExpertAttention
+from vlablocks.blocks.attention import HeadSpace, KeyValue, KeyValueCrossAttention, MultiExpertAttention
 from vlablocks.blocks.mlp import ActLayer, GatedMlp
 from vlablocks.blocks.norms import AdaRMSNorm, RMSNorm
 from vlablocks.blocks.rope import rope_cos_sin
@@ -78,6 +84,9 @@ class ExpertSpec:
             conditioned on a ``[B, adarms_cond_dim]`` vector (pi0.5 time conditioning) with
             gated residuals.
         attention_bias: biases on q/k/v/o.
+        share_base_weights: reuse the base's layer weights (norms, projections, MLP) at every
+            layer this expert has; only its final norm is its own. Its shape fields must then
+            equal the base's.
     """
 
     name: str
@@ -90,6 +99,7 @@ class ExpertSpec:
     norm_unit_offset: bool = False
     adarms_cond_dim: int | None = None
     attention_bias: bool = False
+    share_base_weights: bool = False
 
     def make_norm(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
         """This expert's norm layer (RMSNorm or AdaRMSNorm)."""
@@ -115,6 +125,24 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) 
 # ------------------------------------------------------------------------------- one layer
 
 
+class RopeTables(NamedTuple):
+    """RoPE tables for the tokens of one call, ``[B, Lq, head_dim]`` each.
+
+    ``cos``/``sin`` follow the joint positions; ``stream_cos``/``stream_sin`` restart at 0 at
+    the first token of every stream (the queries of SmolVLA's cross-attention layers), and are
+    ``None`` in stacks without cross-attention layers.
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    stream_cos: torch.Tensor | None = None
+    stream_sin: torch.Tensor | None = None
+
+    def rows(self, index: torch.Tensor) -> RopeTables:
+        """The tables of the tokens ``index`` (along the sequence)."""
+        return RopeTables(*(None if t is None else t[:, index] for t in self))
+
+
 class DeepFusionBlock(nn.Module):
     """One joint layer over the experts present at this depth (in stack order).
 
@@ -125,6 +153,7 @@ class DeepFusionBlock(nn.Module):
 
     Parameter names per expert ``j`` (local order): ``input_norms.j``, ``attention.experts.j``
     (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``), ``post_attention_norms.j``, ``mlps.j``.
+    An expert with ``share_base_weights`` owns no slot: it runs on slot 0, the base's.
     """
 
     def __init__(
@@ -137,45 +166,158 @@ class DeepFusionBlock(nn.Module):
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        self.input_norms = nn.ModuleList(spec.make_norm(**factory) for spec in experts)
+        owners = [spec for spec in experts if not spec.share_base_weights]
+        #: for each local expert, the index of the weight slot it runs on.
+        self.slots = tuple(0 if spec.share_base_weights else owners.index(spec) for spec in experts)
+        self.input_norms = nn.ModuleList(spec.make_norm(**factory) for spec in owners)
         self.attention = MultiExpertAttention(
-            [spec.width for spec in experts],
+            [spec.width for spec in owners],
             head_space,
-            bias=[spec.attention_bias for spec in experts],
+            bias=[spec.attention_bias for spec in owners],
             backend=attention_backend,
+            route=self.slots,
             **factory,
         )
-        self.post_attention_norms = nn.ModuleList(spec.make_norm(**factory) for spec in experts)
-        self.mlps = nn.ModuleList(GatedMlp(spec.width, spec.mlp_dim, spec.act_layer, **factory) for spec in experts)
+        self.post_attention_norms = nn.ModuleList(spec.make_norm(**factory) for spec in owners)
+        self.mlps = nn.ModuleList(GatedMlp(spec.width, spec.mlp_dim, spec.act_layer, **factory) for spec in owners)
+
+    def expert_modules(self, j: int) -> dict[str, nn.Module]:
+        """The modules local expert ``j`` owns, by parameter-name prefix (none if it shares the base's)."""
+        if j and self.slots[j] == 0:
+            return {}
+        k = self.slots[j]
+        return {
+            f"input_norms.{k}": self.input_norms[k],
+            f"attention.experts.{k}": self.attention.experts[k],
+            f"post_attention_norms.{k}": self.post_attention_norms[k],
+            f"mlps.{k}": self.mlps[k],
+        }
+
+    def set_backend(self, backend: str) -> None:
+        """Switch the attention kernel."""
+        self.attention.set_backend(backend)
 
     def forward(
         self,
         hidden_states: Sequence[torch.Tensor | None],
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: RopeTables,
         attention_mask: torch.Tensor,
         past_key_value: KeyValue | None,
         conds: Sequence[torch.Tensor | None],
     ) -> tuple[list[torch.Tensor | None], KeyValue]:
         """Streams ``[B, L_e, W_e]`` (or ``None``) -> updated streams and this call's post-RoPE ``(key, value)``."""
         normed, attn_gates = [], []
+        for x, k, cond in zip(hidden_states, self.slots, conds):
+            h, gate = apply_norm(self.input_norms[k], x, cond) if x is not None else (None, None)
+            normed.append(h)
+            attn_gates.append(gate)
+        attended, key_value = self.attention(normed, rope.cos, rope.sin, attention_mask, past_key_value)
+        outputs = [
+            None if x is None else _mlp_residual(self.post_attention_norms[k], self.mlps[k], gated_residual(x, y, gate), cond)
+            for x, y, gate, k, cond in zip(hidden_states, attended, attn_gates, self.slots, conds)
+        ]
+        return outputs, key_value
+
+
+class CrossAttentionFusionBlock(nn.Module):
+    """A SmolVLA cross-attention layer: the base attends to itself, the others to the base.
+
+    The base (local expert 0) runs an ordinary self-attention layer over its own tokens. Every
+    other present expert's queries (with positions restarting at 0 in its stream) attend only
+    to the base's post-RoPE keys/values of this layer (from this call or from the prefix
+    cache), re-projected by the expert's own ``k_proj``/``v_proj``
+    (:class:`~vlablocks.blocks.attention.KeyValueCrossAttention`). Norms, residuals and MLPs
+    are per expert as in :class:`DeepFusionBlock`.
+
+    Parameter names: ``input_norms.j``, ``attention.experts.0`` (the base's q/k/v/o),
+    ``cross_attention.{j-1}`` for experts ``j >= 1``, ``post_attention_norms.j``, ``mlps.j``.
+    """
+
+    def __init__(
+        self,
+        experts: Sequence[ExpertSpec],
+        head_space: HeadSpace,
+        attention_backend: str = "sdpa",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if any(spec.share_base_weights for spec in experts):
+            raise ValueError("an expert that shares the base's weights cannot have a cross-attention layer")
+        factory = {"device": device, "dtype": dtype}
+        base = experts[0]
+        self.input_norms = nn.ModuleList(spec.make_norm(**factory) for spec in experts)
+        self.attention = MultiExpertAttention([base.width], head_space, bias=base.attention_bias,
+                                              backend=attention_backend, **factory)
+        self.cross_attention = nn.ModuleList(
+            KeyValueCrossAttention(spec.width, head_space, spec.attention_bias, attention_backend, **factory)
+            for spec in experts[1:]
+        )
+        self.post_attention_norms = nn.ModuleList(spec.make_norm(**factory) for spec in experts)
+        self.mlps = nn.ModuleList(GatedMlp(spec.width, spec.mlp_dim, spec.act_layer, **factory) for spec in experts)
+
+    def expert_modules(self, j: int) -> dict[str, nn.Module]:
+        """The modules local expert ``j`` owns, by parameter-name prefix."""
+        attention = {"attention.experts.0": self.attention.experts[0]} if j == 0 else {
+            f"cross_attention.{j - 1}": self.cross_attention[j - 1]}
+        return {f"input_norms.{j}": self.input_norms[j], **attention,
+                f"post_attention_norms.{j}": self.post_attention_norms[j], f"mlps.{j}": self.mlps[j]}
+
+    def set_backend(self, backend: str) -> None:
+        """Switch the attention kernel."""
+        self.attention.set_backend(backend)
+        for cross in self.cross_attention:
+            cross.set_backend(backend)
+
+    def forward(
+        self,
+        hidden_states: Sequence[torch.Tensor | None],
+        rope: RopeTables,
+        attention_mask: torch.Tensor,
+        past_key_value: KeyValue | None,
+        conds: Sequence[torch.Tensor | None],
+    ) -> tuple[list[torch.Tensor | None], KeyValue]:
+        """As :meth:`DeepFusionBlock.forward`; the returned ``(key, value)`` are the base's."""
+        base = hidden_states[0]
+        n_base = 0 if base is None else base.shape[1]
+        normed, attn_gates = [], []
         for x, norm, cond in zip(hidden_states, self.input_norms, conds):
             h, gate = apply_norm(norm, x, cond) if x is not None else (None, None)
             normed.append(h)
             attn_gates.append(gate)
-        attended, key_value = self.attention(normed, cos, sin, attention_mask, past_key_value)
 
-        outputs: list[torch.Tensor | None] = []
-        for x, y, gate, norm, mlp, cond in zip(
-            hidden_states, attended, attn_gates, self.post_attention_norms, self.mlps, conds
-        ):
-            if x is None:
-                outputs.append(None)
+        attended: list[torch.Tensor | None] = [None] * len(hidden_states)
+        key_value = past_key_value
+        if base is not None:
+            past_len = 0 if past_key_value is None else past_key_value[0].shape[2]
+            (attended[0],), key_value = self.attention(
+                [normed[0]], rope.cos[:, :n_base], rope.sin[:, :n_base],
+                attention_mask[:, :n_base, : past_len + n_base], past_key_value,
+            )
+        if key_value is None:
+            raise ValueError("a cross-attention layer needs the base's keys/values: give the base stream or a cache")
+        source_len = key_value[0].shape[2]
+        start = n_base
+        for j, (h, cross) in enumerate(zip(normed[1:], self.cross_attention), start=1):
+            if h is None:
                 continue
-            x = gated_residual(x, y, gate)
-            h, mlp_gate = apply_norm(norm, x, cond)
-            outputs.append(gated_residual(x, mlp(h), mlp_gate))
+            rows = slice(start, start + h.shape[1])
+            attended[j] = cross(h, rope.stream_cos[:, rows], rope.stream_sin[:, rows], *key_value,
+                                attention_mask[:, rows, :source_len])
+            start += h.shape[1]
+
+        outputs = [
+            None if x is None else _mlp_residual(norm, mlp, gated_residual(x, y, gate), cond)
+            for x, y, gate, norm, mlp, cond in zip(
+                hidden_states, attended, attn_gates, self.post_attention_norms, self.mlps, conds)
+        ]
         return outputs, key_value
+
+
+def _mlp_residual(norm: nn.Module, mlp: nn.Module, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+    """The second half of a layer: ``x + mlp(norm(x))`` (gated under AdaRMS)."""
+    h, gate = apply_norm(norm, x, cond)
+    return gated_residual(x, mlp(h), gate)
 
 
 # ------------------------------------------------------------------------------- the stack
@@ -223,9 +365,12 @@ class DeepFusionStack(nn.Module):
         num_layers: base depth ``L``.
         attention_backend: ``"sdpa"`` or ``"eager"``.
         gradient_checkpointing: recompute each layer in the backward pass to save memory.
+        cross_attention_layers: base layers at which the other experts cross-attend to the
+            base instead of attending jointly (SmolVLA: the odd layers).
 
-    Parameter names: ``layers.i`` (:class:`DeepFusionBlock`, local expert order
-    ``layer_experts[i]``), ``final_norms.e`` per expert.
+    Parameter names: ``layers.i`` (a :class:`DeepFusionBlock` or, at cross-attention layers,
+    a :class:`CrossAttentionFusionBlock`; local expert order ``layer_experts[i]``),
+    ``final_norms.e`` per expert.
     """
 
     def __init__(
@@ -234,6 +379,7 @@ class DeepFusionStack(nn.Module):
         num_layers: int,
         attention_backend: str = "sdpa",
         gradient_checkpointing: bool = False,
+        cross_attention_layers: Sequence[int] = (),
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -255,10 +401,16 @@ class DeepFusionStack(nn.Module):
         #: attends at (every layer for a base-only stack).
         self.cached_layers: tuple[int, ...] = tuple(sorted({i for layers in layer_maps[1:] for i in layers}))
         self.cached_layers = self.cached_layers or every_layer(num_layers)
+        bad = [i for i in cross_attention_layers if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(f"cross_attention_layers {bad} are out of range for {num_layers} layers (valid 0..{num_layers - 1})")
+        self.cross_attention_layers = tuple(sorted(set(cross_attention_layers)))
         factory = {"device": device, "dtype": dtype}
         self.layers = nn.ModuleList(
-            DeepFusionBlock([experts[e] for e in present], self.head_space, attention_backend, **factory)
-            for present in self.layer_experts
+            (CrossAttentionFusionBlock if i in self.cross_attention_layers and len(present) > 1 else DeepFusionBlock)(
+                [experts[e] for e in present], self.head_space, attention_backend, **factory
+            )
+            for i, present in enumerate(self.layer_experts)
         )
         self.final_norms = nn.ModuleList(spec.make_norm(**factory) for spec in experts)
 
@@ -271,6 +423,14 @@ class DeepFusionStack(nn.Module):
                 "jointly, so num_heads, num_kv_heads, head_dim and rope_theta must equal the base's; "
                 "width, depth and MLP size are free."
             )
+        if spec.share_base_weights:
+            fields = ("width", "mlp_dim", "act_layer", "norm_eps", "norm_unit_offset", "adarms_cond_dim", "attention_bias")
+            differ = {f: (getattr(spec, f), getattr(base, f)) for f in fields if getattr(spec, f) != getattr(base, f)}
+            if index == 0 or differ:
+                raise ValueError(
+                    f"expert {index} ({spec.name!r}) shares the base's weights, so it must be a non-base expert "
+                    f"with the base's shape; differing fields (expert, base): {differ}"
+                )
         layers = every_layer(self.num_layers) if spec.layers is None else tuple(spec.layers)
         if index == 0 and layers != every_layer(self.num_layers):
             raise ValueError(
@@ -297,14 +457,7 @@ class DeepFusionStack(nn.Module):
         for i, (layer, present) in enumerate(zip(self.layers, self.layer_experts)):
             if expert not in present:
                 continue
-            j = present.index(expert)
-            parts = {
-                f"input_norms.{j}": layer.input_norms[j],
-                f"attention.experts.{j}": layer.attention.experts[j],
-                f"post_attention_norms.{j}": layer.post_attention_norms[j],
-                f"mlps.{j}": layer.mlps[j],
-            }
-            for prefix, module in parts.items():
+            for prefix, module in layer.expert_modules(present.index(expert)).items():
                 for name, param in module.named_parameters():
                     yield f"layers.{i}.{prefix}.{name}", param
         for name, param in self.final_norms[expert].named_parameters():
@@ -313,7 +466,7 @@ class DeepFusionStack(nn.Module):
     def set_attention_backend(self, backend: str) -> None:
         """Switch every layer's attention kernel (``"sdpa"`` or ``"eager"``)."""
         for layer in self.layers:
-            layer.attention.set_backend(backend)
+            layer.set_backend(backend)
 
     def forward(
         self,
@@ -343,27 +496,27 @@ class DeepFusionStack(nn.Module):
         self._check_inputs(streams, conds, cache, return_cache)
         lengths = [0 if x is None else x.shape[1] for x in streams]
         past_len = 0 if cache is None else cache.length
-        cos, sin = rope_cos_sin(position_ids, self.head_space.head_dim, self.head_space.rope_theta)
+        rope = self._rope_tables(position_ids, lengths)
 
         keys: list[torch.Tensor | None] = [None] * self.num_layers
         values: list[torch.Tensor | None] = [None] * self.num_layers
         per_layer: list[tuple[torch.Tensor | None, ...]] = []
-        sliced: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        sliced: dict[tuple[int, ...], tuple[torch.Tensor, RopeTables]] = {}
         for i, (layer, layer_experts) in enumerate(zip(self.layers, self.layer_experts)):
             active = tuple(e for e in layer_experts if streams[e] is not None)
             if active:
                 if active not in sliced:
-                    sliced[active] = _slice_tokens(attention_mask, cos, sin, lengths, active, past_len)
-                mask_i, cos_i, sin_i = sliced[active]
+                    sliced[active] = _slice_tokens(attention_mask, rope, lengths, active, past_len)
+                mask_i, rope_i = sliced[active]
                 past = None if cache is None else (cache.keys[i], cache.values[i])
                 inputs = [streams[e] for e in layer_experts]
                 layer_conds = [conds[e] for e in layer_experts]
                 if self.gradient_checkpointing and torch.is_grad_enabled():
                     outputs, (key, value) = checkpoint(
-                        layer, inputs, cos_i, sin_i, mask_i, past, layer_conds, use_reentrant=False
+                        layer, inputs, rope_i, mask_i, past, layer_conds, use_reentrant=False
                     )
                 else:
-                    outputs, (key, value) = layer(inputs, cos_i, sin_i, mask_i, past, layer_conds)
+                    outputs, (key, value) = layer(inputs, rope_i, mask_i, past, layer_conds)
                 for e, out in zip(layer_experts, outputs):
                     if out is not None:
                         streams[e] = out
@@ -381,6 +534,17 @@ class DeepFusionStack(nn.Module):
             cache=PrefixCache(tuple(keys), tuple(values)) if return_cache else None,
             layer_hidden_states=tuple(per_layer) if output_layer_hidden_states else None,
         )
+
+    def _rope_tables(self, position_ids: torch.Tensor, lengths: Sequence[int]) -> RopeTables:
+        """RoPE tables for the call's tokens; per-stream restarted tables only with cross layers."""
+        space = self.head_space
+        cos, sin = rope_cos_sin(position_ids, space.head_dim, space.rope_theta)
+        if not self.cross_attention_layers:
+            return RopeTables(cos, sin)
+        restarted = torch.cat(
+            [p - p.min(dim=1, keepdim=True).values for p in position_ids.split([n for n in lengths if n], dim=1)], dim=1
+        )
+        return RopeTables(cos, sin, *rope_cos_sin(restarted, space.head_dim, space.rope_theta))
 
     def _check_inputs(
         self,
@@ -424,20 +588,19 @@ def _describe(x: torch.Tensor | None) -> str:
 
 def _slice_tokens(
     mask: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
+    rope: RopeTables,
     lengths: Sequence[int],
     active: tuple[int, ...],
     past_len: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, RopeTables]:
     """Restrict the mask rows/columns and RoPE tables to the tokens of the ``active`` experts.
 
     Tokens of experts without a layer at this depth neither attend nor are attended to.
     """
     present = [e for e, n in enumerate(lengths) if n > 0]
     if list(active) == present:
-        return mask, cos, sin
+        return mask, rope
     starts = [sum(lengths[:e]) for e in range(len(lengths))]
     rows = torch.cat([torch.arange(starts[e], starts[e] + lengths[e], device=mask.device) for e in active])
     cols = torch.cat([torch.arange(past_len, device=mask.device), rows + past_len])
-    return mask[:, rows][:, :, cols], cos[:, rows], sin[:, rows]
+    return mask[:, rows][:, :, cols], rope.rows(rows)

@@ -218,3 +218,81 @@ def test_expert_named_parameters_partition_the_stack():
     assert all(everything[n] is p for n, p in names[1].items())
     # the expert has layers 0 and 2 only: 2 x (2 norms, q/k/v/o, gate/up/down) + its final norm
     assert len(names[1]) == 2 * 9 + 1 and not any(n.startswith(("layers.1.", "layers.3.")) for n in names[1])
+
+
+def test_shared_weight_expert_is_the_base_run_over_the_whole_sequence():
+    base = ExpertSpec("vlm", 64, 128, SPACE)
+    shared = ExpertSpec("action", 64, 128, SPACE, share_base_weights=True)
+    torch.manual_seed(0)
+    stack = DeepFusionStack([base, shared], 3).eval()
+    plain = DeepFusionStack([base], 3).eval()
+    plain.load_state_dict({k: v for k, v in stack.state_dict().items() if not k.startswith("final_norms.1")})
+    with torch.no_grad():
+        stack.final_norms[1].weight.copy_(stack.final_norms[0].weight)
+    own = dict(stack.expert_named_parameters(1))
+    assert list(own) == ["final_norms.1.weight"]  # only its final norm is its own
+    assert sum(p.numel() for p in stack.parameters()) == sum(p.numel() for p in plain.parameters()) + 64
+
+    embeds, pad, ar = random_prefix()
+    suffix, suffix_pad, suffix_ar = _suffix(width=64)
+    mask, positions = joint_mask(pad, ar, suffix_pad, suffix_ar)
+    with torch.no_grad():
+        joint = stack([embeds, suffix], mask, positions)
+        reference = plain([torch.cat([embeds, suffix], 1)], mask, positions).hidden_states[0]
+        cache = stack([embeds, None], mask[:, :7, :7], positions[:, :7], return_cache=True).cache
+        suffix_mask, suffix_positions = suffix_mask_and_positions(pad, ar, suffix_pad, suffix_ar)
+        cached = stack([None, suffix], suffix_mask, suffix_positions, cache=cache)
+    torch.testing.assert_close(joint.hidden_states[1], reference[:, 7:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cached.hidden_states[1], joint.hidden_states[1], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"shares the base's weights.*differing fields .*'width': \(32, 64\)"):
+        DeepFusionStack([base, ExpertSpec("action", 32, 128, SPACE, share_base_weights=True)], 3)
+
+
+def test_key_value_cross_attention_follows_smolvla():
+    from vlablocks.blocks.attention import KeyValueCrossAttention
+    from vlablocks.blocks.rope import apply_rope, rope_cos_sin
+
+    torch.manual_seed(0)
+    cross = KeyValueCrossAttention(24, SPACE, backend="eager")
+    x = torch.randn(2, 3, 24)
+    key, value = torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16)
+    mask = torch.rand(2, 3, 5) < 0.7
+    mask[..., 0] = True
+    cos, sin = rope_cos_sin(torch.arange(3).expand(2, -1), 16, SPACE.rope_theta)
+    out = cross(x, cos, sin, key, value, mask)
+    # reference: rotate the queries only; re-project the flattened [B, P, Hkv * D] keys/values
+    q = apply_rope(cross.q_proj(x).view(2, 3, 4, 16).transpose(1, 2), cos, sin)
+    k = cross.k_proj(key.transpose(1, 2).reshape(2, 5, 32)).view(2, 5, 2, 16).transpose(1, 2).repeat_interleave(2, 1)
+    v = cross.v_proj(value.transpose(1, 2).reshape(2, 5, 32)).view(2, 5, 2, 16).transpose(1, 2).repeat_interleave(2, 1)
+    scores = (q @ k.transpose(-1, -2)) / 4.0 + torch.where(mask, 0.0, float("-inf"))[:, None]
+    expected = cross.o_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 3, 64))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+def test_cross_attention_layers_cached_equals_joint_and_positions_restart(backend):
+    torch.manual_seed(0)
+    base = ExpertSpec("vlm", 64, 128, SPACE)
+    expert = ExpertSpec("action", 48, 96, SPACE)
+    stack = DeepFusionStack([base, expert], 4, attention_backend=backend, cross_attention_layers=(1, 3)).eval()
+    assert [type(layer).__name__ for layer in stack.layers] == ["DeepFusionBlock", "CrossAttentionFusionBlock"] * 2
+    embeds, pad, ar = random_prefix()
+    suffix, suffix_pad, _ = _suffix(width=48)
+    suffix_ar = torch.ones(5, dtype=torch.long)  # SmolVLA: causal action tokens
+    mask, positions = joint_mask(pad, ar, suffix_pad, suffix_ar)
+    with torch.no_grad():
+        joint = stack([embeds, suffix], mask, positions)
+        cache = stack([embeds, None], mask[:, :7, :7], positions[:, :7], return_cache=True).cache
+        suffix_mask, suffix_positions = suffix_mask_and_positions(pad, ar, suffix_pad, suffix_ar)
+        cached = stack([None, suffix], suffix_mask, suffix_positions, cache=cache)
+    torch.testing.assert_close(cached.hidden_states[1], joint.hidden_states[1], atol=1e-5, rtol=1e-5)
+    # the cross layers' expert queries restart at position 0: only the self-attention layers see
+    # the absolute suffix positions, so a stack of cross layers only is shift-invariant
+    only_cross = DeepFusionStack([base, expert], 2, attention_backend=backend, cross_attention_layers=(0, 1)).eval()
+    with torch.no_grad():
+        cache = only_cross([embeds, None], mask[:, :7, :7], positions[:, :7], return_cache=True).cache
+        a = only_cross([None, suffix], suffix_mask, suffix_positions, cache=cache).hidden_states[1]
+        b = only_cross([None, suffix], suffix_mask, suffix_positions + 11, cache=cache).hidden_states[1]
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    names = dict(stack.expert_named_parameters(1))
+    assert "layers.1.cross_attention.0.k_proj.weight" in names and names["layers.1.cross_attention.0.k_proj.weight"].shape == (32, 32)
