@@ -13,6 +13,16 @@ ActLayer = Callable[[], nn.Module]
 #: tanh-approximated GELU, the activation of Gemma's GeGLU and of GR00T's feed-forward.
 GeluTanh: ActLayer = partial(nn.GELU, approximate="tanh")
 
+#: activation names (as recipes spell them) -> activation classes.
+ACTIVATIONS: dict[str, ActLayer] = {"silu": nn.SiLU, "gelu_tanh": GeluTanh, "gelu": nn.GELU}
+
+
+def get_activation(name: str) -> ActLayer:
+    """The activation called ``name``; ValueError lists the valid names."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; valid: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
 
 class Mlp(nn.Module):
     """Two linear layers with an activation between them: ``fc2(act(fc1(x)))``.

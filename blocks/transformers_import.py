@@ -20,16 +20,15 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import nn
 
 from vlablocks.blocks.attention import HeadSpace
 from vlablocks.blocks.fusion import DeepFusionStack, ExpertSpec
-from vlablocks.blocks.mlp import ActLayer, GeluTanh
+from vlablocks.blocks.mlp import get_activation
 
 logger = logging.getLogger(__name__)
 
-#: transformers ``hidden_act`` names -> activation classes.
-HIDDEN_ACTIVATIONS: dict[str, ActLayer] = {"silu": nn.SiLU, "gelu_pytorch_tanh": GeluTanh, "gelu": nn.GELU}
+#: transformers ``hidden_act`` names -> vlablocks activation names.
+HIDDEN_ACTIVATIONS: dict[str, str] = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
 #: decoder families whose layers map one to one onto a DeepFusionBlock, and whether their
 #: RMSNorm uses Gemma's ``(1 + w)`` convention.
@@ -88,7 +87,7 @@ def base_spec_from_config(config: Any, name: str = "base") -> tuple[ExpertSpec, 
         width=config.hidden_size,
         mlp_dim=config.intermediate_size,
         head_space=head_space,
-        act_layer=HIDDEN_ACTIVATIONS[act],
+        act_layer=get_activation(HIDDEN_ACTIVATIONS[act]),
         norm_eps=config.rms_norm_eps,
         norm_unit_offset=SUPPORTED_MODEL_TYPES[model_type],
         attention_bias=bool(getattr(config, "attention_bias", False)),

@@ -1,0 +1,177 @@
+"""Build a :class:`~vlablocks.vla.VLA` from a recipe.
+
+Sections (every key of each is a constructor argument of the block it names; sizes that
+link blocks are derived here, once, and setting them in a recipe is an error):
+
+| section | builds | derived by the builder |
+| --- | --- | --- |
+| ``policy`` | :class:`~vlablocks.vla.PolicyConfig` | |
+| ``backbone`` (``type: deep_fusion``) | :class:`~vlablocks.blocks.fusion.DeepFusionStack`; ``experts`` items via :func:`~vlablocks.recipes.components.expert` | ``experts[i].num_layers`` |
+| ``vision`` (``type:``) | a vision backbone | |
+| ``geometry`` | :class:`~vlablocks.encoders.geometry.GeometryEncoder` (``encoding: {type: ...}``) | ``vision_dim``, ``encoding.dim`` |
+| ``projector`` (``type:``) | vision -> base width | ``in_dim``, ``out_dim`` |
+| ``text`` | :class:`~vlablocks.encoders.text.TextEncoder` (``tokenizer: {type: ...}``) | ``width`` |
+| ``suffix`` | :class:`~vlablocks.encoders.suffix.SuffixEncoder` (``time_fusion: {type: ...}``) | ``action_dim``, ``width``, ``horizon``, ``state_dim``, ``time_fusion.width`` |
+| ``head`` | :class:`~vlablocks.heads.flow_matching.FlowMatchingHead` (``time_sampler: {type: ...}``) | ``denoiser``, ``horizon``, ``action_dim`` |
+| ``pretrained`` | weights to load: ``{llm: DIR, layout: transformers \\| llava}`` | |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import vlablocks.recipes.components  # noqa: F401  (registers every block type)
+from vlablocks.blocks.attention import HeadSpace
+from vlablocks.encoders.geometry import GeometryEncoder
+from vlablocks.encoders.suffix import SuffixEncoder
+from vlablocks.encoders.text import TextEncoder
+from vlablocks.heads.deep_fusion import DeepFusionDenoiser
+from vlablocks.heads.flow_matching import FlowMatchingHead
+from vlablocks.recipes.components import expert
+from vlablocks.recipes.loader import Recipe, RecipeError, load_recipe
+from vlablocks.recipes.registry import REGISTRIES
+from vlablocks.recipes.schema import call_with
+from vlablocks.vla import VLA, PolicyConfig
+
+SECTIONS = ("description", "policy", "backbone", "vision", "geometry", "projector", "text", "suffix", "head", "pretrained")
+REQUIRED_SECTIONS = ("policy", "backbone", "text", "suffix")
+PATH_KEYS = ("path", "weights_path")
+
+
+def build(
+    recipe: Recipe | str | Path,
+    overrides: Iterable[str] = (),
+    load_weights: bool = True,
+    base_dir: str | Path | None = None,
+    device: torch.device | str | None = None,
+) -> VLA:
+    """Build the VLA a recipe describes.
+
+    Args:
+        recipe: a :class:`Recipe`, a bundled recipe name or a path to a YAML file.
+        overrides: ``key.path=value`` strings applied after loading (names/paths only).
+        load_weights: load the ``pretrained:`` weights (and pretrained encoders' weights).
+        base_dir: directory that relative ``path`` / ``weights_path`` values are resolved in.
+        device: where to create the parameters (``"meta"`` builds full-size recipes for free).
+    """
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, overrides)
+    elif overrides:
+        raise ValueError("overrides apply when loading a recipe; pass a name or path with overrides")
+    return _Builder(recipe, load_weights, None if base_dir is None else Path(base_dir), device).build()
+
+
+class _Builder:
+    def __init__(self, recipe: Recipe, load_weights: bool, base_dir: Path | None, device: torch.device | str | None):
+        self.recipe, self.load_weights, self.base_dir, self.device = recipe, load_weights, base_dir, device
+        self.data = recipe.data
+
+    def build(self) -> VLA:
+        for key in self.data:
+            if key not in SECTIONS:
+                raise self.recipe.error(f"unknown section {key!r}; valid sections: {list(SECTIONS)}", str(key))
+        for key in REQUIRED_SECTIONS:
+            if self.data.get(key) is None:
+                raise self.recipe.error(f"missing required section {key!r}", key)
+        with torch.device(self.device) if self.device is not None else nullcontext():
+            return self._build()
+
+    def _build(self) -> VLA:
+        config = call_with(PolicyConfig, self.data["policy"], "policy", self.recipe)
+        stack = self.typed("backbone", self.data["backbone"], "backbone", converters={
+            "experts": lambda value, path: self.experts(value, path, self.data["backbone"].get("num_layers")),
+        })
+        if len(stack.experts) < 2:
+            raise self.recipe.error("a policy needs a base expert and an action expert (at least 2 experts)", "backbone.experts")
+        base_width, action_expert = stack.experts[0].width, stack.experts[1]
+
+        vision = self.typed("vision", self.data.get("vision"), "vision") if self.data.get("vision") else None
+        geometry = None
+        if self.data.get("geometry"):
+            if vision is None:
+                raise self.recipe.error("geometry is fused with vision tokens: it needs a vision section", "geometry")
+            geometry = call_with(GeometryEncoder, self.data["geometry"], "geometry", self.recipe,
+                                 derived={"vision_dim": vision.out_dim},
+                                 converters={"encoding": lambda value, path: self.typed(
+                                     "geometry_encoding", value, path, derived={"dim": vision.out_dim})})
+        projector = None
+        if vision is not None:
+            projector = self.typed("projector", self.data.get("projector") or {"type": "linear"}, "projector",
+                                   derived={"in_dim": vision.out_dim, "out_dim": base_width})
+        elif self.data.get("projector"):
+            raise self.recipe.error("a projector needs a vision section", "projector")
+
+        text = call_with(TextEncoder, self.data["text"], "text", self.recipe, derived={"width": base_width},
+                         converters={"tokenizer": lambda value, path: self.typed("tokenizer", value, path)})
+        suffix = call_with(SuffixEncoder, self.data["suffix"], "suffix", self.recipe, derived={
+            "action_dim": config.action_dim,
+            "width": action_expert.width,
+            "horizon": config.horizon,
+            "state_dim": config.state_dim if config.state_mode == "suffix" else None,
+        }, converters={"time_fusion": lambda value, path: self.typed(
+            "time_fusion", value, path, derived={"width": action_expert.width})})
+        try:
+            denoiser = DeepFusionDenoiser(stack, suffix)
+        except ValueError as err:
+            raise self.recipe.error(str(err), "suffix.time_fusion") from err
+        head = call_with(FlowMatchingHead, self.data.get("head") or {}, "head", self.recipe, derived={
+            "denoiser": denoiser, "horizon": config.horizon, "action_dim": config.action_dim,
+        }, converters={"time_sampler": lambda value, path: self.typed("time_sampler", value, path)})
+        vla = VLA(config, head, text, vision=vision, projector=projector, geometry=geometry, recipe=self.data)
+        if self.load_weights and self.data.get("pretrained"):
+            from vlablocks.recipes.pretrained import load_pretrained
+
+            call_with(load_pretrained, self.data["pretrained"], "pretrained", self.recipe,
+                      derived={"vla": vla}, converters={"llm": lambda value, path: self.path(value, path)})
+        return vla
+
+    def experts(self, value: Any, key_path: str, num_layers: Any) -> list:
+        if not isinstance(value, list) or not value:
+            raise self.recipe.error(f"expected a non-empty list of experts; got {value!r}", key_path)
+        if not isinstance(num_layers, int) or isinstance(num_layers, bool):
+            raise self.recipe.error(f"expected int; got {num_layers!r}", key_path.rsplit(".", 1)[0] + ".num_layers")
+        return [
+            call_with(expert, item, f"{key_path}.{i}", self.recipe, derived={"num_layers": num_layers},
+                      converters={"head_space": lambda v, p: call_with(HeadSpace, v, p, self.recipe)})
+            for i, item in enumerate(value)
+        ]
+
+    def typed(
+        self,
+        family: str,
+        node: Any,
+        key_path: str,
+        derived: Mapping[str, Any] | None = None,
+        converters: Mapping[str, Callable[[Any, str], Any]] | None = None,
+    ) -> Any:
+        """Build a ``{type: NAME, ...}`` node of a registered family."""
+        registry = REGISTRIES[family]
+        if not isinstance(node, dict) or "type" not in node:
+            raise self.recipe.error(f"expected a mapping with a 'type' key; valid types: {registry.names()}", key_path)
+        rest = dict(node)
+        name = rest.pop("type")
+        try:
+            fn = registry.get(name)
+        except KeyError as err:
+            raise self.recipe.error(err.args[0], f"{key_path}.type") from None
+        converters = dict(converters or {})
+        for key in PATH_KEYS:
+            if key in rest and key not in converters:
+                converters[key] = self.path
+        return call_with(fn, rest, key_path, self.recipe, derived=derived, converters=converters)
+
+    def path(self, value: Any, key_path: str) -> str | None:
+        """A filesystem path value, resolved against ``base_dir`` when relative."""
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise self.recipe.error(f"expected a path (str); got {value!r}", key_path)
+        path = Path(value).expanduser()
+        if not path.is_absolute() and self.base_dir is not None:
+            path = self.base_dir / path
+        return str(path)

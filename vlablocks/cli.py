@@ -1,0 +1,135 @@
+"""The ``vlablocks`` command: ``recipes``, ``show RECIPE``, ``check RECIPE``.
+
+RECIPE is a bundled recipe name or a path to a YAML file; ``key.path=value`` arguments after it
+override recipe keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import yaml
+from torch import nn
+
+from vlablocks.recipes.loader import RecipeError, bundled_recipes, load_recipe
+
+logger = logging.getLogger("vlablocks")
+
+#: ``check`` refuses to run on CPU above this many parameters unless ``--force``.
+CHECK_PARAMETER_LIMIT = 300_000_000
+
+
+def _out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _count(params: Sequence[nn.Parameter]) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    return trainable, sum(p.numel() for p in params) - trainable
+
+
+def parameter_table(vla: nn.Module) -> list[tuple[str, int, int]]:
+    """``(block, trainable, frozen)`` rows: encoders, each backbone expert, suffix and the rest."""
+    stack = vla.head.denoiser.stack
+    seen: set[int] = set()
+    rows = []
+
+    def add(name: str, params: list[nn.Parameter]) -> None:
+        fresh = [p for p in params if id(p) not in seen]
+        seen.update(id(p) for p in fresh)
+        if fresh:
+            rows.append((name, *_count(fresh)))
+
+    for name in ("vision", "geometry", "projector", "text", "state_proj"):
+        module = getattr(vla, name, None)
+        if module is not None:
+            add(name, list(module.parameters()))
+    for index, spec in enumerate(stack.experts):
+        add(f"backbone.{spec.name}", [p for _, p in stack.expert_named_parameters(index)])
+    add("suffix", list(vla.head.denoiser.suffix_encoder.parameters()))
+    add("other", list(vla.parameters()))
+    return rows
+
+
+def cmd_recipes(_: argparse.Namespace) -> int:
+    for name, path in bundled_recipes().items():
+        description = (yaml.safe_load(path.read_text()) or {}).get("description", "")
+        _out(f"{name:32s} {str(description).strip().splitlines()[0] if description else ''}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from vlablocks.recipes.builder import build
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    _out(f"# recipe {recipe.name} (resolved)")
+    _out(yaml.safe_dump(recipe.data, sort_keys=False).rstrip())
+    vla = build(recipe, load_weights=False, device="meta")
+    if args.tree:
+        _out("\n# modules")
+        _out(str(vla))
+    _out("\n# parameters")
+    _out(f"{'block':28s} {'trainable':>16s} {'frozen':>16s}")
+    total = [0, 0]
+    for name, trainable, frozen in parameter_table(vla):
+        _out(f"{name:28s} {trainable:16,d} {frozen:16,d}")
+        total[0] += trainable
+        total[1] += frozen
+    _out(f"{'total':28s} {total[0]:16,d} {total[1]:16,d}   ({(total[0] + total[1]) / 1e9:.3f} B)")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from vlablocks.checks import smoke_check
+    from vlablocks.recipes.builder import build
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    meta = build(recipe, load_weights=False, device="meta")
+    count = sum(p.numel() for p in meta.parameters())
+    if count > CHECK_PARAMETER_LIMIT and not args.force:
+        _out(f"{recipe.name} has {count:,} parameters: too many for a CPU check (limit {CHECK_PARAMETER_LIMIT:,}); "
+             f"check its tiny_ sibling, or pass --force")
+        return 2
+    vla = build(recipe)
+    report = smoke_check(vla, batch_size=args.batch)
+    _out(f"recipe          {recipe.name} ({count:,} parameters)")
+    _out(f"prefix tokens   {report.prefix_length}")
+    _out(f"loss            {report.loss:.4f}   vel_cosine {report.vel_cosine:.3f}")
+    _out(f"forward         {report.forward_ms:.1f} ms   backward {report.backward_ms:.1f} ms (batch {args.batch})")
+    _out(f"predict_action  {list(report.action_shape)} in {report.predict_ms:.1f} ms")
+    if report.parameters_without_grad:
+        _out(f"note: {len(report.parameters_without_grad)} trainable tensors get no gradient from the action loss "
+             f"(e.g. {report.parameters_without_grad[0]}): base weights after the last layer the expert reads")
+    _out("ok")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vlablocks", description="Compose, inspect and check VLA recipes.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("recipes", help="list the bundled recipes").set_defaults(fn=cmd_recipes)
+    show = sub.add_parser("show", help="resolved recipe, module tree and parameters per block")
+    show.add_argument("recipe")
+    show.add_argument("overrides", nargs="*", help="key.path=value")
+    show.add_argument("--no-tree", dest="tree", action="store_false", help="omit the module tree")
+    show.set_defaults(fn=cmd_show)
+    check = sub.add_parser("check", help="build, one loss + backward + predict_action on random inputs")
+    check.add_argument("recipe")
+    check.add_argument("overrides", nargs="*", help="key.path=value")
+    check.add_argument("--batch", type=int, default=2)
+    check.add_argument("--force", action="store_true", help=f"run even above {CHECK_PARAMETER_LIMIT:,} parameters")
+    check.set_defaults(fn=cmd_check)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.fn(args)
+    except RecipeError as err:
+        sys.stderr.write(f"recipe error: {err}\n")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

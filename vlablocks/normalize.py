@@ -1,0 +1,96 @@
+"""Normalisation statistics that live inside the policy (saved and loaded with its weights).
+
+One source of truth for training and serving: the policy normalises state and actions on the
+way in and un-normalises predicted actions on the way out, with buffers that are part of its
+``state_dict``. Vectors shorter than the model's width (4-D Meta-World actions in a 32-D pi0
+action space) fill the first dims; the rest are padding, masked out of the loss and dropped
+from predictions.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+NormMode = Literal["mean_std", "quantile", "identity"]
+NORM_MODES: tuple[str, ...] = ("mean_std", "quantile", "identity")
+EPS = 1e-6
+
+
+class FeatureNormalizer(nn.Module):
+    """Statistics of one feature (``state`` or ``action``) of model width ``dim``.
+
+    Modes: ``mean_std``: ``(x - mean) / (std + eps)``; ``quantile``:
+    ``2 (x - q01) / (q99 - q01 + eps) - 1`` (openpi's pi0.5 convention, no clipping);
+    ``identity``. Buffers: ``mean``, ``std``, ``q01``, ``q99`` (``[dim]``) and ``data_dim``
+    (how many leading dims the data has).
+    """
+
+    def __init__(self, dim: int, mode: NormMode = "mean_std", device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if mode not in NORM_MODES:
+            raise ValueError(f"normalisation mode must be one of {list(NORM_MODES)}; got {mode!r}")
+        self.dim, self.mode = dim, mode
+        self.register_buffer("mean", torch.zeros(dim, device=device))
+        self.register_buffer("std", torch.ones(dim, device=device))
+        self.register_buffer("q01", -torch.ones(dim, device=device))
+        self.register_buffer("q99", torch.ones(dim, device=device))
+        self.register_buffer("data_dim", torch.tensor(dim, device=device))
+        self._width = dim  # a Python copy of data_dim: no device sync on the hot path
+        self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "_width", int(module.data_dim)))
+
+    def set_stats(
+        self,
+        mean: torch.Tensor | None = None,
+        std: torch.Tensor | None = None,
+        q01: torch.Tensor | None = None,
+        q99: torch.Tensor | None = None,
+    ) -> None:
+        """Set the statistics of a ``[d]`` feature (``d <= dim``); the statistic the mode needs is required."""
+        needed = {"mean_std": ("mean", "std"), "quantile": ("q01", "q99"), "identity": ()}[self.mode]
+        given = {"mean": mean, "std": std, "q01": q01, "q99": q99}
+        missing = [name for name in needed if given[name] is None]
+        if missing:
+            raise ValueError(f"mode {self.mode!r} needs statistics {missing}")
+        sizes = {name: t.numel() for name, t in given.items() if t is not None}
+        if len(set(sizes.values())) > 1 or any(n > self.dim for n in sizes.values()):
+            raise ValueError(f"statistics must all have the same length <= {self.dim}; got {sizes}")
+        with torch.no_grad():
+            for name, value in given.items():
+                if value is not None:
+                    getattr(self, name)[: value.numel()] = torch.as_tensor(value, dtype=torch.float32).flatten()
+            if sizes:
+                self._width = next(iter(sizes.values()))
+                self.data_dim.fill_(self._width)
+
+    @property
+    def width(self) -> int:
+        """The data's width ``d``."""
+        return self._width
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., d] -> [..., dim]``: normalise the data dims, zero-pad the rest."""
+        d = x.shape[-1]
+        if d != self.width:
+            raise ValueError(f"expected a feature of width {self.width} (the data's); got {d}")
+        x = x.float()
+        if self.mode == "mean_std":
+            x = (x - self.mean[:d]) / (self.std[:d] + EPS)
+        elif self.mode == "quantile":
+            x = 2.0 * (x - self.q01[:d]) / (self.q99[:d] - self.q01[:d] + EPS) - 1.0
+        return nn.functional.pad(x, (0, self.dim - d))
+
+    def unnormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., dim] -> [..., d]``: drop the padding dims and invert :meth:`normalize`."""
+        d = self.width
+        x = x[..., :d].float()
+        if self.mode == "mean_std":
+            return x * (self.std[:d] + EPS) + self.mean[:d]
+        if self.mode == "quantile":
+            return (x + 1.0) / 2.0 * (self.q99[:d] - self.q01[:d] + EPS) + self.q01[:d]
+        return x
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, mode={self.mode!r}"
