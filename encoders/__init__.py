@@ -1,5 +1,15 @@
-"""vlablocks.encoders: raw inputs -> tokens (time and suffix so far)."""
+"""vlablocks.encoders: raw inputs -> tokens (vision, geometry, text, time, suffix)."""
 
+from vlablocks.encoders.geometry import (
+    FrequencyPositionEncoding,
+    GeometryEncoder,
+    LLaVA3DPositionEncoding,
+    nerf_encoding,
+    patch_points,
+    points_from_rays,
+    unproject_depth,
+    voxel_mean_pool,
+)
 from vlablocks.encoders.suffix import (
     AdaRMSTimeFusion,
     ConcatMlpTimeFusion,
@@ -7,14 +17,40 @@ from vlablocks.encoders.suffix import (
     SuffixTokens,
     TimeTokenFusion,
 )
+from vlablocks.encoders.text import ByteTokenizer, HFTokenizer, TextEncoder
 from vlablocks.encoders.time import TimestepEmbedder, sinusoidal_embedding
+from vlablocks.encoders.vision import (
+    LinearProjector,
+    Mlp2xGeluProjector,
+    PatchViT,
+    PixelShuffleProjector,
+    SiglipVision,
+    TimmVision,
+)
 
 __all__ = [
     "AdaRMSTimeFusion",
+    "ByteTokenizer",
     "ConcatMlpTimeFusion",
+    "FrequencyPositionEncoding",
+    "GeometryEncoder",
+    "HFTokenizer",
+    "LLaVA3DPositionEncoding",
+    "LinearProjector",
+    "Mlp2xGeluProjector",
+    "PatchViT",
+    "PixelShuffleProjector",
+    "SiglipVision",
     "SuffixEncoder",
     "SuffixTokens",
+    "TextEncoder",
     "TimeTokenFusion",
     "TimestepEmbedder",
+    "TimmVision",
+    "nerf_encoding",
+    "patch_points",
+    "points_from_rays",
     "sinusoidal_embedding",
+    "unproject_depth",
+    "voxel_mean_pool",
 ]

@@ -33,7 +33,13 @@ Factory = dict[str, torch.device | str | torch.dtype | None]
 
 
 class ConcatMlpTimeFusion(nn.Module):
-    """pi0: each action token is ``Mlp(2W -> W -> W)([action_emb, sinusoid(t)])``."""
+    """pi0: each action token is ``Mlp(2W -> W -> W)([action_emb, sinusoid(t)])``.
+
+    Args:
+        width: the expert width ``W``.
+        min_period: shortest period of the time sinusoid.
+        max_period: longest period of the time sinusoid.
+    """
 
     num_time_tokens = 0
     cond_dim: int | None = None
@@ -61,7 +67,13 @@ class ConcatMlpTimeFusion(nn.Module):
 
 
 class _EmbeddedTimeFusion(nn.Module):
-    """Shared part of the token and AdaRMS fusions: ``embedder(t) = mlp(sinusoid(t))`` of width W."""
+    """Shared part of the token and AdaRMS fusions: ``embedder(t) = mlp(sinusoid(t))`` of width W.
+
+    Args:
+        width: the expert width ``W``.
+        min_period: shortest period of the time sinusoid.
+        max_period: longest period of the time sinusoid.
+    """
 
     def __init__(
         self,

@@ -80,7 +80,12 @@ def sample_beta(
 
 @dataclass(frozen=True)
 class UniformTimeSampler:
-    """``t ~ U(low, high)``, with ``0 <= low < high <= 1``."""
+    """``t ~ U(low, high)``, with ``0 <= low < high <= 1``.
+
+    Attributes:
+        low: lower bound of ``t``.
+        high: upper bound of ``t``.
+    """
 
     low: float = 0.0
     high: float = 1.0
@@ -103,7 +108,14 @@ class UniformTimeSampler:
 class BetaTimeSampler:
     """``t = Beta(alpha, beta) * scale + offset``; the defaults are pi0's (``t`` in
     ``[0.001, 1]``, weighted towards the noisy end). Reproducible with a seeded generator (see
-    ``sample_beta``)."""
+    ``sample_beta``).
+
+    Attributes:
+        alpha: first Beta shape parameter (pi0: 1.5).
+        beta: second Beta shape parameter (pi0: 1.0).
+        scale: multiplies the Beta sample (pi0: 0.999).
+        offset: added after scaling, so ``t >= offset`` (pi0: 0.001).
+    """
 
     alpha: float = 1.5
     beta: float = 1.0

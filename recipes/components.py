@@ -15,7 +15,14 @@ from vlablocks.blocks.mlp import get_activation
 from vlablocks.encoders.geometry import FrequencyPositionEncoding, LLaVA3DPositionEncoding
 from vlablocks.encoders.suffix import AdaRMSTimeFusion, ConcatMlpTimeFusion, TimeTokenFusion
 from vlablocks.encoders.text import ByteTokenizer, HFTokenizer
-from vlablocks.encoders.vision import LinearProjector, Mlp2xGeluProjector, PatchViT, SiglipVision, TimmVision
+from vlablocks.encoders.vision import (
+    LinearProjector,
+    Mlp2xGeluProjector,
+    PatchViT,
+    PixelShuffleProjector,
+    SiglipVision,
+    TimmVision,
+)
 from vlablocks.heads.time_samplers import BetaTimeSampler, UniformTimeSampler
 from vlablocks.recipes.registry import REGISTRIES
 
@@ -44,6 +51,8 @@ def expert(
         num_layers: the base depth (derived from ``backbone.num_layers``).
         activation: MLP activation (``silu`` = SwiGLU, ``gelu_tanh`` = Gemma's GeGLU).
         norm: ``rms`` (LLaMA ``w * n``) or ``gemma`` (``(1 + w) * n``).
+        norm_eps: RMSNorm epsilon (LLaMA-2 / Vicuna: 1e-5, Gemma: 1e-6).
+        attention_bias: biases on the q/k/v/o projections.
         adarms: AdaRMS norms conditioned on the flow time (pi0.5); needs ``suffix.time_fusion: adarms``.
         share_base_weights: reuse the base's layer weights (the parameter-shared expert).
         layers / every_kth_layer / first_n_layers: the layer map (at most one; none = every layer).
@@ -74,7 +83,7 @@ def expert(
 def _register_all() -> None:
     table = {
         "vision": {"patch_vit": PatchViT, "siglip": SiglipVision, "timm": TimmVision},
-        "projector": {"linear": LinearProjector, "mlp2x_gelu": Mlp2xGeluProjector},
+        "projector": {"linear": LinearProjector, "mlp2x_gelu": Mlp2xGeluProjector, "pixel_shuffle": PixelShuffleProjector},
         "geometry_encoding": {"llava3d": LLaVA3DPositionEncoding, "frequency": FrequencyPositionEncoding},
         "tokenizer": {"byte": ByteTokenizer, "hf": HFTokenizer},
         "backbone": {"deep_fusion": DeepFusionStack},

@@ -49,3 +49,34 @@ def joint_mask(prefix_pad, prefix_ar, suffix_pad, suffix_ar):
     pad = torch.cat([prefix_pad, suffix_pad], 1)
     ar = torch.cat([prefix_ar, suffix_ar.expand(prefix_pad.shape[0], -1)], 1)
     return block_causal_mask(pad, ar), positions_from_pad(pad)
+
+
+SENTENCES = ["pick up the red block", "open the drawer", "push the button down", "close the window"]
+TINY_SIGLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+               "patch_size": 8, "image_size": 32}
+
+
+def save_tiny_tokenizer(path) -> str:
+    """A WordLevel tokenizer trained in memory, wrapped in PreTrainedTokenizerFast, saved to ``path``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[BOS]", "[EOS]"]))
+    raw.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 2)])
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=raw, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]"
+    )
+    wrapped.save_pretrained(path)
+    return str(path)
+
+
+def save_tiny_siglip(path, seed: int = 0):
+    """A tiny random SiglipVisionModel saved with save_pretrained; returns (path, model)."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(seed)
+    model = SiglipVisionModel(SiglipVisionConfig(**TINY_SIGLIP)).eval()
+    model.save_pretrained(path)
+    return str(path), model

@@ -25,3 +25,17 @@ def test_relative_links_exist():
             if "://" in target:
                 continue
             assert (path.parent / target).exists(), f"{path.name} links to missing {target}"
+
+
+def test_recipe_key_reference_is_generated_and_complete():
+    from vlablocks.recipes.reference import BEGIN, END, UNDOCUMENTED, reference_markdown
+
+    text = (ROOT / "docs" / "recipes.md").read_text()
+    generated = BEGIN + text.split(BEGIN, 1)[1].split(END, 1)[0] + END
+    assert generated + "\n" == reference_markdown(), "regenerate: python -m vlablocks.recipes.reference docs/recipes.md"
+    assert UNDOCUMENTED not in generated
+    from vlablocks.recipes.registry import REGISTRIES
+
+    for registry in REGISTRIES.values():  # every registered type has its own table
+        for name in registry.names():
+            assert f"`type: {name}`" in generated, name

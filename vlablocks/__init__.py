@@ -27,6 +27,9 @@ _EXPORTS = {
     "FlowMatchingHead": "vlablocks.heads",
     "DeepFusionDenoiser": "vlablocks.heads",
     "Prefix": "vlablocks.heads",
+    "VLA": "vlablocks.vla",
+    "build": "vlablocks.recipes.builder",
+    "load_recipe": "vlablocks.recipes.loader",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

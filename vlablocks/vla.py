@@ -157,7 +157,7 @@ class VLA(nn.Module):
             raise ValueError(f"batch['images'] must be [B, N, 3, H, W]; got {list(images.shape)}")
         b, n = images.shape[:2]
         tokens = self.vision(images.flatten(0, 1))
-        valid = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        valid = None
         if self.geometry is not None:
             geometry = {k: batch[k].flatten(0, 1) for k in keys.GEOMETRY_KEYS if batch.get(k) is not None}
             if not geometry:
@@ -167,6 +167,13 @@ class VLA(nn.Module):
                 )
             tokens, valid = self.geometry(tokens, self.vision.grid, **geometry)
         tokens = self.projector(tokens) * self.config.image_embed_scale
+        if valid is None:
+            valid = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        elif valid.shape[1] != tokens.shape[1]:
+            raise ValueError(
+                f"the projector maps {valid.shape[1]} geometry-fused tokens to {tokens.shape[1]}: with a geometry "
+                "encoder use a projector that keeps one token per input token (linear, mlp2x_gelu)"
+            )
         image_mask = batch.get(keys.IMAGE_MASK)
         if image_mask is not None:
             valid = valid & image_mask.reshape(b * n, 1).to(valid.device)

@@ -1,0 +1,61 @@
+"""The vlablocks command: recipes, show, check (in-process, plus the installed entry point once)."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from vlablocks.cli import main
+from vlablocks.recipes.loader import bundled_recipes
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_recipes_lists_every_bundled_recipe_with_its_description(capsys):
+    code, out, _ = run(capsys, "recipes")
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == sorted(bundled_recipes())
+    assert any(line.startswith("pi0 ") and "Gemma-300M" in line for line in lines)
+
+
+def test_show_full_size_recipe_reports_parameters_per_block(capsys):
+    code, out, _ = run(capsys, "show", "pi0", "--no-tree")
+    assert code == 0
+    assert "# recipe pi0 (resolved)" in out and "num_layers: 18" in out
+    rows = {line.split()[0]: line.split()[1:] for line in out.split("# parameters")[1].strip().splitlines()[1:]}
+    assert set(rows) >= {"vision", "projector", "text", "backbone.vlm", "backbone.action", "suffix", "total"}
+    assert int(rows["backbone.action"][0].replace(",", "")) > 300_000_000
+
+
+def test_show_tree_and_overrides(capsys):
+    code, out, _ = run(capsys, "show", "tiny_pi0", "head.num_steps=3")
+    assert code == 0 and "num_steps: 3" in out and "# modules" in out and "DeepFusionStack" in out
+
+
+def test_check_tiny_recipe(capsys):
+    code, out, _ = run(capsys, "check", "tiny_llava3d_deepfusion")
+    assert code == 0 and out.strip().endswith("ok")
+    assert "predict_action  [2, 4, 4]" in out
+
+
+def test_check_refuses_full_size_on_cpu_and_reports_recipe_errors(capsys):
+    code, out, _ = run(capsys, "check", "llava3d_deepfusion")
+    assert code == 2 and "too many for a CPU check" in out
+    code, _, err = run(capsys, "show", "tiny_pi0", "head.num_stepz=3")
+    assert code == 1 and "recipe error: <command-line override>: head.num_stepz: unknown key 'num_stepz'" in err
+
+
+ENTRY_POINT = shutil.which("vlablocks", path=f"{sys.prefix}/bin")
+
+
+@pytest.mark.skipif(ENTRY_POINT is None, reason="the package is not pip-installed here (make test installs it)")
+def test_installed_entry_point_runs():
+    exe = ENTRY_POINT
+    result = subprocess.run([exe, "recipes"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "tiny_pi0" in result.stdout

@@ -1,0 +1,123 @@
+"""Checkpoints: save_pretrained -> from_pretrained is bitwise, pickle-free; local SigLIP / LLaVA-layout weights load."""
+
+import pickle
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from helpers import save_tiny_siglip, save_tiny_tokenizer
+from vlablocks.checks import random_batch
+from vlablocks.recipes.builder import build
+from vlablocks.recipes.loader import load_recipe
+from vlablocks.vla import VLA
+
+
+@pytest.fixture
+def no_pickle(monkeypatch):
+    """Fail the test if anything unpickles while loading."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("something tried to unpickle")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+
+
+@pytest.mark.parametrize("name", ["tiny_pi0", "tiny_pi05", "tiny_smolvla", "tiny_llava3d_deepfusion"])
+def test_save_and_load_give_bitwise_identical_actions(name, tmp_path, no_pickle):
+    torch.manual_seed(0)
+    vla = build(name)
+    for name, dim in (("action", 3), ("state", vla.config.state_dim)):
+        low = torch.randn(dim)
+        vla.normalizer[name].set_stats(mean=torch.randn(dim), std=torch.rand(dim) + 0.5, q01=low, q99=low + 2.0)
+    batch = random_batch(vla, 2)
+    batch["actions"] = batch["actions"][..., :3]
+    vla.eval()
+    expected = vla.predict_action(batch, generator=torch.Generator().manual_seed(3))
+    assert expected.shape == (2, vla.config.horizon, 3)  # the data's 3 action dims, un-normalised
+
+    vla.save_pretrained(tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["model.safetensors", "recipe.yaml"]
+    loaded = VLA.from_pretrained(tmp_path / "ckpt").eval()
+    actual = loaded.predict_action(batch, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(actual, expected)
+    assert loaded.normalizer["action"].width == 3
+
+
+def llava_checkpoint(tmp_path):
+    """A tiny LLaMA saved in the LLaVA key layout (LLM under model., mm_projector, vision tower)."""
+    torch.manual_seed(1)
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, head_dim=16, vocab_size=32, rms_norm_eps=1e-5,
+                                         attn_implementation="eager")).eval()
+    tensors = {k: v.clone() for k, v in llama.state_dict().items()}
+    tensors["model.mm_projector.0.weight"] = torch.randn(64, 32)
+    tensors["model.mm_projector.0.bias"] = torch.randn(64)
+    tensors["model.mm_projector.2.weight"] = torch.randn(64, 64)
+    tensors["model.mm_projector.2.bias"] = torch.randn(64)
+    (tmp_path / "llava").mkdir()
+    save_file(tensors, str(tmp_path / "llava" / "model.safetensors"))
+    return str(tmp_path / "llava"), llama, tensors
+
+
+def llava_recipe(tmp_path, siglip_path, llava_path, tokenizer_path):
+    recipe = {
+        "policy": {"horizon": 4, "action_dim": 4, "state_dim": 3},
+        "vision": {"type": "siglip", "path": siglip_path},
+        "projector": {"type": "mlp2x_gelu"},
+        "text": {"tokenizer": {"type": "hf", "path": tokenizer_path, "max_length": 16}, "vocab_size": 32},
+        "backbone": {"type": "deep_fusion", "num_layers": 2, "experts": [
+            {"name": "llm", "width": 64, "mlp_dim": 128, "norm_eps": 1e-5,
+             "head_space": {"num_heads": 4, "num_kv_heads": 2, "head_dim": 16}},
+            {"name": "action", "width": 32, "mlp_dim": 64, "norm_eps": 1e-5,
+             "head_space": {"num_heads": 4, "num_kv_heads": 2, "head_dim": 16}}]},
+        "suffix": {"time_fusion": {"type": "token"}},
+        "pretrained": {"llm": llava_path, "layout": "llava"},
+    }
+    path = tmp_path / "llava_recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_siglip_and_llava_layout_checkpoints_reproduce_the_transformers_models(tmp_path, no_pickle):
+    siglip_path, siglip = save_tiny_siglip(tmp_path / "siglip")
+    tokenizer_path = save_tiny_tokenizer(tmp_path / "tokenizer")
+    llava_path, llama, tensors = llava_checkpoint(tmp_path)
+    vla = build(load_recipe(llava_recipe(tmp_path, siglip_path, llava_path, tokenizer_path))).eval()
+
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected_vision = siglip(pixel_values=(images - 0.5) / 0.5).last_hidden_state
+        assert (vla.vision(images) - expected_vision).abs().max() <= 1e-5
+
+        projected = vla.projector(expected_vision)
+        w0, b0, w2, b2 = (tensors[f"model.mm_projector.{k}"] for k in ("0.weight", "0.bias", "2.weight", "2.bias"))
+        manual = torch.nn.functional.linear(torch.nn.functional.gelu(torch.nn.functional.linear(expected_vision, w0, b0)), w2, b2)
+        assert (projected - manual).abs().max() <= 1e-5
+
+        ids = torch.tensor([[2, 5, 7, 9, 11]])
+        embeds = vla.text.embed(ids)
+        assert torch.equal(embeds, llama.model.embed_tokens(ids))
+        stack = vla.head.denoiser.stack
+        causal = torch.ones(1, 5, 5, dtype=torch.bool).tril()
+        ours = stack([embeds, None], causal, torch.arange(5)[None]).hidden_states[0]
+        reference = llama.model(input_ids=ids).last_hidden_state
+        assert (ours - reference).abs().max() <= 1e-5
+
+    # the checkpoint is self-contained: the recipe no longer points at the original files
+    vla.save_pretrained(tmp_path / "ckpt")
+    saved = yaml.safe_load((tmp_path / "ckpt" / "recipe.yaml").read_text())
+    assert "pretrained" not in saved and "path" not in saved["vision"] and saved["vision"]["config"]["num_hidden_layers"] == 2
+    assert saved["text"]["tokenizer"]["path"] == "tokenizer" and (tmp_path / "ckpt" / "tokenizer").is_dir()
+    loaded = VLA.from_pretrained(tmp_path / "ckpt").eval()
+    batch = random_batch(vla, 2)
+    torch.testing.assert_close(loaded.predict_action(batch, generator=torch.Generator().manual_seed(0)),
+                               vla.predict_action(batch, generator=torch.Generator().manual_seed(0)), rtol=0, atol=0)
+
+
+def test_missing_checkpoint_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"recipe\.yaml not found: not a vlablocks checkpoint directory"):
+        VLA.from_pretrained(tmp_path)

@@ -1,0 +1,267 @@
+"""Vision backbones and projectors: token contract, parity with transformers / timm, errors."""
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+from helpers import TINY_SIGLIP, save_tiny_siglip
+
+from vlablocks.encoders.vision import (
+    SIGLIP_SO400M_PATCH14_224,
+    LinearProjector,
+    Mlp2xGeluProjector,
+    PatchViT,
+    SiglipVision,
+    TimmVision,
+    VisionBackbone,
+    llava_projector_state_dict,
+)
+
+def images(batch=2, size=32, seed=0):
+    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def siglip_dir(tmp_path_factory):
+    """A tiny random SiglipVisionModel saved with save_pretrained; returns (path, model)."""
+    return save_tiny_siglip(tmp_path_factory.mktemp("siglip"))
+
+
+# ---------------------------------------------------------------- PatchViT
+
+
+def test_patch_vit_tokens_grid_and_gradients():
+    torch.manual_seed(0)
+    vit = PatchViT(image_size=32, patch_size=8, width=32, depth=2, num_heads=2)
+    assert isinstance(vit, VisionBackbone)
+    assert (vit.out_dim, vit.image_size, vit.patch_size, vit.grid, vit.num_tokens) == (32, 32, 8, (4, 4), 16)
+    tokens = vit(images())
+    assert tokens.shape == (2, 16, 32) and torch.isfinite(tokens).all()
+    tokens.square().mean().backward()
+    missing = [name for name, p in vit.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"parameters without gradient: {missing}"
+
+
+def test_patch_vit_equals_timm_vit_without_class_token():
+    """Same weights (names match timm) -> same tokens as timm's forward_features on (x - 0.5) / 0.5."""
+    torch.manual_seed(0)
+    ref = timm.models.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, class_token=False, global_pool="", num_classes=0
+    ).eval()
+    vit = PatchViT(image_size=32, patch_size=8, width=32, depth=2, num_heads=2)
+    vit.load_state_dict(ref.state_dict())
+    x = images()
+    torch.testing.assert_close(vit(x), ref.forward_features((x - 0.5) / 0.5), atol=1e-5, rtol=1e-5)
+
+
+def test_patch_tokens_are_row_major():
+    """Token i * gw + j depends only on patch (i, j) after the patch embedding."""
+    vit = PatchViT(image_size=32, patch_size=8, width=16, depth=1, num_heads=2)
+    x = images(batch=1)
+    y = x.clone()
+    y[..., 8:16, 16:24] = 1.0 - y[..., 8:16, 16:24]  # patch row 1, column 2
+    changed = (vit.patch_embed(vit.normalize(x)) - vit.patch_embed(vit.normalize(y))).abs().sum(-1)[0]
+    assert changed.nonzero().flatten().tolist() == [1 * 4 + 2]
+
+
+def test_patch_vit_builds_on_meta_and_checks_sizes():
+    vit = PatchViT(device="meta")
+    assert vit(torch.empty(2, 3, 224, 224, device="meta")).shape == (2, 196, 192)
+    with pytest.raises(ValueError, match=r"image_size \(30\) must be a multiple of patch_size \(8\)"):
+        PatchViT(image_size=30, patch_size=8)
+    with pytest.raises(ValueError, match=r"width \(30\) must be a multiple of num_heads \(4\)"):
+        PatchViT(image_size=32, patch_size=8, width=30, num_heads=4)
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        (torch.rand(3, 32, 32), r"shape \[B, 3, H, W\]; got \(3, 32, 32\)"),
+        (torch.rand(2, 1, 32, 32), r"shape \[B, 3, H, W\]; got \(2, 1, 32, 32\)"),
+        (torch.rand(2, 3, 64, 64), r"must be 32 x 32 pixels .* got \(64, 64\)"),
+        (torch.zeros(2, 3, 32, 32, dtype=torch.uint8), r"float tensor .* got dtype torch.uint8"),
+    ],
+)
+def test_bad_images_raise(bad, match):
+    vit = PatchViT(image_size=32, patch_size=8, width=16, depth=1, num_heads=2)
+    with pytest.raises(ValueError, match=match):
+        vit(bad)
+
+
+# ---------------------------------------------------------------- SigLIP
+
+
+@pytest.mark.parametrize("select_layer", [None, -1, -2, 0])
+def test_siglip_reproduces_transformers(siglip_dir, select_layer):
+    path, ref = siglip_dir
+    enc = SiglipVision(path, select_layer=select_layer)
+    assert (enc.out_dim, enc.patch_size, enc.grid) == (32, 8, (4, 4))
+    x = images()
+    with torch.no_grad():
+        out = ref(pixel_values=(x - 0.5) / 0.5, output_hidden_states=True)
+        got = enc(x)
+    expected = out.last_hidden_state if select_layer is None else out.hidden_states[select_layer]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert len(out.hidden_states) == TINY_SIGLIP["num_hidden_layers"] + 1
+    if select_layer == -1:  # -1 is the last layer WITHOUT post_layernorm, None is WITH it
+        assert not torch.allclose(got, out.last_hidden_state, atol=1e-3)
+
+
+def test_siglip_drops_unused_weights_so_every_parameter_trains(siglip_dir):
+    path, _ = siglip_dir
+    enc = SiglipVision(path, select_layer=-2)
+    assert len(enc.model.encoder.layers) == 1 and not hasattr(enc.model, "head")
+    enc(images()).sum().backward()
+    assert all(p.grad is not None for p in enc.parameters())
+
+
+def test_siglip_reads_pixel_statistics_of_the_preprocessor(siglip_dir, tmp_path):
+    path, ref = siglip_dir
+    ref.save_pretrained(tmp_path)
+    SiglipImageProcessor(image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.25]).save_pretrained(tmp_path)
+    enc = SiglipVision(str(tmp_path))
+    torch.testing.assert_close(enc.pixel_mean.flatten(), torch.tensor([0.4, 0.5, 0.6]))
+    mean, std = torch.tensor([0.4, 0.5, 0.6]).view(1, 3, 1, 1), torch.tensor([0.2, 0.3, 0.25]).view(1, 3, 1, 1)
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x), ref(pixel_values=(x - mean) / std).last_hidden_state, atol=1e-5, rtol=1e-5)
+    assert SiglipVision(path).pixel_mean.flatten().tolist() == [0.5, 0.5, 0.5]  # no preprocessor file
+
+
+def test_siglip_loads_a_whole_tower_state_dict_into_a_cut_model(siglip_dir):
+    _, ref = siglip_dir
+    tower = {f"vision_model.{k}": v for k, v in ref.state_dict().items()}  # LLaVA-style keys, head included
+    enc = SiglipVision(config=TINY_SIGLIP, select_layer=-2)
+    enc.load_tower_state_dict(tower)
+    x = images()
+    with torch.no_grad():
+        expected = ref(pixel_values=(x - 0.5) / 0.5, output_hidden_states=True).hidden_states[-2]
+        torch.testing.assert_close(enc(x), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="'vision_model.extra.weight' is not a parameter"):
+        enc.load_tower_state_dict({**tower, "vision_model.extra.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="lacks 2 SigLIP tower weights"):
+        enc.load_tower_state_dict({k: v for k, v in tower.items() if "layer_norm1" not in k})
+
+
+def test_siglip_so400m_builds_on_meta():
+    enc = SiglipVision(config=SIGLIP_SO400M_PATCH14_224, device="meta")
+    assert (enc.out_dim, enc.patch_size, enc.grid, enc.num_tokens) == (1152, 14, (16, 16), 256)
+    assert len(enc.model.encoder.layers) == 27
+    assert enc(torch.empty(1, 3, 224, 224, device="meta")).shape == (1, 256, 1152)
+    assert all(p.is_meta for p in enc.parameters())
+
+
+def test_siglip_argument_errors(siglip_dir):
+    path, _ = siglip_dir
+    with pytest.raises(ValueError, match="exactly one of path .* or config"):
+        SiglipVision()
+    with pytest.raises(ValueError, match="exactly one of path .* or config"):
+        SiglipVision(path, config=TINY_SIGLIP)
+    with pytest.raises(ValueError, match=r"select_layer must .* \[-3, 2\], or be None; got 3"):
+        SiglipVision(config=TINY_SIGLIP, select_layer=3)
+
+
+# ---------------------------------------------------------------- timm
+
+
+@pytest.mark.parametrize("suffix", ["safetensors", "pt"])
+def test_timm_vit_loads_local_weights_and_drops_prefix_tokens(tmp_path, suffix):
+    torch.manual_seed(0)
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32).eval()  # with its 1000-class head
+    file = tmp_path / f"weights.{suffix}"
+    save_file(ref.state_dict(), file) if suffix == "safetensors" else torch.save(ref.state_dict(), file)
+    enc = TimmVision("vit_tiny_patch16_224", image_size=32, weights_path=str(file)).eval()
+    assert (enc.out_dim, enc.patch_size, enc.grid) == (192, 16, (2, 2))
+    x = images()
+    with torch.no_grad():
+        expected = ref.forward_features((x - 0.5) / 0.5)[:, ref.num_prefix_tokens :]
+        torch.testing.assert_close(enc(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_timm_conv_net_flattens_the_feature_map():
+    torch.manual_seed(0)
+    enc = TimmVision("resnet18", image_size=64).eval()
+    assert (enc.out_dim, enc.patch_size, enc.grid, enc.num_tokens) == (512, 32, (2, 2), 4)
+    torch.testing.assert_close(enc.pixel_mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
+    x = images(size=64)
+    with torch.no_grad():
+        features = enc.model.forward_features(enc.normalize(x))  # [B, 512, 2, 2]
+        tokens = enc(x)
+    assert tokens.shape == (2, 4, 512)
+    torch.testing.assert_close(tokens[:, 1], features[:, :, 0, 1])  # row 0, column 1
+
+
+def test_timm_meta_build_and_errors(tmp_path):
+    enc = TimmVision("vit_tiny_patch16_224", image_size=32, device="meta")
+    assert enc(torch.empty(1, 3, 32, 32, device="meta")).shape == (1, 4, 192)
+    with pytest.raises(ValueError, match="'no_such_net' is not a timm model"):
+        TimmVision("no_such_net", image_size=32)
+    with pytest.raises(ValueError, match="never downloads"):
+        TimmVision("hf-hub:timm/vit_tiny_patch16_224", image_size=32)
+    with pytest.raises(ValueError, match="weights_path must be an existing local file"):
+        TimmVision("resnet18", image_size=32, weights_path=str(tmp_path / "missing.safetensors"))
+    file = tmp_path / "vit.safetensors"
+    save_file(timm.create_model("vit_tiny_patch16_224", img_size=32).state_dict(), file)
+    with pytest.raises(ValueError, match="does not fit timm model 'resnet18'"):
+        TimmVision("resnet18", image_size=32, weights_path=str(file))
+
+
+# ---------------------------------------------------------------- projectors
+
+
+def test_projectors_shapes_and_structure():
+    tokens = torch.randn(2, 5, 12)
+    assert LinearProjector(12, 20)(tokens).shape == (2, 5, 20)
+    mlp = Mlp2xGeluProjector(12, 20)
+    assert mlp(tokens).shape == (2, 5, 20)
+    assert (mlp.fc1.in_features, mlp.fc1.out_features, mlp.fc2.out_features) == (12, 20, 20)
+    assert type(mlp.act) is nn.GELU and mlp.act.approximate == "none"
+    assert next(Mlp2xGeluProjector(1152, 2048, device="meta").parameters()).is_meta
+
+
+def test_llava_projector_checkpoint_maps_onto_the_projectors():
+    torch.manual_seed(0)
+    llava = nn.Sequential(nn.Linear(12, 20), nn.GELU(), nn.Linear(20, 20))  # LLaVA's mlp2x_gelu
+    checkpoint = {f"model.mm_projector.{k}": v for k, v in llava.state_dict().items()}
+    checkpoint["model.layers.0.mlp.up_proj.weight"] = torch.zeros(1)  # other keys are ignored
+    renamed = llava_projector_state_dict(checkpoint, prefix="model.mm_projector.")
+    assert renamed.keys() == llava_projector_state_dict(llava.state_dict()).keys()  # keys without prefix
+    assert sorted(renamed) == ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"]
+    projector = Mlp2xGeluProjector(12, 20)
+    projector.load_state_dict(renamed)
+    tokens = torch.randn(2, 5, 12)
+    torch.testing.assert_close(projector(tokens), llava(tokens))
+
+    linear = nn.Linear(12, 20)
+    projector = LinearProjector(12, 20)
+    projector.load_state_dict(llava_projector_state_dict(linear.state_dict()))
+    torch.testing.assert_close(projector(tokens), linear(tokens))
+
+    with pytest.raises(ValueError, match=r"'model.mm_projector.4.weight' is not a mlp2x_gelu"):
+        llava_projector_state_dict({"model.mm_projector.4.weight": torch.zeros(1)}, prefix="model.mm_projector.")
+    with pytest.raises(ValueError, match=r"'model.embed_tokens.weight' is not a mlp2x_gelu"):
+        llava_projector_state_dict({"model.embed_tokens.weight": torch.zeros(1)})  # no prefix: all keys count
+    with pytest.raises(ValueError, match="no key starting with prefix 'model.mm_projector.'"):
+        llava_projector_state_dict({"model.embed_tokens.weight": torch.zeros(1)}, prefix="model.mm_projector.")
+
+
+def test_pixel_shuffle_matches_smolvlm_layout():
+    from vlablocks.encoders.vision import PixelShuffleProjector, pixel_shuffle
+
+    b, side, d, r = 2, 4, 3, 2
+    tokens = torch.randn(b, side * side, d)
+    out = pixel_shuffle(tokens, r)
+    assert out.shape == (b, (side // r) ** 2, d * r * r)
+    grid = tokens.view(b, side, side, d)
+    for i in range(side):
+        for j in range(side):
+            token = (i // r) * (side // r) + (j // r)
+            block = (i % r) * r + (j % r)
+            assert torch.equal(out[:, token, block * d : (block + 1) * d], grid[:, i, j])
+    projector = PixelShuffleProjector(d, 5, scale_factor=r)
+    assert projector(tokens).shape == (b, 4, 5) and projector.proj.bias is None
+    with pytest.raises(ValueError, match="square token grid whose side is a multiple of scale_factor=2; got 12 tokens"):
+        pixel_shuffle(torch.randn(1, 12, d), 2)
