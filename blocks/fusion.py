@@ -206,11 +206,7 @@ class DeepFusionBlock(nn.Module):
         conds: Sequence[torch.Tensor | None],
     ) -> tuple[list[torch.Tensor | None], KeyValue]:
         """Streams ``[B, L_e, W_e]`` (or ``None``) -> updated streams and this call's post-RoPE ``(key, value)``."""
-        normed, attn_gates = [], []
-        for x, k, cond in zip(hidden_states, self.slots, conds):
-            h, gate = apply_norm(self.input_norms[k], x, cond) if x is not None else (None, None)
-            normed.append(h)
-            attn_gates.append(gate)
+        normed, attn_gates = _pre_norm([self.input_norms[k] for k in self.slots], hidden_states, conds)
         attended, key_value = self.attention(normed, rope.cos, rope.sin, attention_mask, past_key_value)
         outputs = [
             None if x is None else _mlp_residual(self.post_attention_norms[k], self.mlps[k], gated_residual(x, y, gate), cond)
@@ -280,11 +276,7 @@ class CrossAttentionFusionBlock(nn.Module):
         """As :meth:`DeepFusionBlock.forward`; the returned ``(key, value)`` are the base's."""
         base = hidden_states[0]
         n_base = 0 if base is None else base.shape[1]
-        normed, attn_gates = [], []
-        for x, norm, cond in zip(hidden_states, self.input_norms, conds):
-            h, gate = apply_norm(norm, x, cond) if x is not None else (None, None)
-            normed.append(h)
-            attn_gates.append(gate)
+        normed, attn_gates = _pre_norm(self.input_norms, hidden_states, conds)
 
         attended: list[torch.Tensor | None] = [None] * len(hidden_states)
         key_value = past_key_value
@@ -312,6 +304,14 @@ class CrossAttentionFusionBlock(nn.Module):
                 hidden_states, attended, attn_gates, self.post_attention_norms, self.mlps, conds)
         ]
         return outputs, key_value
+
+
+def _pre_norm(
+    norms: Sequence[nn.Module], streams: Sequence[torch.Tensor | None], conds: Sequence[torch.Tensor | None]
+) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
+    """Each present stream through its pre-attention norm: ``-> (normed, gates)`` (``None`` where absent)."""
+    pairs = [apply_norm(norm, x, cond) if x is not None else (None, None) for norm, x, cond in zip(norms, streams, conds)]
+    return [h for h, _ in pairs], [gate for _, gate in pairs]
 
 
 def _mlp_residual(norm: nn.Module, mlp: nn.Module, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
