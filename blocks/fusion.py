@@ -477,6 +477,7 @@ class DeepFusionStack(nn.Module):
         conds: Sequence[torch.Tensor | None] | None = None,
         return_cache: bool = False,
         output_layer_hidden_states: bool = False,
+        num_layers: int | None = None,
     ) -> FusionOutput:
         """Run the stack over the given expert streams.
 
@@ -490,10 +491,15 @@ class DeepFusionStack(nn.Module):
             conds: per expert ``[B, adarms_cond_dim]`` for AdaRMS experts, else ``None``.
             return_cache: return a :class:`PrefixCache` (prefix-only mode: base stream only).
             output_layer_hidden_states: also return every layer's output streams.
+            num_layers: run only the first ``num_layers`` layers (a head that reads early
+                layers needs no more); the final norms apply to the last layer run.
         """
         streams = list(hidden_states)
         conds = list(conds) if conds is not None else [None] * len(self.experts)
         self._check_inputs(streams, conds, cache, return_cache)
+        num_layers = self.num_layers if num_layers is None else num_layers
+        if not 1 <= num_layers <= self.num_layers:
+            raise ValueError(f"num_layers must be in 1..{self.num_layers}; got {num_layers}")
         lengths = [0 if x is None else x.shape[1] for x in streams]
         past_len = 0 if cache is None else cache.length
         rope = self._rope_tables(position_ids, lengths)
@@ -502,7 +508,7 @@ class DeepFusionStack(nn.Module):
         values: list[torch.Tensor | None] = [None] * self.num_layers
         per_layer: list[tuple[torch.Tensor | None, ...]] = []
         sliced: dict[tuple[int, ...], tuple[torch.Tensor, RopeTables]] = {}
-        for i, (layer, layer_experts) in enumerate(zip(self.layers, self.layer_experts)):
+        for i, (layer, layer_experts) in enumerate(zip(self.layers[:num_layers], self.layer_experts)):
             active = tuple(e for e in layer_experts if streams[e] is not None)
             if active:
                 if active not in sliced:

@@ -140,7 +140,8 @@ class SuffixEncoder(nn.Module):
 
     Args:
         action_dim: ``A``, the (padded) action width.
-        width: ``W``, the expert's hidden width.
+        width: ``W``, the token width: derived from the action expert for deep-fusion
+            denoiser recipes, the DiT width (required) for DiT denoisers.
         horizon: ``H``, actions per chunk.
         time_fusion: a built time-fusion module of width ``W`` (see the module docstring).
         state_dim: ``S``; ``None`` means no state token (pi0.5, SmolVLA put state elsewhere).

@@ -81,3 +81,47 @@ class TimestepEmbedder(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, min_period={self.min_period}, max_period={self.max_period}"
+
+
+class DiffusersTimestepEmbedder(nn.Module):
+    """GR00T's time embedding on diffusers parts, fed from the toolkit's time convention.
+
+    vlablocks uses ``t = 1`` for noise; GR00T uses ``tau = 1 - t`` (``tau = 1`` is data) scaled to
+    ``[0, 1000]``. The conversion happens here, at the edge:
+    ``TimestepEmbedding(Timesteps(num_channels, flip_sin_to_cos=True, downscale_freq_shift=1)(1000 * (1 - t)))``
+    (continuous; GR00T additionally rounds to 1000 buckets).
+
+    Args:
+        dim: output width.
+        num_channels: width of the diffusers sinusoid (GR00T: 256).
+
+    Shapes: ``t [B]`` -> ``[B, dim]``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_channels: int = 256,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+
+        self.sinusoid = Timesteps(num_channels, flip_sin_to_cos=True, downscale_freq_shift=1)
+        self.mlp = TimestepEmbedding(num_channels, dim).to(device=device, dtype=dtype)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        emb = self.sinusoid(1000.0 * (1.0 - t.float()))
+        return self.mlp(emb.to(self.mlp.linear_1.weight.dtype))
+
+
+#: time-embedding names (as recipes spell them) -> embedder classes ``(dim) -> module``.
+TIME_EMBEDDERS: dict[str, type[nn.Module]] = {"pi0": TimestepEmbedder, "diffusers": DiffusersTimestepEmbedder}
+
+
+def get_time_embedder(name: str) -> type[nn.Module]:
+    """The time embedder called ``name``; ValueError lists the valid names."""
+    if name not in TIME_EMBEDDERS:
+        raise ValueError(f"unknown time embedding {name!r}; valid: {sorted(TIME_EMBEDDERS)}")
+    return TIME_EMBEDDERS[name]

@@ -27,11 +27,14 @@ class DeepFusionContext:
         cache: post-RoPE prefix keys/values per layer.
         suffix_mask: ``[B, S, P + S]`` bool, suffix rows of the joint mask.
         suffix_positions: ``[B, S]`` RoPE positions, continuing after the real prefix tokens.
+        prefix_hidden: ``[B, P, D_base]`` the base's final-normed prefix output (what a
+            refinement head or a language-model head reads).
     """
 
     cache: PrefixCache
     suffix_mask: torch.Tensor
     suffix_positions: torch.Tensor
+    prefix_hidden: torch.Tensor
 
 
 class DeepFusionDenoiser(nn.Module):
@@ -42,6 +45,9 @@ class DeepFusionDenoiser(nn.Module):
         suffix_encoder: builds the suffix tokens; its width must be the expert's.
         expert: index of the action expert in ``stack.experts``.
     """
+
+    #: the suffix encoder's width is the action expert's (recipes derive it).
+    suffix_width_from_expert = True
 
     def __init__(self, stack: DeepFusionStack, suffix_encoder: SuffixEncoder, expert: int = 1) -> None:
         super().__init__()
@@ -71,7 +77,7 @@ class DeepFusionDenoiser(nn.Module):
         out = self.stack(streams, mask, positions_from_pad(prefix.pad), return_cache=True)
         suffix_pad, suffix_ar = self.suffix_encoder.layout(prefix.embeds.shape[0])
         suffix_mask, suffix_positions = suffix_mask_and_positions(prefix.pad, prefix.ar, suffix_pad, suffix_ar)
-        return DeepFusionContext(out.cache, suffix_mask, suffix_positions)
+        return DeepFusionContext(out.cache, suffix_mask, suffix_positions, out.hidden_states[0])
 
     def velocity(
         self,
@@ -81,9 +87,19 @@ class DeepFusionDenoiser(nn.Module):
         state: torch.Tensor | None,
     ) -> torch.Tensor:
         """``x_t [B, H, A]``, ``t [B]``, ``state [B, S] | None`` -> ``v [B, H, A]``; expert weights only."""
+        return self.suffix_encoder.decode(self.expert_hidden(context, x_t, t, state))
+
+    def expert_hidden(
+        self,
+        context: DeepFusionContext,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        state: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The expert's final-normed suffix output ``[B, S, W]`` (before the velocity projection)."""
         suffix = self.suffix_encoder(x_t, t, state)
         streams: list[torch.Tensor | None] = [None] * len(self.stack.experts)
         conds: list[torch.Tensor | None] = [None] * len(self.stack.experts)
         streams[self.expert], conds[self.expert] = suffix.tokens, suffix.cond
         out = self.stack(streams, context.suffix_mask, context.suffix_positions, cache=context.cache, conds=conds)
-        return self.suffix_encoder.decode(out.hidden_states[self.expert])
+        return out.hidden_states[self.expert]

@@ -11,7 +11,8 @@ link blocks are derived here, once, and setting them in a recipe is an error):
 | ``geometry`` | :class:`~vlablocks.encoders.geometry.GeometryEncoder` (``encoding: {type: ...}``) | ``vision_dim``, ``encoding.dim`` |
 | ``projector`` (``type:``) | vision -> base width | ``in_dim``, ``out_dim`` |
 | ``text`` | :class:`~vlablocks.encoders.text.TextEncoder` (``tokenizer: {type: ...}``) | ``width`` |
-| ``suffix`` | :class:`~vlablocks.encoders.suffix.SuffixEncoder` (``time_fusion: {type: ...}``) | ``action_dim``, ``width``, ``horizon``, ``state_dim``, ``time_fusion.width`` |
+| ``suffix`` | :class:`~vlablocks.encoders.suffix.SuffixEncoder` (``time_fusion: {type: ...}``) | ``action_dim``, ``horizon``, ``state_dim``, ``time_fusion.width``; ``width`` for deep-fusion denoisers (the expert's) |
+| ``denoiser`` (``type:``, default ``deep_fusion``) | a denoiser over the backbone and the suffix encoder | ``stack``, ``suffix_encoder`` |
 | ``head`` | :class:`~vlablocks.heads.flow_matching.FlowMatchingHead` (``time_sampler: {type: ...}``) | ``denoiser``, ``horizon``, ``action_dim`` |
 | ``pretrained`` | weights to load: ``{llm: DIR, layout: transformers \\| llava}`` | |
 """
@@ -30,15 +31,16 @@ from vlablocks.blocks.attention import HeadSpace
 from vlablocks.encoders.geometry import GeometryEncoder
 from vlablocks.encoders.suffix import SuffixEncoder
 from vlablocks.encoders.text import TextEncoder
-from vlablocks.heads.deep_fusion import DeepFusionDenoiser
 from vlablocks.heads.flow_matching import FlowMatchingHead
 from vlablocks.recipes.components import expert
 from vlablocks.recipes.loader import Recipe, RecipeError, load_recipe
 from vlablocks.recipes.registry import REGISTRIES
-from vlablocks.recipes.schema import call_with
+from vlablocks.recipes.schema import call_with, check_value
 from vlablocks.vla import VLA, PolicyConfig
 
-SECTIONS = ("description", "policy", "backbone", "vision", "geometry", "projector", "text", "suffix", "head", "pretrained")
+SECTIONS = (
+    "description", "policy", "backbone", "vision", "geometry", "projector", "text", "suffix", "denoiser", "head", "pretrained",
+)
 REQUIRED_SECTIONS = ("policy", "backbone", "text", "suffix")
 PATH_KEYS = ("path", "weights_path")
 
@@ -86,9 +88,10 @@ class _Builder:
         stack = self.typed("backbone", self.data["backbone"], "backbone", converters={
             "experts": lambda value, path: self.experts(value, path, self.data["backbone"].get("num_layers")),
         })
-        if len(stack.experts) < 2:
-            raise self.recipe.error("a policy needs a base expert and an action expert (at least 2 experts)", "backbone.experts")
-        base_width, action_expert = stack.experts[0].width, stack.experts[1]
+        base_width = stack.experts[0].width
+        denoiser_node = self.data.get("denoiser") or {"type": "deep_fusion"}
+        denoiser_cls = self.lookup("denoiser", denoiser_node, "denoiser")
+        suffix_width = self.suffix_width(denoiser_cls, denoiser_node, stack)
 
         vision = self.typed("vision", self.data.get("vision"), "vision") if self.data.get("vision") else None
         geometry = None
@@ -108,17 +111,17 @@ class _Builder:
 
         text = call_with(TextEncoder, self.data["text"], "text", self.recipe, derived={"width": base_width},
                          converters={"tokenizer": lambda value, path: self.typed("tokenizer", value, path)})
-        suffix = call_with(SuffixEncoder, self.data["suffix"], "suffix", self.recipe, derived={
+        suffix_derived = {
             "action_dim": config.action_dim,
-            "width": action_expert.width,
             "horizon": config.horizon,
             "state_dim": config.state_dim if config.state_mode == "suffix" else None,
-        }, converters={"time_fusion": lambda value, path: self.typed(
-            "time_fusion", value, path, derived={"width": action_expert.width})})
-        try:
-            denoiser = DeepFusionDenoiser(stack, suffix)
-        except ValueError as err:
-            raise self.recipe.error(str(err), "suffix.time_fusion") from err
+        }
+        if denoiser_cls.suffix_width_from_expert:
+            suffix_derived["width"] = suffix_width
+        suffix = call_with(SuffixEncoder, self.data["suffix"], "suffix", self.recipe, derived=suffix_derived,
+                           converters={"time_fusion": lambda value, path: self.typed(
+                               "time_fusion", value, path, derived={"width": suffix_width})})
+        denoiser = self.typed("denoiser", denoiser_node, "denoiser", derived={"stack": stack, "suffix_encoder": suffix})
         head = call_with(FlowMatchingHead, self.data.get("head") or {}, "head", self.recipe, derived={
             "denoiser": denoiser, "horizon": config.horizon, "action_dim": config.action_dim,
         }, converters={"time_sampler": lambda value, path: self.typed("time_sampler", value, path)})
@@ -129,6 +132,32 @@ class _Builder:
             call_with(load_pretrained, self.data["pretrained"], "pretrained", self.recipe,
                       derived={"vla": vla}, converters={"llm": lambda value, path: self.path(value, path)})
         return vla
+
+    def suffix_width(self, denoiser_cls: Any, node: dict, stack: Any) -> int:
+        """The suffix width: the action expert's for deep-fusion denoisers, ``suffix.width`` for DiT ones."""
+        if not denoiser_cls.suffix_width_from_expert:
+            suffix = self.data["suffix"] if isinstance(self.data["suffix"], dict) else {}
+            if "width" not in suffix:
+                raise self.recipe.error(f"missing required key 'width' (the DiT width) for a {node['type']} denoiser", "suffix")
+            return check_value(suffix["width"], int, "suffix.width", self.recipe)
+        expert = node.get("expert", 1)
+        if len(stack.experts) < 2:
+            raise self.recipe.error(
+                f"a {node['type']} denoiser drives an action expert: backbone.experts needs the base and at least one "
+                f"more expert; got {[spec.name for spec in stack.experts]}", "backbone.experts")
+        if not isinstance(expert, int) or isinstance(expert, bool) or not 1 <= expert < len(stack.experts):
+            raise self.recipe.error(f"expected an expert index in 1..{len(stack.experts) - 1}; got {expert!r}", "denoiser.expert")
+        return stack.experts[expert].width
+
+    def lookup(self, family: str, node: Any, key_path: str) -> Any:
+        """The class a ``{type: NAME}`` node names."""
+        registry = REGISTRIES[family]
+        if not isinstance(node, dict) or "type" not in node:
+            raise self.recipe.error(f"expected a mapping with a 'type' key; valid types: {registry.names()}", key_path)
+        try:
+            return registry.get(node["type"])
+        except KeyError as err:
+            raise self.recipe.error(err.args[0], f"{key_path}.type") from None
 
     def experts(self, value: Any, key_path: str, num_layers: Any) -> list:
         if not isinstance(value, list) or not value:
@@ -150,15 +179,8 @@ class _Builder:
         converters: Mapping[str, Callable[[Any, str], Any]] | None = None,
     ) -> Any:
         """Build a ``{type: NAME, ...}`` node of a registered family."""
-        registry = REGISTRIES[family]
-        if not isinstance(node, dict) or "type" not in node:
-            raise self.recipe.error(f"expected a mapping with a 'type' key; valid types: {registry.names()}", key_path)
-        rest = dict(node)
-        name = rest.pop("type")
-        try:
-            fn = registry.get(name)
-        except KeyError as err:
-            raise self.recipe.error(err.args[0], f"{key_path}.type") from None
+        fn = self.lookup(family, node, key_path)
+        rest = {k: v for k, v in node.items() if k != "type"}
         converters = dict(converters or {})
         for key in PATH_KEYS:
             if key in rest and key not in converters:

@@ -23,6 +23,8 @@ from vlablocks.encoders.vision import (
     SiglipVision,
     TimmVision,
 )
+from vlablocks.heads.deep_fusion import DeepFusionDenoiser
+from vlablocks.heads.dit import HybridDenoiser, LastLayerDiTDenoiser, LayerwiseDiTDenoiser
 from vlablocks.heads.time_samplers import BetaTimeSampler, UniformTimeSampler
 from vlablocks.recipes.registry import REGISTRIES
 
@@ -89,6 +91,12 @@ def _register_all() -> None:
         "backbone": {"deep_fusion": DeepFusionStack},
         "time_fusion": {"concat_mlp": ConcatMlpTimeFusion, "token": TimeTokenFusion, "adarms": AdaRMSTimeFusion},
         "time_sampler": {"beta": BetaTimeSampler, "uniform": UniformTimeSampler},
+        "denoiser": {
+            "deep_fusion": DeepFusionDenoiser,
+            "layerwise_dit": LayerwiseDiTDenoiser,
+            "last_layer_dit": LastLayerDiTDenoiser,
+            "hybrid": HybridDenoiser,
+        },
     }
     for family, entries in table.items():
         for name, fn in entries.items():

@@ -39,7 +39,7 @@ SECTIONS: list[tuple[str, Callable[..., Any], tuple[str, ...]]] = [
     ("backbone.experts[i].head_space", HeadSpace, ()),
     ("geometry", GeometryEncoder, ("vision_dim",)),
     ("text", TextEncoder, ("width",)),
-    ("suffix", SuffixEncoder, ("action_dim", "width", "horizon", "state_dim")),
+    ("suffix", SuffixEncoder, ("action_dim", "horizon", "state_dim")),
     ("head", FlowMatchingHead, ("denoiser", "horizon", "action_dim")),
     ("pretrained", load_pretrained, ("vla",)),
 ]
@@ -52,6 +52,7 @@ FAMILIES: list[tuple[str, str, tuple[str, ...]]] = [
     ("tokenizer", "text.tokenizer", ()),
     ("time_fusion", "suffix.time_fusion", ("width",)),
     ("time_sampler", "head.time_sampler", ()),
+    ("denoiser", "denoiser", ("stack", "suffix_encoder")),
 ]
 
 

@@ -37,7 +37,9 @@ class Registry:
         return sorted(self.entries)
 
 
-FAMILIES = ("vision", "projector", "geometry_encoding", "tokenizer", "backbone", "time_fusion", "time_sampler")
+FAMILIES = (
+    "vision", "projector", "geometry_encoding", "tokenizer", "backbone", "time_fusion", "time_sampler", "denoiser",
+)
 REGISTRIES: dict[str, Registry] = {family: Registry(family) for family in FAMILIES}
 
 

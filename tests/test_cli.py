@@ -38,10 +38,11 @@ def test_show_tree_and_overrides(capsys):
     assert code == 0 and "num_steps: 3" in out and "# modules" in out and "DeepFusionStack" in out
 
 
-def test_check_tiny_recipe(capsys):
-    code, out, _ = run(capsys, "check", "tiny_llava3d_deepfusion")
+@pytest.mark.parametrize("name, shape", [("tiny_llava3d_deepfusion", "[2, 4, 4]"), ("tiny_gr00t", "[2, 4, 6]")])
+def test_check_tiny_recipe(capsys, name, shape):
+    code, out, _ = run(capsys, "check", name)
     assert code == 0 and out.strip().endswith("ok")
-    assert "predict_action  [2, 4, 4]" in out
+    assert f"predict_action  {shape}" in out
 
 
 def test_check_refuses_full_size_on_cpu_and_reports_recipe_errors(capsys):

@@ -32,7 +32,7 @@ def _count(params: Sequence[nn.Parameter]) -> tuple[int, int]:
 
 
 def parameter_table(vla: nn.Module) -> list[tuple[str, int, int]]:
-    """``(block, trainable, frozen)`` rows: encoders, each backbone expert, suffix and the rest."""
+    """``(block, trainable, frozen)`` rows: encoders, each backbone expert, suffix, DiT head and the rest."""
     stack = vla.head.denoiser.stack
     seen: set[int] = set()
     rows = []
@@ -50,6 +50,7 @@ def parameter_table(vla: nn.Module) -> list[tuple[str, int, int]]:
     for index, spec in enumerate(stack.experts):
         add(f"backbone.{spec.name}", [p for _, p in stack.expert_named_parameters(index)])
     add("suffix", list(vla.head.denoiser.suffix_encoder.parameters()))
+    add("denoiser head", list(vla.head.denoiser.parameters()))  # the DiT and its projections, if any
     add("other", list(vla.parameters()))
     return rows
 
