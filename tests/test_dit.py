@@ -165,3 +165,17 @@ def test_dit_recipes_train_every_parameter_and_run_the_backbone_once(name):
         lambda module, args, out: calls.append(1) if args[0][0] is not None else None)
     vla.predict_action(random_batch(vla, 2), num_steps=10)
     assert len(calls) == 1
+
+
+def test_dit_gradient_checkpointing_gives_identical_gradients():
+    results = []
+    for flag in (False, True):
+        torch.manual_seed(0)
+        dit = DiT(3, 32, 2, 16, temb_dim=32, cross_attention_dim=24, interleave_self_attention=True,
+                  gradient_checkpointing=flag)
+        gen = torch.Generator().manual_seed(1)
+        x, temb, context = torch.randn(2, 5, 32, generator=gen), torch.randn(2, 32, generator=gen), torch.randn(2, 7, 24, generator=gen)
+        dit(x, temb, context).square().mean().backward()
+        results.append({n: p.grad for n, p in dit.named_parameters()})
+    for name in results[0]:
+        assert (results[0][name] - results[1][name]).abs().max() <= 1e-6, name
