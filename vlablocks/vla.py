@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlablocks import batch as keys
+from vlablocks.augment import random_shift
 from vlablocks.heads.denoiser import Prefix
 from vlablocks.heads.flow_matching import FlowMatchingHead, FlowMatchingOutput
 from vlablocks.io import atomic_path
@@ -50,6 +51,8 @@ class PolicyConfig:
         state_bins: number of bins for ``state_mode="text"`` (normalised state in [-1, 1]).
         state_norm, action_norm: normalisation modes (``mean_std``, ``quantile``, ``identity``).
         image_embed_scale: multiplies the projected image tokens (SmolVLA: ``sqrt(width)``; pi0: 1).
+        image_shift: training-time augmentation: shift each sample's images (with its depth and
+            principal point) by up to this many pixels (DrQ); 0 turns it off.
     """
 
     horizon: int
@@ -60,6 +63,7 @@ class PolicyConfig:
     state_norm: NormMode = "mean_std"
     action_norm: NormMode = "mean_std"
     image_embed_scale: float = 1.0
+    image_shift: int = 0
 
     def __post_init__(self) -> None:
         if (self.state_dim is None) != (self.state_mode == "none"):
@@ -192,6 +196,11 @@ class VLA(nn.Module):
         """Flow-matching loss of a batch (normalised actions; padded steps and dims masked)."""
         if batch.get(keys.ACTIONS) is None:
             raise ValueError("batch['actions'] is missing: forward() computes the training loss")
+        if self.training and self.config.image_shift and batch.get(keys.IMAGES) is not None:
+            images, depth, intrinsics = random_shift(
+                batch[keys.IMAGES], self.config.image_shift, batch.get(keys.DEPTH), batch.get(keys.INTRINSICS), generator
+            )
+            batch = {**batch, keys.IMAGES: images, keys.DEPTH: depth, keys.INTRINSICS: intrinsics}
         prefix = self.embed_prefix(batch)
         actions_raw = batch[keys.ACTIONS]
         actions = self.normalizer["action"].normalize(actions_raw)
