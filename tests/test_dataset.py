@@ -1,0 +1,229 @@
+"""The LeRobot layout writer/reader on synthetic episodes (no simulator)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from vlablocks import batch as keys
+from vlablocks.dataset import (
+    DatasetWriter,
+    LeRobotDataset,
+    collate,
+    decode_png,
+    encode_depth_png,
+    episode_path,
+)
+
+CAMERAS = ["front", "wrist"]
+SIZE = (6, 8)  # H, W
+LENGTHS = (5, 1, 7)
+TASKS = ("open the drawer", "press the button", "open the drawer")
+
+
+def make_episode(length: int, seed: int, cameras=CAMERAS, depth: bool = True, pose: bool = True) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    frames = {
+        "observation.state": rng.normal(size=(length, 4)).astype(np.float32),
+        "action": rng.uniform(-1, 1, size=(length, 3)).astype(np.float32),
+    }
+    for camera in cameras:
+        frames[f"observation.images.{camera}"] = rng.integers(0, 256, size=(length, *SIZE, 3), dtype=np.uint8)
+        k = np.array([[5.0, 0.0, 4.0], [0.0, 5.0, 3.0], [0.0, 0.0, 1.0]], dtype=np.float32) + rng.normal(size=(3, 3)).astype(np.float32)
+        frames[f"observation.intrinsics.{camera}"] = np.repeat(k[None], length, 0)
+        if depth:
+            frames[f"observation.depth.{camera}"] = rng.uniform(0.2, 5.0, size=(length, *SIZE)).astype(np.float32)
+        if pose:
+            frames[f"observation.cam_to_world.{camera}"] = rng.normal(size=(length, 4, 4)).astype(np.float32)
+    return frames
+
+
+def write(root: Path, episodes: list[dict[str, np.ndarray]] | None = None, **kwargs) -> list[dict[str, np.ndarray]]:
+    episodes = episodes if episodes is not None else [make_episode(n, seed) for seed, n in enumerate(LENGTHS)]
+    options = {"fps": 10, "cameras": CAMERAS, "state_dim": 4, "action_dim": 3, "depth": True, "cam_to_world": True, "robot_type": "toy"}
+    writer = DatasetWriter(root, **{**options, **kwargs})
+    for frames, task in zip(episodes, TASKS):
+        writer.add_episode(frames, task)
+    writer.finalize()
+    return episodes
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory) -> tuple[Path, list[dict[str, np.ndarray]]]:
+    root = tmp_path_factory.mktemp("data") / "toy"
+    return root, write(root)
+
+
+def test_layout_and_metadata(written):
+    root, _ = written
+    info = json.loads((root / "meta/info.json").read_text())
+    assert info["codebase_version"] == "v2.1" and info["fps"] == 10 and info["robot_type"] == "toy"
+    assert (info["total_episodes"], info["total_frames"], info["total_tasks"]) == (3, sum(LENGTHS), 2)
+    assert info["data_path"] == "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"
+    assert info["features"]["observation.images.front"]["shape"] == [*SIZE, 3]
+    assert info["features"]["observation.state"] == {"dtype": "float32", "shape": [4], "names": None}
+    episodes = [json.loads(line) for line in (root / "meta/episodes.jsonl").read_text().splitlines()]
+    assert episodes == [{"episode_index": i, "tasks": [t], "length": n} for i, (t, n) in enumerate(zip(TASKS, LENGTHS))]
+    tasks = [json.loads(line) for line in (root / "meta/tasks.jsonl").read_text().splitlines()]
+    assert tasks == [{"task_index": 0, "task": TASKS[0]}, {"task_index": 1, "task": TASKS[1]}]
+    table = pq.read_table(root / "data/chunk-000/episode_000002.parquet")
+    assert table.schema.field("observation.state").type == pa.list_(pa.float32())
+    assert table.schema.field("observation.images.front").type == pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    assert table.column("index").to_pylist() == list(range(6, 13))
+    assert table.column("task_index").to_pylist() == [0] * 7
+    np.testing.assert_allclose(table.column("timestamp").to_numpy(), np.arange(7) / 10, rtol=1e-6)
+    assert not list(root.rglob("*.tmp"))
+
+
+def test_round_trip(written):
+    root, episodes = written
+    dataset = LeRobotDataset(root, horizon=3)
+    assert len(dataset) == sum(LENGTHS) and dataset.cameras == CAMERAS
+    assert dataset.episode_ranges == [(0, 5), (5, 6), (6, 13)]
+    assert dataset.tasks == [TASKS[0], TASKS[1]]
+    for (start, end), frames, task in zip(dataset.episode_ranges, episodes, TASKS):
+        for t in range(end - start):
+            sample = dataset[start + t]
+            assert sample[keys.TASK] == task
+            assert torch.equal(sample[keys.STATE], torch.from_numpy(frames["observation.state"][t]))
+            assert torch.equal(sample[keys.ACTIONS][0], torch.from_numpy(frames["action"][t]))
+            for c, camera in enumerate(CAMERAS):
+                image = (sample[keys.IMAGES][c] * 255).round().to(torch.uint8).permute(1, 2, 0)
+                assert torch.equal(image, torch.from_numpy(frames[f"observation.images.{camera}"][t]))
+                depth = frames[f"observation.depth.{camera}"][t]
+                assert np.abs(sample[keys.DEPTH][c].numpy() - depth).max() <= 0.0005 + 1e-6
+                assert torch.equal(sample[keys.INTRINSICS][c], torch.from_numpy(frames[f"observation.intrinsics.{camera}"][t]))
+                assert torch.equal(sample[keys.CAM_TO_WORLD][c], torch.from_numpy(frames[f"observation.cam_to_world.{camera}"][t]))
+    sample = dataset[0]
+    assert sample[keys.IMAGES].shape == (2, 3, *SIZE) and sample[keys.IMAGES].dtype == torch.float32
+    assert sample[keys.DEPTH].shape == (2, *SIZE) and sample[keys.DEPTH].dtype == torch.float32
+    assert sample[keys.INTRINSICS].shape == (2, 3, 3) and sample[keys.CAM_TO_WORLD].shape == (2, 4, 4)
+
+
+def test_stats_equal_numpy(written):
+    root, episodes = written
+    stats = LeRobotDataset(root, horizon=1, load_depth=False).stats
+    for name in ("observation.state", "action"):
+        values = np.concatenate([e[name] for e in episodes]).astype(np.float64)
+        expected = {
+            "mean": values.mean(0), "std": values.std(0), "min": values.min(0), "max": values.max(0),
+            "q01": np.quantile(values, 0.01, axis=0), "q99": np.quantile(values, 0.99, axis=0),
+        }
+        assert set(stats[name]) == set(expected)
+        for stat, value in expected.items():
+            np.testing.assert_allclose(stats[name][stat].numpy(), value, rtol=1e-6, atol=1e-7, err_msg=f"{name}.{stat}")
+
+
+def test_chunks_are_padded_and_masked_at_episode_ends(written):
+    root, episodes = written
+    horizon = 4
+    dataset = LeRobotDataset(root, horizon=horizon, cameras=["wrist"], load_depth=False)
+    for (start, end), frames in zip(dataset.episode_ranges, episodes):
+        actions = frames["action"]
+        for i in range(start, end):
+            sample = dataset[i]
+            assert sample[keys.ACTIONS].shape == (horizon, 3) and sample[keys.ACTION_MASK].dtype == torch.bool
+            for h in range(horizon):
+                inside = i + h < end
+                assert bool(sample[keys.ACTION_MASK][h]) == inside, (i, h)
+                expected = actions[min(i + h, end - 1) - start]
+                assert torch.equal(sample[keys.ACTIONS][h], torch.from_numpy(expected)), (i, h)
+    assert dataset[5][keys.ACTION_MASK].tolist() == [True, False, False, False]  # the 1-step episode
+
+
+def test_camera_subset_and_collate(written):
+    root, _ = written
+    dataset = LeRobotDataset(root, horizon=2, cameras=["wrist"], load_depth=False)
+    batch = collate([dataset[i] for i in (0, 4, 5)])
+    assert keys.DEPTH not in batch
+    assert batch[keys.IMAGES].shape == (3, 1, 3, *SIZE)
+    assert batch[keys.INTRINSICS].shape == (3, 1, 3, 3) and batch[keys.CAM_TO_WORLD].shape == (3, 1, 4, 4)
+    assert batch[keys.STATE].shape == (3, 4) and batch[keys.ACTIONS].shape == (3, 2, 3)
+    assert batch[keys.ACTION_MASK].tolist() == [[True, True], [True, False], [True, False]]
+    assert batch[keys.TASK] == [TASKS[0], TASKS[0], TASKS[1]]
+    with pytest.raises(ValueError, match=r"cameras \['top'\] requested; the dataset has image cameras \['front', 'wrist'\]"):
+        LeRobotDataset(root, horizon=2, cameras=["top"])
+    with pytest.raises(IndexError, match="out of range"):
+        dataset[len(dataset)]
+
+
+def test_without_optional_geometry(tmp_path):
+    episodes = [make_episode(3, 0, cameras=["front"], depth=False, pose=False)]
+    write(tmp_path / "d", episodes, cameras=["front"], depth=False, cam_to_world=False)
+    sample = LeRobotDataset(tmp_path / "d", horizon=2)[0]
+    assert set(sample) == {keys.IMAGES, keys.INTRINSICS, keys.TASK, keys.STATE, keys.ACTIONS, keys.ACTION_MASK}
+
+
+def test_depth_encoding_marks_invalid_as_zero():
+    depth = np.array([[0.2, 1.23449, np.nan], [-1.0, 70.0, 65.535]])
+    assert decode_png(encode_depth_png(depth)).tolist() == [[200, 1234, 0], [0, 0, 65535]]
+
+
+def test_refuses_to_overwrite(tmp_path):
+    root = tmp_path / "d"
+    write(root)
+    with pytest.raises(FileExistsError, match=r"d exists and is not empty .*overwrite=True"):
+        DatasetWriter(root, fps=10, cameras=["front"], state_dim=4, action_dim=3)
+    write(root, [make_episode(2, 7, cameras=["front"], depth=False, pose=False)], cameras=["front"], depth=False,
+          cam_to_world=False, overwrite=True)
+    assert not (root / episode_path(1)).exists()  # the old episodes are gone
+    assert len(LeRobotDataset(root, horizon=1)) == 2
+
+
+def test_writer_errors(tmp_path):
+    writer = DatasetWriter(tmp_path / "d", fps=10, cameras=CAMERAS, state_dim=4, action_dim=3, depth=True, cam_to_world=True)
+    frames = make_episode(3, 0)
+    with pytest.raises(ValueError, match=r"missing \['observation.depth.front'\], unexpected \[\]"):
+        writer.add_episode({k: v for k, v in frames.items() if k != "observation.depth.front"}, "t")
+    with pytest.raises(ValueError, match=r"episode 0: 'action' must have shape \[3, 3\] \(T = len\(state\)\); got \[2, 3\]"):
+        writer.add_episode({**frames, "action": frames["action"][:2]}, "t")
+    with pytest.raises(ValueError, match=r"'observation.state' has NaN"):
+        writer.add_episode({**frames, "observation.state": np.full((3, 4), np.nan)}, "t")
+    with pytest.raises(ValueError, match="must be uint8; got float32"):
+        writer.add_episode({**frames, "observation.images.front": frames["observation.images.front"].astype(np.float32)}, "t")
+    with pytest.raises(ValueError, match="no episodes were added"):
+        writer.finalize()
+    with pytest.raises(ValueError, match=r"cameras must be distinct"):
+        DatasetWriter(tmp_path / "e", fps=10, cameras=["a", "a"], state_dim=4, action_dim=3)
+
+
+def _rewrite(path: Path, change) -> None:
+    table = pq.read_table(path)
+    pq.write_table(change(table), path)
+
+
+def test_reader_errors(tmp_path):
+    root = tmp_path / "d"
+    write(root)
+    parquet = root / episode_path(2)
+
+    (root / "meta/info.json").rename(root / "info.bak")
+    with pytest.raises(FileNotFoundError, match=r"meta/info.json: missing"):
+        LeRobotDataset(root, horizon=2)
+    (root / "info.bak").rename(root / "meta/info.json")
+
+    original = pq.read_table(parquet)
+    _rewrite(parquet, lambda t: t.drop_columns(["action"]))
+    with pytest.raises(ValueError, match=r"episode_000002.parquet: missing column\(s\) \['action'\]"):
+        LeRobotDataset(root, horizon=2)
+
+    actions = np.stack(original.column("action").to_pylist()).astype(np.float32)
+    actions[4, 1] = np.nan
+    nan_column = pa.array(list(actions), pa.list_(pa.float32()))
+    _rewrite(parquet, lambda t: original.set_column(original.schema.get_field_index("action"), "action", nan_column))
+    with pytest.raises(ValueError, match=r"episode_000002.parquet: NaN or inf in 'action' at frame\(s\) \[4\]"):
+        LeRobotDataset(root, horizon=2)
+
+    _rewrite(parquet, lambda t: original.slice(0, 6))
+    with pytest.raises(ValueError, match=r"episode_000002.parquet: 6 frames, but .*episodes.jsonl says episode 2 has length 7"):
+        LeRobotDataset(root, horizon=2)
+
+    parquet.unlink()
+    with pytest.raises(FileNotFoundError, match=r"episode_000002.parquet: missing \(episode 2"):
+        LeRobotDataset(root, horizon=2)

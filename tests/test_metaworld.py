@@ -1,0 +1,152 @@
+"""Meta-World glue: task tables, rendering and geometry, scripted demos and evaluation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("metaworld")
+
+import metaworld  # noqa: E402
+import metaworld.env_dict  # noqa: E402
+from metaworld.policies import ENV_POLICY_MAP  # noqa: E402
+
+from vlablocks import batch as keys  # noqa: E402
+from vlablocks.dataset import LeRobotDataset  # noqa: E402
+from vlablocks.encoders.geometry import unproject_depth  # noqa: E402
+from vlablocks.metaworld import (  # noqa: E402
+    DIFFICULTY,
+    INSTRUCTIONS,
+    MT10,
+    RAW_STATE,
+    MetaWorldEnv,
+    evaluate,
+    expert_policy,
+    generate_demos,
+    layout_seed,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:Constant\\(s\\) may be too high:UserWarning")
+TASK = "button-press-topdown-v3"  # the expert succeeds in ~60-75 steps
+SIZE = 64
+
+
+def test_task_tables_cover_all_50_tasks():
+    names = set(metaworld.MT1.ENV_NAMES)
+    assert len(names) == 50 and set(INSTRUCTIONS) == names and set(DIFFICULTY) == names
+    assert set(ENV_POLICY_MAP) == names
+    assert len(set(INSTRUCTIONS.values())) == 50 and all(s and s == s.strip().lower() for s in INSTRUCTIONS.values())
+    counts = {bucket: sum(b == bucket for b in DIFFICULTY.values()) for bucket in ("easy", "medium", "hard", "very_hard")}
+    assert counts == {"easy": 28, "medium": 11, "hard": 6, "very_hard": 5}
+    assert MT10 == list(metaworld.env_dict.MT10_V3)
+    assert (layout_seed(3, train=True), layout_seed(3, train=False)) == (3, 4)
+
+
+@pytest.fixture(scope="module")
+def env():
+    with MetaWorldEnv(TASK, image_size=SIZE, camera="corner", depth=True, seed=0) as environment:
+        yield environment
+
+
+def test_observation_shapes_dtypes_and_depth(env):
+    obs = env.reset(0)
+    assert obs["image"].shape == (SIZE, SIZE, 3) and obs["image"].dtype == np.uint8
+    assert obs["depth"].shape == (SIZE, SIZE) and obs["depth"].dtype == np.float32
+    assert obs["intrinsics"].shape == (3, 3) and obs["cam_to_world"].shape == (4, 4)
+    assert obs["state"].shape == (4,) and obs["state"].dtype == np.float32
+    assert obs[RAW_STATE].shape == (39,)
+    np.testing.assert_array_equal(obs["state"], obs[RAW_STATE][:4].astype(np.float32))
+    assert obs["image"].std() > 10  # a real picture, not a blank frame
+    valid = obs["depth"] > 0  # 0 marks the skybox
+    assert valid.mean() > 0.3
+    assert obs["depth"][valid].min() > 0.2 and obs["depth"][valid].max() < 5.0
+    np.testing.assert_array_equal(env.reset(0)["image"], obs["image"])  # deterministic
+
+
+def test_intrinsics_match_image_size_and_fovy(env):
+    k = env.reset(0)["intrinsics"]
+    focal = 0.5 * SIZE / math.tan(math.radians(45.0) / 2)  # the corner camera's fovy is 45 degrees
+    np.testing.assert_allclose(k, [[focal, 0, SIZE / 2], [0, focal, SIZE / 2], [0, 0, 1]], rtol=1e-6)
+
+
+def test_depth_intrinsics_and_pose_agree_with_the_scene(env):
+    """Unprojected depth puts the table top on the world plane z = 0 and finds the gripper."""
+    obs = env.reset(0)
+    pose = obs["cam_to_world"].astype(np.float64)
+    np.testing.assert_allclose(pose[:3, :3] @ pose[:3, :3].T, np.eye(3), atol=1e-6)
+    assert np.linalg.det(pose[:3, :3]) == pytest.approx(1.0, abs=1e-6)
+    points = unproject_depth(*(torch.from_numpy(obs[k])[None] for k in ("depth", "intrinsics", "cam_to_world")))[0]
+    points = points[torch.from_numpy(obs["depth"] > 0)]
+    on_table = (points[:, 2].abs() < 0.005).float().mean()
+    assert on_table > 0.15, f"only {on_table:.0%} of the points lie on the table plane: image flip or pose is off"
+    hand = torch.from_numpy(obs[RAW_STATE][:3]).float()
+    assert (points - hand).norm(dim=1).min() < 0.08
+
+
+def test_step_contract_and_errors(env):
+    obs = env.reset(1)
+    obs, success, done = env.step(np.array([0.0, 0.0, 0.5, 5.0]))  # out-of-range actions are clipped
+    assert isinstance(success, bool) and not success and not done
+    assert obs["image"].shape == (SIZE, SIZE, 3)
+    with pytest.raises(ValueError, match=r"the action must be 4 finite numbers; got \[0.0, 0.0\]"):
+        env.step([0.0, 0.0])
+    with pytest.raises(ValueError, match=r"layout must be in \[0, 50\); got 50"):
+        env.reset(50)
+    with pytest.raises(ValueError, match="unknown Meta-World task"):
+        MetaWorldEnv("push-v2")
+    with pytest.raises(ValueError, match="camera must be one of"):
+        MetaWorldEnv(TASK, camera="front")
+
+
+def test_generate_demos_writes_a_readable_dataset(tmp_path, env):
+    root = generate_demos([TASK], 2, tmp_path / "demos", image_size=SIZE, depth=True, seed=0)
+    info = json.loads((root / "meta/info.json").read_text())
+    assert (info["fps"], info["robot_type"], info["total_episodes"]) == (80, "sawyer", 2)
+    lengths = [json.loads(line)["length"] for line in (root / "meta/episodes.jsonl").read_text().splitlines()]
+    dataset = LeRobotDataset(root, horizon=8)
+    assert [b - a for a, b in dataset.episode_ranges] == lengths and len(dataset) == sum(lengths)
+    assert all(10 < n < 500 for n in lengths)
+    sample = dataset[0]
+    assert sample[keys.IMAGES].shape == (1, 3, SIZE, SIZE) and sample[keys.DEPTH].shape == (1, SIZE, SIZE)
+    assert sample[keys.CAM_TO_WORLD].shape == (1, 4, 4) and sample[keys.TASK] == INSTRUCTIONS[TASK]
+    assert sample[keys.STATE].shape == (4,) and sample[keys.ACTIONS].shape == (8, 4)
+    # replaying the stored actions on the same layout succeeds exactly at the last frame
+    start, end = dataset.episode_ranges[1]
+    obs = env.reset(1)
+    np.testing.assert_array_equal(obs["state"], dataset[start][keys.STATE].numpy())
+    assert torch.equal(dataset[start][keys.IMAGES], torch.from_numpy(obs["image"]).permute(2, 0, 1)[None].float() / 255)
+    for t in range(end - start):
+        _, success, _ = env.step(dataset[start + t][keys.ACTIONS][0].numpy())
+        assert success == (t == end - start - 1), t
+
+
+def expert_chunk_policy(task: str, horizon: int = 4):
+    """A policy callable backed by the scripted expert (reads the privileged raw state)."""
+    expert = expert_policy(task)
+
+    def policy(batch):
+        assert batch[keys.IMAGES].shape == (1, 1, 3, SIZE, SIZE) and batch[keys.STATE].shape == (1, 4)
+        assert batch[keys.TASK] == [INSTRUCTIONS[task]]
+        action = torch.from_numpy(expert(batch[RAW_STATE][0].double().numpy()))
+        return action.expand(1, horizon, 4)
+
+    return policy
+
+
+def test_evaluate_with_the_expert(tmp_path):
+    report = evaluate(expert_chunk_policy(TASK), [TASK], episodes=1, image_size=SIZE, execute_steps=1, video_dir=tmp_path)
+    assert report == {"per_task": {TASK: 1.0}, "per_bucket": {"easy": 1.0}, "mean": 1.0, "episodes": 1}
+    videos = sorted(p.name for p in tmp_path.iterdir())
+    assert len(videos) == 1 and videos[0].startswith(f"{TASK}_00_success.")
+
+
+def test_evaluate_reports_failures_and_checks_the_policy_output():
+    zero = lambda batch: torch.zeros(1, 8, 4)  # noqa: E731
+    report = evaluate(zero, ["reach-v3"], episodes=1, image_size=SIZE, depth=True, execute_steps=8, max_steps=16)
+    assert report == {"per_task": {"reach-v3": 0.0}, "per_bucket": {"easy": 0.0}, "mean": 0.0, "episodes": 1}
+    with pytest.raises(ValueError, match=r"the policy must return actions \[1, H, 4\]; got \[1, 8\]"):
+        evaluate(lambda batch: torch.zeros(1, 8), ["reach-v3"], episodes=1, image_size=SIZE, max_steps=4)
