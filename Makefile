@@ -10,13 +10,13 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,sim]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m vlablocks.demo
+	MUJOCO_GL=$${MUJOCO_GL:-egl} $(PY) -m vlablocks.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

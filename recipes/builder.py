@@ -15,6 +15,7 @@ link blocks are derived here, once, and setting them in a recipe is an error):
 | ``denoiser`` (``type:``, default ``deep_fusion``) | a denoiser over the backbone and the suffix encoder | ``stack``, ``suffix_encoder`` |
 | ``head`` | :class:`~vlablocks.heads.flow_matching.FlowMatchingHead` (``time_sampler: {type: ...}``) | ``denoiser``, ``horizon``, ``action_dim`` |
 | ``pretrained`` | weights to load: ``{llm: DIR, layout: transformers \\| llava}`` | |
+| ``train`` | :class:`~vlablocks.trainer.TrainConfig` defaults for ``vlablocks train`` (validated here) | |
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from vlablocks.vla import VLA, PolicyConfig
 
 SECTIONS = (
     "description", "policy", "backbone", "vision", "geometry", "projector", "text", "suffix", "denoiser", "head", "pretrained",
+    "train",
 )
 REQUIRED_SECTIONS = ("policy", "backbone", "text", "suffix")
 PATH_KEYS = ("path", "weights_path")
@@ -80,6 +82,10 @@ class _Builder:
         for key in REQUIRED_SECTIONS:
             if self.data.get(key) is None:
                 raise self.recipe.error(f"missing required section {key!r}", key)
+        if self.data.get("train") is not None:  # used by `vlablocks train`; checked here so errors surface early
+            from vlablocks.trainer import TrainConfig
+
+            call_with(TrainConfig, self.data["train"], "train", self.recipe)
         with torch.device(self.device) if self.device is not None else nullcontext():
             return self._build()
 

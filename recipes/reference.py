@@ -27,6 +27,7 @@ from vlablocks.recipes.components import expert
 from vlablocks.recipes.pretrained import load_pretrained
 from vlablocks.recipes.registry import REGISTRIES
 from vlablocks.recipes.schema import annotations_of, describe, recipe_parameters
+from vlablocks.trainer import TrainConfig
 from vlablocks.vla import PolicyConfig
 
 BEGIN, END = "<!-- BEGIN GENERATED REFERENCE -->", "<!-- END GENERATED REFERENCE -->"
@@ -42,6 +43,7 @@ SECTIONS: list[tuple[str, Callable[..., Any], tuple[str, ...]]] = [
     ("suffix", SuffixEncoder, ("action_dim", "horizon", "state_dim")),
     ("head", FlowMatchingHead, ("denoiser", "horizon", "action_dim")),
     ("pretrained", load_pretrained, ("vla",)),
+    ("train", TrainConfig, ()),
 ]
 #: typed families -> (where they appear, keys the builder derives)
 FAMILIES: list[tuple[str, str, tuple[str, ...]]] = [

@@ -1,7 +1,12 @@
-"""The ``vlablocks`` command: ``recipes``, ``show RECIPE``, ``check RECIPE``.
+"""The ``vlablocks`` command.
 
-RECIPE is a bundled recipe name or a path to a YAML file; ``key.path=value`` arguments after it
-override recipe keys.
+    vlablocks recipes | show RECIPE | check RECIPE           compose and inspect
+    vlablocks data metaworld --tasks ... --episodes N --out DIR
+    vlablocks train RECIPE --data DIR [--steps N] [--out RUN] [key=value ...]
+    vlablocks eval RUN --env metaworld --tasks ... --episodes N [--video]
+
+RECIPE is a bundled recipe name or a path to a YAML file; ``key.path=value`` arguments override
+recipe keys, and ``train.FIELD=value`` overrides a training setting (``vlablocks.trainer.TrainConfig``).
 """
 
 from __future__ import annotations
@@ -108,6 +113,40 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from vlablocks.metaworld import generate_demos
+
+    out = generate_demos(
+        [t.strip() for t in args.tasks.split(",") if t.strip()], args.episodes, args.out, image_size=args.image_size,
+        camera=args.camera, depth=args.depth, seed=args.seed, overwrite=args.overwrite,
+    )
+    _out(f"dataset written to {out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from vlablocks.training import train_from_recipe
+
+    run = train_from_recipe(
+        args.recipe, args.data, out=args.out, overrides=args.overrides, steps=args.steps, resume=args.resume,
+    )
+    _out(f"run directory: {run.out_dir}")
+    _out(f"final loss {run.metrics.get('loss', float('nan')):.4f}; curves: {run.out_dir / 'curves.png'}; "
+         f"checkpoint: {run.checkpoint}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from vlablocks.training import evaluate_run, format_results
+
+    results = evaluate_run(
+        args.run, tasks=[t.strip() for t in args.tasks.split(",") if t.strip()], episodes=args.episodes,
+        execute_steps=args.execute_steps, video=args.video, use_ema=args.ema, seed=args.seed,
+    )
+    _out(format_results(results))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlablocks", description="Compose, inspect and check VLA recipes.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,6 +162,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.add_argument("--batch", type=int, default=2)
     check.add_argument("--force", action="store_true", help=f"run even above {CHECK_PARAMETER_LIMIT:,} parameters")
     check.set_defaults(fn=cmd_check)
+
+    data = sub.add_parser("data", help="generate a dataset")
+    data_sub = data.add_subparsers(dest="source", required=True)
+    mw = data_sub.add_parser("metaworld", help="Meta-World scripted-expert demos in the LeRobot layout")
+    mw.add_argument("--tasks", required=True, help="comma-separated Meta-World v3 task names")
+    mw.add_argument("--episodes", type=int, required=True, help="successful episodes per task (layouts 0..N-1)")
+    mw.add_argument("--out", required=True)
+    mw.add_argument("--image-size", type=int, default=128)
+    mw.add_argument("--camera", default="corner")
+    mw.add_argument("--depth", action="store_true", help="also record depth (with intrinsics and pose)")
+    mw.add_argument("--seed", type=int, default=0)
+    mw.add_argument("--overwrite", action="store_true")
+    mw.set_defaults(fn=cmd_data)
+
+    train = sub.add_parser("train", help="train a recipe on a LeRobot-layout dataset")
+    train.add_argument("recipe")
+    train.add_argument("overrides", nargs="*", help="key.path=value (recipe) or train.FIELD=value (training)")
+    train.add_argument("--data", required=True)
+    train.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides train.steps)")
+    train.add_argument("--out", default=None, help="run directory (default runs/<recipe>)")
+    train.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    train.set_defaults(fn=cmd_train)
+
+    evaluate = sub.add_parser("eval", help="closed-loop evaluation of a trained run")
+    evaluate.add_argument("run", help="a run directory (its latest checkpoint) or a checkpoint directory")
+    evaluate.add_argument("--env", choices=["metaworld"], default="metaworld")
+    evaluate.add_argument("--tasks", required=True)
+    evaluate.add_argument("--episodes", type=int, default=10)
+    evaluate.add_argument("--execute-steps", type=int, default=8, help="actions executed per predicted chunk")
+    evaluate.add_argument("--video", action="store_true", help="write one video per episode")
+    evaluate.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights, not the EMA")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.set_defaults(fn=cmd_eval)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

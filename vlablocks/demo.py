@@ -1,103 +1,93 @@
-"""``make demo``: the deep-fusion core at work, end to end, on a synthetic task.
+"""``make demo``: a deep-fusion VLA learns Meta-World tasks on a CPU, end to end.
 
-Until the data, training and simulator work lands, this is an honest small example: it builds a
-tiny deep-fusion VLA core by hand (a 4-layer base, a narrower action expert at every second
-layer, pi0's suffix), trains it with flow matching on a synthetic task whose target action chunk
-is a fixed function of the (random) prefix embeddings, then samples action chunks with the
-prefix KV cache and reports shapes, timings and the error of the sampled chunks.
+1. data: scripted-expert demos of three tasks (RGB + depth + intrinsics + state + instruction)
+   in the LeRobot layout (skipped when the dataset is already there);
+2. train: ``tiny_llava3d_deepfusion`` (patch-ViT vision, LLaVA-3D geometry from depth, byte-level
+   text, state token, deep-fusion action expert) with its recipe's ``train:`` settings;
+3. eval: closed-loop rollouts on held-out layouts, success per task, videos;
+4. a results table, and where the loss plot, the checkpoint and the videos are.
 
-    python -m vlablocks.demo [--steps 150] [--seed 0]
+    python -m vlablocks.demo [--out runs/demo] [--steps N] [--episodes N] [--eval-episodes N]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import sys
 import time
-
-import torch
-from torch import nn
-
-from vlablocks.blocks import DeepFusionStack, ExpertSpec, HeadSpace, every_kth_layer
-from vlablocks.encoders import ConcatMlpTimeFusion, SuffixEncoder
-from vlablocks.heads import DeepFusionDenoiser, FlowMatchingHead, Prefix
+from pathlib import Path
 
 logger = logging.getLogger("vlablocks.demo")
 
-BASE_WIDTH, EXPERT_WIDTH, LAYERS = 128, 64, 4
-PREFIX_LEN, HORIZON, ACTION_DIM, STATE_DIM = 48, 16, 7, 8
+TASKS = ("button-press-topdown-v3", "drawer-open-v3", "window-open-v3")
+RECIPE = "tiny_llava3d_deepfusion"
 
 
-def build_policy() -> FlowMatchingHead:
-    """A tiny deep-fusion policy: base 128 x 4 layers, expert 64 wide at layers 0 and 2."""
-    space = HeadSpace(num_heads=4, num_kv_heads=2, head_dim=32)
-    experts = [
-        ExpertSpec("vlm", BASE_WIDTH, 4 * BASE_WIDTH, space),
-        ExpertSpec("action", EXPERT_WIDTH, 4 * EXPERT_WIDTH, space, layers=every_kth_layer(LAYERS, 2)),
-    ]
-    stack = DeepFusionStack(experts, num_layers=LAYERS)
-    suffix = SuffixEncoder(ACTION_DIM, EXPERT_WIDTH, HORIZON, ConcatMlpTimeFusion(EXPERT_WIDTH), state_dim=STATE_DIM)
-    return FlowMatchingHead(DeepFusionDenoiser(stack, suffix), horizon=HORIZON, action_dim=ACTION_DIM)
+def _say(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
 
 
-def synthetic_batch(batch: int, generator: torch.Generator) -> tuple[Prefix, torch.Tensor, torch.Tensor]:
-    """Random observations (prefix embeddings with padding) and state; actions depend on both."""
-    embeds = torch.randn(batch, PREFIX_LEN, BASE_WIDTH, generator=generator)
-    lengths = torch.randint(PREFIX_LEN // 2, PREFIX_LEN + 1, (batch,), generator=generator)
-    pad = torch.arange(PREFIX_LEN)[None] < lengths[:, None]
-    prefix = Prefix(embeds, pad, torch.zeros(batch, PREFIX_LEN, dtype=torch.long))
-    state = torch.randn(batch, STATE_DIM, generator=generator)
-    mix = torch.linspace(-1, 1, HORIZON * ACTION_DIM).view(HORIZON, ACTION_DIM)
-    summary = (embeds[..., :ACTION_DIM] * pad[..., None]).sum(1) / lengths[:, None]
-    actions = torch.tanh(summary[:, None, :] * 2.0 + state[:, None, :ACTION_DIM] * mix)
-    return prefix, state, actions
+def dataset_ready(path: Path, tasks: tuple[str, ...], episodes: int, image_size: int) -> bool:
+    """Whether ``path`` already holds the demo dataset (same tasks, episode count and image size)."""
+    info_path = path / "meta" / "info.json"
+    if not info_path.is_file():
+        return False
+    info = json.loads(info_path.read_text())
+    shapes = [f.get("shape") for name, f in info.get("features", {}).items() if name.startswith("observation.images.")]
+    return info.get("total_episodes") == len(tasks) * episodes and bool(shapes) and shapes[0][0] == image_size
 
 
-def count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=150, help="training steps")
-    parser.add_argument("--batch", type=int, default=32, help="batch size")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="runs/demo", help="where the dataset, the run and the videos go")
+    parser.add_argument("--episodes", type=int, default=40, help="expert demonstrations per task")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's train.steps)")
+    parser.add_argument("--eval-episodes", type=int, default=20, help="evaluation episodes per task")
+    parser.add_argument("--execute-steps", type=int, default=8, help="actions executed per predicted chunk")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    torch.manual_seed(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    policy = build_policy()
-    stack = policy.denoiser.stack
-    logger.info("policy: %s parameters (fusion stack %s)", f"{count(policy):,}", f"{count(stack):,}")
-    logger.info("prefix [B, %d, %d] -> base; suffix [state, %d actions] -> expert at layers %s",
-                PREFIX_LEN, BASE_WIDTH, HORIZON, stack.cached_layers)
+    from vlablocks.metaworld import generate_demos
+    from vlablocks.recipes.builder import build
+    from vlablocks.training import evaluate_run, format_results, train_from_recipe
 
-    prefix, state, actions = synthetic_batch(args.batch, generator)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    out = Path(args.out)
+    image_size = build(RECIPE, device="meta").vision.image_size
+    data = out / "data"
+    timings = {}
     start = time.perf_counter()
-    for step in range(1, args.steps + 1):
-        out = policy.loss(prefix, actions, state, generator=generator)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
-        if step == 1 or step % 25 == 0 or step == args.steps:
-            logger.info("step %4d  loss %.4f  vel_cosine %.3f", step, out.loss.item(), out.vel_cosine.item())
-    train_s = time.perf_counter() - start
-    logger.info("training: %d steps of batch %d in %.1f s (%.0f ms/step)", args.steps, args.batch, train_s,
-                1000 * train_s / args.steps)
+    if dataset_ready(data, TASKS, args.episodes, image_size):
+        _say(f"[1/3] dataset: reusing {data}")
+    else:
+        _say(f"[1/3] dataset: {args.episodes} expert demos x {len(TASKS)} tasks at {image_size} px with depth -> {data}")
+        generate_demos(TASKS, args.episodes, data, image_size=image_size, depth=True, overwrite=True)
+    timings["data"] = time.perf_counter() - start
 
-    policy.eval()
-    with torch.no_grad():
-        start = time.perf_counter()
-        chunk = policy.sample(prefix, state, generator=generator)
-        sample_ms = 1000 * (time.perf_counter() - start)
-        baseline = (actions - actions.mean(0, keepdim=True)).pow(2).mean().item()
-        error = (chunk - actions).pow(2).mean().item()
-    logger.info("sampled action chunk %s with %d Euler steps over the prefix cache in %.1f ms (batch %d)",
-                list(chunk.shape), policy.num_steps, sample_ms, args.batch)
-    logger.info("chunk MSE vs target %.4f (predicting the batch mean would give %.4f)", error, baseline)
+    start = time.perf_counter()
+    _say(f"[2/3] training {RECIPE} (RGB + depth geometry + text + state) -> {out / 'run'}")
+    run = train_from_recipe(RECIPE, data, out=out / "run", steps=args.steps)
+    timings["train"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    _say(f"[3/3] evaluating {args.eval_episodes} held-out layouts per task")
+    results = evaluate_run(run.out_dir, TASKS, args.eval_episodes, execute_steps=args.execute_steps, video=True)
+    timings["eval"] = time.perf_counter() - start
+
+    _say("")
+    _say(format_results(results))
+    _say("")
+    _say("time: " + ", ".join(f"{name} {seconds / 60:.1f} min" for name, seconds in timings.items())
+         + f" (total {sum(timings.values()) / 60:.1f} min)")
+    _say(f"loss curves:  {run.out_dir / 'curves.png'}")
+    _say(f"metrics:      {run.out_dir / 'metrics.csv'}")
+    _say(f"checkpoint:   {run.checkpoint}")
+    _say(f"videos:       {run.out_dir / 'eval' / 'videos'}")
+    _say(f"results:      {run.out_dir / 'eval' / 'results.json'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
