@@ -115,4 +115,5 @@ def test_unknown_section_and_sources(tmp_path):
 
 def test_a_different_type_replaces_the_parent_node():
     recipe = load_recipe("tiny_llava3d_deepfusion")
-    assert recipe.data["vision"] == {"type": "patch_vit", "image_size": 32, "patch_size": 8, "width": 32, "depth": 1, "num_heads": 2}
+    assert recipe.data["vision"]["type"] == "patch_vit"
+    assert "config" not in recipe.data["vision"] and "select_layer" not in recipe.data["vision"]  # the parent's SigLIP keys

@@ -125,7 +125,9 @@ class TrainConfig:
         clip_grad_norm: clip the total gradient norm to this (``None``: no clipping).
         guard_max_grad_norm: the gradient guard skips the optimizer step (and counts it) when the
             total gradient norm is non-finite, or above this (``None``: non-finite only).
-        ema_decay: EMA decay of the trainable weights (``None``: no EMA).
+        ema_decay: EMA decay of the trainable weights (``None``: no EMA); warmed up as
+            ``min(ema_decay, (1 + step) / (10 + step))`` so that a short run's EMA is not half
+            its random initialisation (0.999 ** 700 = 0.5).
         mixed_precision: ``"no"`` or ``"bf16"`` (accelerate's autocast; weights, optimizer and
             losses stay fp32).
         gradient_checkpointing: recompute fusion-stack layers and DiT blocks in the backward.
@@ -203,6 +205,11 @@ class TrainConfig:
     def to_json(self) -> dict[str, Any]:
         """The config as JSON-ready values."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def ema_decay_at(decay: float, step: int) -> float:
+    """The EMA decay used after optimizer step ``step`` (0-based): warmed up from 0.1 towards ``decay``."""
+    return min(decay, (1.0 + step) / (10.0 + step))
 
 
 def lr_factor(config: TrainConfig, step: int) -> float:
@@ -641,7 +648,7 @@ class Trainer:
     def _update_ema(self) -> None:
         if self._ema is not None:
             params = [p.detach() for _, p in self._trainable]
-            torch._foreach_lerp_(self._ema, params, 1.0 - self.config.ema_decay)
+            torch._foreach_lerp_(self._ema, params, 1.0 - ema_decay_at(self.config.ema_decay, self.step))
 
     @torch.no_grad()
     def _reset_ema(self) -> None:
