@@ -35,4 +35,4 @@ def test_train_resume_and_eval_through_the_cli(data_dir, tmp_path, capsys):
 def test_train_rejects_a_dataset_that_does_not_fit(data_dir, tmp_path):
     with pytest.raises(ValueError, match=r"does not fit the recipe: images are 32x32 but vision.image_size is 96; the recipe has a "
                                          r"geometry encoder but the dataset has no depth"):
-        main(["train", "tiny_llava3d_deepfusion", "--data", str(data_dir), "--out", str(tmp_path / "r"), "--steps", "1"])
+        main(["train", "tiny_llava3d_deepfusion", "--data", str(data_dir), "--out", str(tmp_path / "r"), "--steps", "200"])

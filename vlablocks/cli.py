@@ -195,7 +195,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     evaluate.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights, not the EMA")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.set_defaults(fn=cmd_eval)
-    args = parser.parse_args(argv)
+    # key=value overrides may also come after options (`train R --data D k=v`): argparse leaves those over
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or not all("=" in item and not item.startswith("-") for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.fn(args)

@@ -35,6 +35,10 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+# Mesa's software GL (llvmpipe, behind EGL/OSMesa) and triton (loaded by torch's compiler stack,
+# e.g. when diffusers is imported) each bring their own LLVM: importing triton after a GL context
+# exists segfaults the process. Load it first.
+import torch._dynamo  # noqa: E402, F401
 from tqdm.auto import tqdm  # noqa: E402
 
 try:
