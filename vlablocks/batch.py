@@ -13,7 +13,15 @@
 | ``state`` | ``[B, S]`` | proprioception, raw units |
 | ``actions`` | ``[B, H, A]`` | action chunk, raw units (training) |
 | ``action_mask`` | ``[B, H]`` bool | optional; False past the episode end |
+
+:func:`collate` turns a list of samples (one dict each) into such a batch.
 """
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
 
 IMAGES = "images"
 IMAGE_MASK = "image_mask"
@@ -30,3 +38,28 @@ ACTION_MASK = "action_mask"
 
 #: the per-camera geometry inputs, in the keyword names of ``GeometryEncoder.forward``.
 GEOMETRY_KEYS = (DEPTH, INTRINSICS, CAM_TO_WORLD, POINTS, RAY_DIRECTIONS, DEPTH_ALONG_RAY)
+
+
+def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Samples (dicts with the batch keys) -> a batch: tensors / arrays / numbers are stacked,
+    strings (and other values) kept as lists, keys that are ``None`` in every sample stay ``None``."""
+    if not samples:
+        raise ValueError("collate needs at least one sample")
+    keys = list(samples[0])
+    for i, sample in enumerate(samples):
+        if list(sample) != keys:
+            raise ValueError(f"sample {i} has keys {sorted(sample)}; sample 0 has {sorted(keys)}")
+    batch: dict[str, Any] = {}
+    for key in keys:
+        values = [s[key] for s in samples]
+        if all(v is None for v in values):
+            batch[key] = None
+        elif all(isinstance(v, (torch.Tensor, np.ndarray, bool, int, float)) for v in values):
+            tensors = [torch.as_tensor(v) for v in values]
+            shapes = {tuple(t.shape) for t in tensors}
+            if len(shapes) != 1:
+                raise ValueError(f"cannot stack batch key {key!r}: samples have shapes {sorted(shapes)}")
+            batch[key] = torch.stack(tensors)
+        else:
+            batch[key] = values
+    return batch

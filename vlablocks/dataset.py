@@ -47,6 +47,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from vlablocks import batch as keys
+from vlablocks.batch import collate  # noqa: F401  (re-exported: the batch collate of this dataset)
 from vlablocks.io import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -588,15 +589,3 @@ class LeRobotDataset(torch.utils.data.Dataset):
         return sample
 
 
-def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Samples of :class:`LeRobotDataset` -> a batch: tensors stacked on a new dim 0, ``task`` a list."""
-    if not samples:
-        raise ValueError("collate needs at least one sample")
-    names = set(samples[0])
-    for i, sample in enumerate(samples):
-        if set(sample) != names:
-            raise ValueError(f"sample {i} has keys {sorted(sample)}; sample 0 has {sorted(names)}")
-    return {
-        name: [s[name] for s in samples] if name == keys.TASK else torch.stack([s[name] for s in samples])
-        for name in samples[0]
-    }

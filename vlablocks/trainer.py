@@ -78,6 +78,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from tqdm.auto import tqdm
 
+from vlablocks.batch import collate
 from vlablocks.blocks.dit import DiT
 from vlablocks.blocks.fusion import DeepFusionStack
 from vlablocks.io import atomic_path
@@ -316,29 +317,6 @@ def set_normalization(vla: VLA, stats: Mapping[str, Mapping[str, Any]]) -> None:
         values = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in stats[feature].items()
                   if k in ("mean", "std", "q01", "q99")}
         vla.normalizer[key].set_stats(**values)
-
-
-def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Samples (dicts with the batch keys) -> a batch: tensors / arrays / numbers are stacked,
-    strings (and other values) kept as lists, keys that are ``None`` in every sample stay ``None``."""
-    keys = list(samples[0])
-    for i, sample in enumerate(samples):
-        if list(sample) != keys:
-            raise ValueError(f"sample {i} has keys {sorted(sample)}; sample 0 has {sorted(keys)}")
-    batch: dict[str, Any] = {}
-    for key in keys:
-        values = [s[key] for s in samples]
-        if all(v is None for v in values):
-            batch[key] = None
-        elif all(isinstance(v, (torch.Tensor, np.ndarray, bool, int, float)) for v in values):
-            tensors = [torch.as_tensor(v) for v in values]
-            shapes = {tuple(t.shape) for t in tensors}
-            if len(shapes) != 1:
-                raise ValueError(f"cannot stack batch key {key!r}: samples have shapes {sorted(shapes)}")
-            batch[key] = torch.stack(tensors)
-        else:
-            batch[key] = values
-    return batch
 
 
 class ShardedEpochSampler(Sampler[list[int]]):
