@@ -3,9 +3,11 @@
 Every backbone is a :class:`VisionBackbone`: ``forward(images [B, 3, H, W] in [0, 1]) ->
 tokens [B, N, out_dim]`` with ``N = gh * gw`` patch tokens in row-major order (like a ViT), so a
 geometry encoder can attach one 3D point to each token. Each backbone owns its pixel
-normalisation; nothing upstream normalises. Three backbones:
+normalisation; nothing upstream normalises. Four backbones:
 
 - :class:`PatchViT`: a small ViT trained from scratch, the offline default;
+- :class:`ConvNet`: a small conv net trained from scratch (locality built in: the choice for
+  learning from a few dozen demonstrations);
 - :class:`SiglipVision`: a transformers SigLIP vision tower from a local checkpoint (or built
   from a config without weights, e.g. on the meta device);
 - :class:`TimmVision`: any timm backbone, ViT-like (prefix tokens dropped) or convolutional
@@ -257,6 +259,96 @@ class PatchViT(VisionBackbone):
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
+
+
+class ConvNormAct(nn.Sequential):
+    """``k x k`` convolution (``padding = k // 2``, no bias) -> GroupNorm -> GELU.
+
+    Shapes: ``[B, C_in, H, W] -> [B, C_out, H / stride, W / stride]``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int = 1,
+        kernel_size: int = 3,
+        groups: int = 8,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        factory = {"device": device, "dtype": dtype}
+        if out_channels % groups:
+            raise ValueError(f"channels ({out_channels}) must be a multiple of norm_groups ({groups})")
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=False, **factory),
+            nn.GroupNorm(groups, out_channels, **factory),
+            nn.GELU(),
+        )
+
+
+class ConvNet(VisionBackbone):
+    """Small conv net trained from scratch: the image encoder of Diffusion Policy / DrQ-style policies.
+
+    Each stage halves the resolution with a stride-2 :class:`ConvNormAct` and then applies
+    ``convs_per_stage - 1`` residual stride-1 ones (``x + conv(x)``). A 1x1 convolution maps the
+    last stage to ``width``; the ``gh x gw`` map becomes row-major tokens with learned positions
+    and a final LayerNorm. Convolutions give the locality and translation equivariance a
+    from-scratch ViT must learn from data, which matters with a few dozen demonstrations.
+    Pixels are normalised with mean 0.5, std 0.5.
+
+    Args:
+        image_size: input size in pixels (square, a multiple of ``2 ** len(channels)``).
+        channels: output channels of each stage (stride ``2 ** len(channels)`` in all).
+        convs_per_stage: convolutions per stage (the first one strided).
+        width: token width (``out_dim``).
+        norm_groups: GroupNorm groups (every entry of ``channels`` must be a multiple).
+
+    Shapes: ``images [B, 3, S, S]`` -> ``tokens [B, (S / 2 ** len(channels))^2, width]``.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 96,
+        channels: Sequence[int] = (32, 64, 128, 128),
+        convs_per_stage: int = 2,
+        width: int = 128,
+        norm_groups: int = 8,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        stride = 2 ** len(channels)
+        if not channels:
+            raise ValueError("channels must name at least one stage")
+        if image_size % stride:
+            raise ValueError(
+                f"image_size ({image_size}) must be a multiple of 2 ** len(channels) = {stride} (channels={list(channels)})"
+            )
+        if convs_per_stage < 1:
+            raise ValueError(f"convs_per_stage must be >= 1; got {convs_per_stage}")
+        side = image_size // stride
+        super().__init__(width, image_size, stride, (side, side), SIGLIP_MEAN, SIGLIP_STD, device, dtype)
+        factory = {"device": device, "dtype": dtype}
+        self.stages = nn.ModuleList()
+        in_channels = 3
+        for out_channels in channels:
+            convs = [ConvNormAct(in_channels, out_channels, 2, groups=norm_groups, **factory)]
+            convs += [ConvNormAct(out_channels, out_channels, groups=norm_groups, **factory) for _ in range(convs_per_stage - 1)]
+            self.stages.append(nn.ModuleList(convs))
+            in_channels = out_channels
+        self.proj = nn.Conv2d(in_channels, width, 1, **factory)
+        self.pos_embed = nn.Parameter(torch.empty(1, side * side, width, **factory))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.norm = nn.LayerNorm(width, eps=1e-6, **factory)
+
+    def forward_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels
+        for down, *residual in self.stages:
+            x = down(x)
+            for conv in residual:
+                x = x + conv(x)
+        tokens = self.proj(x).flatten(2).transpose(1, 2)  # [B, gh * gw, width]
+        return self.norm(tokens + self.pos_embed)
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from vlablocks.encoders.geometry import FrequencyPositionEncoding, LLaVA3DPositi
 from vlablocks.encoders.suffix import AdaRMSTimeFusion, ConcatMlpTimeFusion, TimeTokenFusion
 from vlablocks.encoders.text import ByteTokenizer, HFTokenizer
 from vlablocks.encoders.vision import (
+    ConvNet,
     LinearProjector,
     Mlp2xGeluProjector,
     PatchViT,
@@ -84,7 +85,7 @@ def expert(
 
 def _register_all() -> None:
     table = {
-        "vision": {"patch_vit": PatchViT, "siglip": SiglipVision, "timm": TimmVision},
+        "vision": {"patch_vit": PatchViT, "convnet": ConvNet, "siglip": SiglipVision, "timm": TimmVision},
         "projector": {"linear": LinearProjector, "mlp2x_gelu": Mlp2xGeluProjector, "pixel_shuffle": PixelShuffleProjector},
         "geometry_encoding": {"llava3d": LLaVA3DPositionEncoding, "frequency": FrequencyPositionEncoding},
         "tokenizer": {"byte": ByteTokenizer, "hf": HFTokenizer},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import filecmp
 import json
 import math
 
@@ -24,6 +25,7 @@ from vlablocks.metaworld import (  # noqa: E402
     MT10,
     RAW_STATE,
     MetaWorldEnv,
+    _eval_episodes,
     evaluate,
     expert_policy,
     generate_demos,
@@ -135,6 +137,61 @@ def expert_chunk_policy(task: str, horizon: int = 4):
         return action.expand(1, horizon, 4)
 
     return policy
+
+
+def test_workers_write_the_same_dataset(tmp_path):
+    """Episodes simulated in 2 spawned processes are written in the same order, byte for byte."""
+    one = generate_demos([TASK, "drawer-open-v3"], 2, tmp_path / "one", image_size=32, depth=True)
+    two = generate_demos([TASK, "drawer-open-v3"], 2, tmp_path / "two", image_size=32, depth=True, workers=2)
+    files = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(two) for p in two.rglob("*") if p.is_file())
+    assert len(files) == 4 + 4  # meta/{info,episodes,tasks,stats} + 4 episodes
+    assert [str(f) for f in files if not filecmp.cmp(one / f, two / f, shallow=False)] == []
+    with pytest.raises(ValueError, match="workers must be an int >= 1; got 0"):
+        generate_demos([TASK], 1, tmp_path / "zero", image_size=32, workers=0)
+
+
+class ExpertChunks:
+    """A picklable expert-backed policy (for worker processes): the expert's action, repeated."""
+
+    def __init__(self, task: str, horizon: int = 4) -> None:
+        self.task, self.horizon = task, horizon
+
+    def __call__(self, batch):
+        action = torch.from_numpy(expert_policy(self.task)(batch[RAW_STATE][0].double().numpy()))
+        return action.expand(1, self.horizon, 4)
+
+
+def test_evaluate_with_workers_matches_one_process(tmp_path):
+    tasks = [TASK, "door-open-v3"]
+    one = evaluate(ExpertChunks(TASK), tasks, episodes=2, image_size=32, execute_steps=4, max_steps=80)
+    two = evaluate(ExpertChunks(TASK), tasks, episodes=2, image_size=32, execute_steps=4, max_steps=80,
+                   video_dir=tmp_path, workers=2)
+    # the button expert solves its own task, not the door: per-task counts must not mix up
+    assert one == two == {"per_task": {TASK: 1.0, "door-open-v3": 0.0}, "per_bucket": {"easy": 0.5},
+                          "mean": 0.5, "episodes": 2}
+    assert sorted(p.name.rsplit(".", 1)[0] for p in tmp_path.iterdir()) == [
+        f"{TASK}_00_success", f"{TASK}_01_success", "door-open-v3_00_failure", "door-open-v3_01_failure"]
+
+
+def test_an_episode_draws_the_same_noise_wherever_it_runs():
+    """Episode noise comes from ``seed * 1000 + layout``: the same alone, after another episode or in a worker."""
+    draws: list[tuple[int, float]] = []
+
+    def policy(batch):
+        draws.append((len(draws), torch.rand(()).item()))
+        return torch.zeros(1, 8, 4)
+
+    args = (SIZE, "corner", False, 3, 8, 16, None)  # image_size, camera, depth, seed, execute, max_steps, videos
+    before = torch.get_rng_state()
+    list(_eval_episodes(policy, "reach-v3", range(0, 2), *args))
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's random stream is left alone
+    both = [value for _, value in draws]
+    draws.clear()
+    list(_eval_episodes(policy, "reach-v3", range(1, 2), *args))
+    assert len(both) == 4 and [value for _, value in draws] == both[2:] and both[:2] != both[2:]
+    torch.manual_seed(3 * 1000 + 1)
+    assert both[2] == torch.rand(()).item()
 
 
 def test_evaluate_with_the_expert(tmp_path):

@@ -26,7 +26,7 @@ def expect(path_or_name, match, overrides=()):
 
 def test_unknown_type_lists_the_valid_ones(tmp_path):
     path = tiny_with(tmp_path, "vision: {type: convnext_huge}\n")
-    err = expect(path, r"vision\.type: unknown vision type 'convnext_huge'; valid types: \['patch_vit', 'siglip', 'timm'\]")
+    err = expect(path, r"vision\.type: unknown vision type 'convnext_huge'; valid types: \['convnet', 'patch_vit', 'siglip', 'timm'\]")
     assert err.source == str(path) and err.key_path == "vision.type"
 
 
@@ -115,5 +115,5 @@ def test_unknown_section_and_sources(tmp_path):
 
 def test_a_different_type_replaces_the_parent_node():
     recipe = load_recipe("tiny_llava3d_deepfusion")
-    assert recipe.data["vision"]["type"] == "patch_vit"
+    assert recipe.data["vision"]["type"] == "convnet"
     assert "config" not in recipe.data["vision"] and "select_layer" not in recipe.data["vision"]  # the parent's SigLIP keys

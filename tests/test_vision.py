@@ -3,6 +3,7 @@
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
@@ -11,6 +12,7 @@ from helpers import TINY_SIGLIP, save_tiny_siglip
 
 from vlablocks.encoders.vision import (
     SIGLIP_SO400M_PATCH14_224,
+    ConvNet,
     LinearProjector,
     Mlp2xGeluProjector,
     PatchViT,
@@ -89,6 +91,53 @@ def test_bad_images_raise(bad, match):
     vit = PatchViT(image_size=32, patch_size=8, width=16, depth=1, num_heads=2)
     with pytest.raises(ValueError, match=match):
         vit(bad)
+
+
+# ---------------------------------------------------------------- ConvNet
+
+
+def conv_net_reference(net, x):
+    """ConvNet's documented math written with torch.nn.functional on the module's weights."""
+    h = (x - 0.5) / 0.5
+    for stage in net.stages:
+        for i, (conv, norm, _) in enumerate(stage):
+            y = F.conv2d(h, conv.weight, None, conv.stride, conv.padding)
+            y = F.gelu(F.group_norm(y, norm.num_groups, norm.weight, norm.bias, norm.eps))
+            h = y if i == 0 else h + y
+    h = F.conv2d(h, net.proj.weight, net.proj.bias)
+    tokens = h.permute(0, 2, 3, 1).reshape(x.shape[0], -1, h.shape[1])
+    return F.layer_norm(tokens + net.pos_embed, (tokens.shape[-1],), net.norm.weight, net.norm.bias, 1e-6)
+
+
+def test_conv_net_matches_its_formula_and_every_parameter_learns():
+    torch.manual_seed(0)
+    net = ConvNet(image_size=32, channels=(8, 16, 16), convs_per_stage=2, width=24, norm_groups=4)
+    with torch.no_grad():  # non-trivial affine parameters, so that the reference checks them
+        for param in net.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    assert isinstance(net, VisionBackbone)
+    assert (net.out_dim, net.image_size, net.patch_size, net.grid, net.num_tokens) == (24, 32, 8, (4, 4), 16)
+    x = images()
+    tokens = net(x)
+    assert tokens.shape == (2, 16, 24)
+    torch.testing.assert_close(tokens, conv_net_reference(net, x), atol=1e-5, rtol=1e-5)
+    tokens.square().mean().backward()
+    missing = [name for name, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"parameters without gradient: {missing}"
+    assert sum(len(stage) for stage in net.stages) == 6
+
+
+def test_conv_net_builds_on_meta_and_checks_its_arguments():
+    net = ConvNet(device="meta")
+    assert net(torch.empty(2, 3, 96, 96, device="meta")).shape == (2, 36, 128)
+    with pytest.raises(ValueError, match=r"image_size \(90\) must be a multiple of 2 \*\* len\(channels\) = 16"):
+        ConvNet(image_size=90)
+    with pytest.raises(ValueError, match=r"channels \(12\) must be a multiple of norm_groups \(8\)"):
+        ConvNet(image_size=32, channels=(12,))
+    with pytest.raises(ValueError, match=r"convs_per_stage must be >= 1; got 0"):
+        ConvNet(image_size=32, convs_per_stage=0)
+    with pytest.raises(ValueError, match=r"channels must name at least one stage"):
+        ConvNet(image_size=32, channels=())
 
 
 # ---------------------------------------------------------------- SigLIP

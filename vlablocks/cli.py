@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -118,7 +119,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     out = generate_demos(
         [t.strip() for t in args.tasks.split(",") if t.strip()], args.episodes, args.out, image_size=args.image_size,
-        camera=args.camera, depth=args.depth, seed=args.seed, overwrite=args.overwrite,
+        camera=args.camera, depth=args.depth, seed=args.seed, overwrite=args.overwrite, workers=args.workers,
     )
     _out(f"dataset written to {out}")
     return 0
@@ -142,6 +143,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results = evaluate_run(
         args.run, tasks=[t.strip() for t in args.tasks.split(",") if t.strip()], episodes=args.episodes,
         execute_steps=args.execute_steps, video=args.video, use_ema=args.ema, seed=args.seed,
+        workers=args.workers,
     )
     _out(format_results(results))
     return 0
@@ -174,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     mw.add_argument("--depth", action="store_true", help="also record depth (with intrinsics and pose)")
     mw.add_argument("--seed", type=int, default=0)
     mw.add_argument("--overwrite", action="store_true")
+    mw.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                    help="simulator processes (default: one per CPU; the dataset does not depend on it)")
     mw.set_defaults(fn=cmd_data)
 
     train = sub.add_parser("train", help="train a recipe on a LeRobot-layout dataset")
@@ -194,6 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     evaluate.add_argument("--video", action="store_true", help="write one video per episode")
     evaluate.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights, not the EMA")
     evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--workers", type=int, default=1,
+                          help="rollout processes, each with a copy of the policy (results do not depend on it)")
     evaluate.set_defaults(fn=cmd_eval)
     # key=value overrides may also come after options (`train R --data D k=v`): argparse leaves those over
     args, extra = parser.parse_known_args(argv)

@@ -2,7 +2,7 @@
 
 1. data: scripted-expert demos of three tasks (RGB + depth + intrinsics + state + instruction)
    in the LeRobot layout (skipped when the dataset is already there);
-2. train: ``tiny_llava3d_deepfusion`` (patch-ViT vision, LLaVA-3D geometry from depth, byte-level
+2. train: ``tiny_llava3d_deepfusion`` (conv-net vision, LLaVA-3D geometry from depth, byte-level
    text, state token, deep-fusion action expert) with its recipe's ``train:`` settings;
 3. eval: closed-loop rollouts on held-out layouts, success per task, videos;
 4. a results table, and where the loss plot, the checkpoint and the videos are.
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -43,11 +44,13 @@ def dataset_ready(path: Path, tasks: tuple[str, ...], episodes: int, image_size:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo", help="where the dataset, the run and the videos go")
-    parser.add_argument("--episodes", type=int, default=40, help="expert demonstrations per task")
+    parser.add_argument("--episodes", type=int, default=50, help="expert demonstrations per task")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's train.steps)")
     parser.add_argument("--eval-episodes", type=int, default=20, help="evaluation episodes per task")
     parser.add_argument("--execute-steps", type=int, default=8, help="actions executed per predicted chunk")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="simulator processes for data and evaluation")
     args = parser.parse_args(argv)
+    workers = args.workers
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     from vlablocks.metaworld import generate_demos
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"[1/3] dataset: reusing {data}")
     else:
         _say(f"[1/3] dataset: {args.episodes} expert demos x {len(TASKS)} tasks at {image_size} px with depth -> {data}")
-        generate_demos(TASKS, args.episodes, data, image_size=image_size, depth=True, overwrite=True)
+        generate_demos(TASKS, args.episodes, data, image_size=image_size, depth=True, overwrite=True, workers=workers)
     timings["data"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -73,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     _say(f"[3/3] evaluating {args.eval_episodes} held-out layouts per task")
-    results = evaluate_run(run.out_dir, TASKS, args.eval_episodes, execute_steps=args.execute_steps, video=True)
+    results = evaluate_run(run.out_dir, TASKS, args.eval_episodes, execute_steps=args.execute_steps, video=True,
+                           workers=workers)
     timings["eval"] = time.perf_counter() - start
 
     _say("")

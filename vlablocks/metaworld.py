@@ -28,7 +28,10 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 import importlib.util  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
-from collections.abc import Callable, Mapping, Sequence  # noqa: E402
+import multiprocessing  # noqa: E402
+import queue  # noqa: E402
+from concurrent.futures import Future, ProcessPoolExecutor  # noqa: E402
+from collections.abc import Callable, Iterator, Mapping, Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 from types import TracebackType  # noqa: E402
 from typing import Any  # noqa: E402
@@ -355,6 +358,109 @@ def expert_policy(task: str) -> Callable[[np.ndarray], np.ndarray]:
     return lambda raw_state: np.clip(policy.get_action(raw_state), -1.0, 1.0).astype(np.float32)
 
 
+# --------------------------------------------------------------------------------------------
+# Episodes in worker processes
+# --------------------------------------------------------------------------------------------
+_progress: Any = None  # in a worker: the queue that counts finished episodes (set by _init_worker)
+
+
+def _init_worker(progress: Any, threads: int) -> None:
+    global _progress
+    _progress = progress
+    torch.set_num_threads(threads)
+
+
+def _collect(job: Callable[..., Iterator[Any]], args: tuple[Any, ...]) -> list[Any]:
+    """Run a job in a worker: its per-episode results, each also counted on the progress queue."""
+    results = []
+    for result in job(*args):
+        results.append(result)
+        _progress.put(1)
+    return results
+
+
+def _layout_chunks(tasks: Sequence[str], layouts: int, workers: int) -> list[tuple[str, range]]:
+    """``(task, layouts)`` jobs: each task's layouts in ``min(workers, layouts)`` contiguous parts."""
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1; got {workers!r}")
+    parts = min(workers, layouts)
+    bounds = [round(i * layouts / parts) for i in range(parts + 1)]
+    return [(task, range(lo, hi)) for task in tasks for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def run_episode_jobs(
+    job: Callable[..., Iterator[Any]],
+    jobs: Sequence[tuple[Any, ...]],
+    workers: int,
+    bar: tqdm,
+) -> Iterator[list[Any]]:
+    """``list(job(*args))`` for each of ``jobs``, yielded in order; ``bar`` advances per episode.
+
+    ``job`` is a module-level generator function yielding one result per episode. With
+    ``workers > 1`` the jobs run in that many spawned processes (each with
+    ``cpu_count // workers`` torch threads and its own GL context); results come back in job
+    order, so the output does not depend on ``workers``.
+    """
+    if workers == 1:
+        for args in jobs:
+            results = []
+            for result in job(*args):
+                results.append(result)
+                bar.update(1)
+            yield results
+        return
+    context = multiprocessing.get_context("spawn")  # a forked GL / OpenMP state is not safe
+    progress = context.Queue()
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                             initargs=(progress, threads)) as pool:
+        futures: list[Future] = [pool.submit(_collect, job, args) for args in jobs]
+        for future in futures:
+            while not future.done():
+                try:
+                    bar.update(progress.get(timeout=0.2))
+                except queue.Empty:
+                    pass
+            yield future.result()
+        while True:  # count what is left on the queue
+            try:
+                bar.update(progress.get(timeout=0.05))
+            except queue.Empty:
+                break
+
+
+# --------------------------------------------------------------------------------------------
+# Scripted demonstrations
+# --------------------------------------------------------------------------------------------
+def _demo_episodes(
+    task: str, layouts: range, image_size: int, camera: str, depth: bool, seed: int, max_steps: int
+) -> Iterator[tuple[dict[str, np.ndarray] | None, str]]:
+    """The scripted expert on ``layouts`` of ``task``: ``(frames or None if it failed, instruction)`` each."""
+    expert = expert_policy(task)
+    columns = camera_columns(camera)
+    with MetaWorldEnv(task, image_size, camera, depth, seed, train=True, max_steps=max_steps) as env:
+        for layout in layouts:
+            steps: list[tuple[dict[str, np.ndarray], np.ndarray]] = []
+            obs, success, done = env.reset(layout), False, False
+            while not done:
+                action = expert(obs[RAW_STATE])
+                steps.append((obs, action))
+                obs, success, done = env.step(action)
+            if not success:
+                yield None, env.instruction
+                continue
+            frames = {
+                "observation.state": np.stack([o["state"] for o, _ in steps]),
+                "action": np.stack([a for _, a in steps]),
+                columns["image"]: np.stack([o["image"] for o, _ in steps]),
+                columns["intrinsics"]: np.stack([o["intrinsics"] for o, _ in steps]),
+                columns["cam_to_world"]: np.stack([o["cam_to_world"] for o, _ in steps]),
+            }
+            if depth:
+                frames[columns["depth"]] = np.stack([o["depth"] for o, _ in steps])
+            yield frames, env.instruction
+
+
 def generate_demos(
     tasks: Sequence[str],
     episodes_per_task: int,
@@ -365,6 +471,7 @@ def generate_demos(
     seed: int = 0,
     max_steps: int = MAX_STEPS,
     overwrite: bool = False,
+    workers: int = 1,
 ) -> Path:
     """Scripted-expert demos on training layouts ``0 .. episodes_per_task - 1`` of each task -> a LeRobot dataset.
 
@@ -372,6 +479,7 @@ def generate_demos(
     and the expert's action taken from it; an episode ends with the action that reached success.
     Features: ``observation.state [4]``, ``action [4]``, the camera's image, intrinsics, pose and
     (with ``depth``) depth; fps 80, robot_type ``sawyer``, the task's instruction as its task.
+    ``workers`` processes simulate in parallel; the dataset is the same for any number.
     """
     tasks = _check_tasks(tasks)
     if not 1 <= episodes_per_task <= NUM_LAYOUTS:
@@ -382,34 +490,17 @@ def generate_demos(
         out, fps=FPS, cameras=[camera], state_dim=STATE_DIM, action_dim=ACTION_DIM, depth=depth,
         cam_to_world=True, robot_type="sawyer", overwrite=overwrite,
     )
-    columns = camera_columns(camera)
+    jobs = [(task, layouts, image_size, camera, depth, seed, max_steps)
+            for task, layouts in _layout_chunks(tasks, episodes_per_task, workers)]
     failures: dict[str, int] = {}
     with tqdm(total=len(tasks) * episodes_per_task, desc="expert demos", unit="episode") as bar:
-        for task in tasks:
-            expert = expert_policy(task)
-            with MetaWorldEnv(task, image_size, camera, depth, seed, train=True, max_steps=max_steps) as env:
-                for layout in range(episodes_per_task):
-                    steps: list[tuple[dict[str, np.ndarray], np.ndarray]] = []
-                    obs, success, done = env.reset(layout), False, False
-                    while not done:
-                        action = expert(obs[RAW_STATE])
-                        steps.append((obs, action))
-                        obs, success, done = env.step(action)
-                    if success:
-                        frames = {
-                            "observation.state": np.stack([o["state"] for o, _ in steps]),
-                            "action": np.stack([a for _, a in steps]),
-                            columns["image"]: np.stack([o["image"] for o, _ in steps]),
-                            columns["intrinsics"]: np.stack([o["intrinsics"] for o, _ in steps]),
-                            columns["cam_to_world"]: np.stack([o["cam_to_world"] for o, _ in steps]),
-                        }
-                        if depth:
-                            frames[columns["depth"]] = np.stack([o["depth"] for o, _ in steps])
-                        writer.add_episode(frames, env.instruction)
-                    else:
-                        failures[task] = failures.get(task, 0) + 1
-                    bar.update(1)
-                    bar.set_postfix(failed=sum(failures.values()))
+        for args, episodes in zip(jobs, run_episode_jobs(_demo_episodes, jobs, workers, bar)):
+            for frames, instruction in episodes:
+                if frames is None:
+                    failures[args[0]] = failures.get(args[0], 0) + 1
+                else:
+                    writer.add_episode(frames, instruction)
+            bar.set_postfix(failed=sum(failures.values()))
     for task, count in failures.items():
         logger.warning(
             "%s: %d of %d expert episodes failed within %d steps and were dropped", task, count, episodes_per_task, max_steps
@@ -450,14 +541,18 @@ def evaluate(
     execute_steps: int = 8,
     max_steps: int = MAX_STEPS,
     video_dir: str | Path | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Closed-loop success rates on held-out layouts ``0 .. episodes - 1`` of each task.
 
     ``policy(batch) -> actions [1, H, 4]`` gets :func:`observation_batch`'s batch; the first
-    ``min(execute_steps, H)`` actions of each chunk are executed, then it re-plans. Returns
-    ``{"per_task": {task: rate}, "per_bucket": {bucket: mean rate of its evaluated tasks},
-    "mean": mean over tasks, "episodes": episodes}``. With ``video_dir``, one video per episode,
-    ``<task>_<episode>_<success|failure>.mp4`` (``.gif`` without imageio-ffmpeg).
+    ``min(execute_steps, H)`` actions of each chunk are executed, then it re-plans. Each episode
+    starts from torch's global seed ``seed * 1000 + layout`` (restored afterwards), so its outcome
+    depends only on the policy, the task, the layout and ``seed``; ``workers`` processes (the
+    policy must then be picklable, e.g. a VLA's ``predict_action``) give the same results.
+    Returns ``{"per_task": {task: rate}, "per_bucket": {bucket: mean rate of its evaluated
+    tasks}, "mean": mean over tasks, "episodes": episodes}``. With ``video_dir``, one video per
+    episode, ``<task>_<episode>_<success|failure>.mp4`` (``.gif`` without imageio-ffmpeg).
     """
     tasks = _check_tasks(tasks)
     if not 1 <= episodes <= NUM_LAYOUTS:
@@ -466,20 +561,14 @@ def evaluate(
         raise ValueError(f"execute_steps must be >= 1; got {execute_steps}")
     if video_dir is not None:
         Path(video_dir).mkdir(parents=True, exist_ok=True)
-    per_task: dict[str, float] = {}
+    jobs = [(policy, task, layouts, image_size, camera, depth, seed, execute_steps, max_steps, video_dir)
+            for task, layouts in _layout_chunks(tasks, episodes, workers)]
+    successes = {task: 0 for task in tasks}
     with tqdm(total=len(tasks) * episodes, desc="evaluate", unit="episode") as bar:
-        for task in tasks:
-            successes = 0
-            with MetaWorldEnv(task, image_size, camera, depth, seed, train=False, max_steps=max_steps) as env:
-                for layout in range(episodes):
-                    success, frames = _rollout(policy, env, layout, depth, execute_steps, record=video_dir is not None)
-                    successes += success
-                    if video_dir is not None:
-                        outcome = "success" if success else "failure"
-                        write_video(frames, Path(video_dir) / f"{task}_{layout:02d}_{outcome}", FPS)
-                    bar.update(1)
-            per_task[task] = successes / episodes
-            bar.set_postfix(last=f"{task} {per_task[task]:.0%}")
+        for args, outcomes in zip(jobs, run_episode_jobs(_eval_episodes, jobs, workers, bar)):
+            successes[args[1]] += sum(outcomes)
+            bar.set_postfix(last=f"{args[1]} {successes[args[1]] / episodes:.0%} so far")
+    per_task = {task: count / episodes for task, count in successes.items()}
     per_bucket = {
         bucket: float(np.mean([rate for task, rate in per_task.items() if DIFFICULTY[task] == bucket]))
         for bucket in BUCKETS
@@ -487,6 +576,30 @@ def evaluate(
     }
     mean = float(np.mean(list(per_task.values())))
     return {"per_task": per_task, "per_bucket": per_bucket, "mean": mean, "episodes": episodes}
+
+
+def _eval_episodes(
+    policy: Callable[[dict[str, Any]], torch.Tensor],
+    task: str,
+    layouts: range,
+    image_size: int,
+    camera: str,
+    depth: bool,
+    seed: int,
+    execute_steps: int,
+    max_steps: int,
+    video_dir: str | Path | None,
+) -> Iterator[bool]:
+    """Closed-loop episodes on held-out ``layouts`` of ``task``: success of each (videos written here)."""
+    with MetaWorldEnv(task, image_size, camera, depth, seed, train=False, max_steps=max_steps) as env:
+        for layout in layouts:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed * 1000 + layout)
+                success, frames = _rollout(policy, env, layout, depth, execute_steps, record=video_dir is not None)
+            if video_dir is not None:
+                outcome = "success" if success else "failure"
+                write_video(frames, Path(video_dir) / f"{task}_{layout:02d}_{outcome}", FPS)
+            yield success
 
 
 def _rollout(

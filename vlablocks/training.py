@@ -7,6 +7,7 @@ image size, depth) and, after evaluation, ``eval/results.json`` and ``eval/video
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Sequence
@@ -126,6 +127,25 @@ def load_policy(run: str | Path, use_ema: bool = True) -> tuple[VLA, Path]:
     return VLA.from_pretrained(checkpoint).eval(), checkpoint
 
 
+@functools.lru_cache(maxsize=2)
+def _loaded_policy(checkpoint: Path, use_ema: bool) -> VLA:
+    return load_policy(checkpoint, use_ema)[0]
+
+
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """A picklable policy callable for rollout workers: ``batch -> predict_action(batch)``.
+
+    Only the checkpoint path travels to a worker; each process loads the policy once (cached).
+    """
+
+    checkpoint: Path
+    use_ema: bool = True
+
+    def __call__(self, batch: dict[str, Any]) -> Any:
+        return _loaded_policy(self.checkpoint, self.use_ema).predict_action(batch)
+
+
 def evaluate_run(
     run: str | Path,
     tasks: Sequence[str],
@@ -134,8 +154,12 @@ def evaluate_run(
     video: bool = False,
     use_ema: bool = True,
     seed: int = 0,
+    workers: int = 1,
 ) -> dict[str, Any]:
-    """Closed-loop Meta-World evaluation of a run; writes ``eval/results.json`` (and videos)."""
+    """Closed-loop Meta-World evaluation of a run; writes ``eval/results.json`` (and videos).
+
+    ``workers`` rollout processes each get a copy of the policy; the results do not depend on it.
+    """
     from vlablocks.metaworld import evaluate
 
     run = Path(run)
@@ -145,9 +169,10 @@ def evaluate_run(
     camera = (info.get("cameras") or ["corner"])[0]
     image_size = policy.vision.image_size if policy.vision is not None else int(info.get("image_size", 128))
     eval_dir = run / "eval"
+    act = policy.predict_action if workers == 1 else CheckpointPolicy(checkpoint, use_ema)
     results = evaluate(
-        policy.predict_action, tasks, episodes, image_size=image_size, camera=camera, depth=policy.geometry is not None,
-        seed=seed, execute_steps=execute_steps, video_dir=eval_dir / "videos" if video else None,
+        act, tasks, episodes, image_size=image_size, camera=camera, depth=policy.geometry is not None,
+        seed=seed, execute_steps=execute_steps, video_dir=eval_dir / "videos" if video else None, workers=workers,
     )
     results = {**results, "checkpoint": str(checkpoint), "execute_steps": execute_steps, "ema": use_ema}
     eval_dir.mkdir(parents=True, exist_ok=True)
