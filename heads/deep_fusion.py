@@ -89,6 +89,30 @@ class DeepFusionDenoiser(nn.Module):
         """``x_t [B, H, A]``, ``t [B]``, ``state [B, S] | None`` -> ``v [B, H, A]``; expert weights only."""
         return self.suffix_encoder.decode(self.expert_hidden(context, x_t, t, state))
 
+    def joint_velocity(
+        self,
+        prefix: Prefix,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        state: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The same velocity from one joint pass over ``[prefix ; suffix]``, without a cache.
+
+        What a port that recomputes the prefix at every ODE step does: the reference for the
+        cache's speed-up (``vlablocks bench``) and for its exactness (the two agree to float
+        rounding). Shapes as in :meth:`velocity`.
+        """
+        suffix = self.suffix_encoder(x_t, t, state)
+        suffix_pad, suffix_ar = self.suffix_encoder.layout(prefix.embeds.shape[0])
+        pad = torch.cat([prefix.pad, suffix_pad.to(prefix.pad.device)], dim=1)
+        ar = torch.cat([prefix.ar, suffix_ar.to(prefix.ar.device)], dim=1)
+        streams: list[torch.Tensor | None] = [None] * len(self.stack.experts)
+        conds: list[torch.Tensor | None] = [None] * len(self.stack.experts)
+        streams[0] = prefix.embeds
+        streams[self.expert], conds[self.expert] = suffix.tokens, suffix.cond
+        out = self.stack(streams, block_causal_mask(pad, ar), positions_from_pad(pad), conds=conds)
+        return self.suffix_encoder.decode(out.hidden_states[self.expert])
+
     def expert_hidden(
         self,
         context: DeepFusionContext,

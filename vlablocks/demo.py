@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--episodes", type=int, default=50, help="expert demonstrations per task")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's train.steps)")
     parser.add_argument("--eval-episodes", type=int, default=20, help="evaluation episodes per task")
-    parser.add_argument("--execute-steps", type=int, default=8, help="actions executed per predicted chunk")
+    parser.add_argument("--execute-steps", type=int, default=4, help="actions executed per predicted chunk")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="simulator processes for data and evaluation")
     args = parser.parse_args(argv)
     workers = args.workers
@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from vlablocks.metaworld import generate_demos
     from vlablocks.recipes.builder import build
+    from vlablocks.trainer import EMA_FILE
     from vlablocks.training import evaluate_run, format_results, train_from_recipe
 
     out = Path(args.out)
@@ -76,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     _say(f"[3/3] evaluating {args.eval_episodes} held-out layouts per task")
+    use_ema = (run.checkpoint / EMA_FILE).is_file()  # the recipe decides whether the run keeps an EMA
     results = evaluate_run(run.out_dir, TASKS, args.eval_episodes, execute_steps=args.execute_steps, video=True,
-                           workers=workers)
+                           use_ema=use_ema, workers=workers)
     timings["eval"] = time.perf_counter() - start
 
     _say("")

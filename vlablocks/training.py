@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from vlablocks.io import atomic_path
@@ -85,7 +86,11 @@ def train_from_recipe(
     steps: int | None = None,
     resume: bool = False,
 ) -> RunResult:
-    """Build a recipe, load a LeRobot-layout dataset, train, and return the run."""
+    """Build a recipe, load a LeRobot-layout dataset, train, and return the run.
+
+    The initial weights are drawn after ``torch.manual_seed(train.seed)``, so a run is
+    reproducible from its recipe and data (torch seeds a fresh process at random).
+    """
     from vlablocks.dataset import LeRobotDataset
     from vlablocks.recipes.builder import build
     from vlablocks.trainer import Trainer, latest_checkpoint
@@ -93,6 +98,7 @@ def train_from_recipe(
     recipe_overrides, train_overrides = split_overrides(overrides)
     loaded = load_recipe(recipe, recipe_overrides)
     config = train_config(loaded, train_overrides, steps)
+    torch.manual_seed(config.seed)
     vla = build(loaded)
     data = Path(data)
     dataset = LeRobotDataset(data, horizon=vla.config.horizon, load_depth=vla.geometry is not None)
