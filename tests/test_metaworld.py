@@ -172,6 +172,8 @@ def test_evaluate_with_workers_matches_one_process(tmp_path):
                           "mean": 0.5, "episodes": 2}
     assert sorted(p.name.rsplit(".", 1)[0] for p in tmp_path.iterdir()) == [
         f"{TASK}_00_success", f"{TASK}_01_success", "door-open-v3_00_failure", "door-open-v3_01_failure"]
+    with pytest.raises(ValueError, match=r"policy must be picklable with workers=2 .*CheckpointPolicy"):
+        evaluate(lambda batch: torch.zeros(1, 4, 4), [TASK], episodes=1, image_size=32, workers=2)
 
 
 def test_an_episode_draws_the_same_noise_wherever_it_runs():

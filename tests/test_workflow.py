@@ -26,7 +26,8 @@ def test_train_resume_and_eval_through_the_cli(data_dir, tmp_path, capsys):
     rows = (run / "metrics.csv").read_text().strip().splitlines()
     assert rows[0].startswith("step") and rows[-1].split(",")[0] == "3"
     assert (run / "curves.png").is_file() and (run / "data.json").is_file()
-    assert main(["eval", str(run), "--tasks", TASK, "--episodes", "1", "--execute-steps", "4"]) == 0
+    # 2 rollout processes: each loads the checkpoint itself (CheckpointPolicy ships only the path)
+    assert main(["eval", str(run), "--tasks", TASK, "--episodes", "2", "--execute-steps", "4", "--workers", "2"]) == 0
     out = capsys.readouterr().out
     assert TASK in out and "mean over tasks" in out
     results = json.loads((run / "eval" / "results.json").read_text())

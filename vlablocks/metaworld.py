@@ -29,6 +29,7 @@ import importlib.util  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import multiprocessing  # noqa: E402
+import pickle  # noqa: E402
 import queue  # noqa: E402
 import warnings  # noqa: E402
 from concurrent.futures import Future, ProcessPoolExecutor  # noqa: E402
@@ -389,7 +390,7 @@ def _layout_chunks(tasks: Sequence[str], layouts: int, workers: int) -> list[tup
     return [(task, range(lo, hi)) for task in tasks for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
-def run_episode_jobs(
+def _run_episode_jobs(
     job: Callable[..., Iterator[Any]],
     jobs: Sequence[tuple[Any, ...]],
     workers: int,
@@ -497,7 +498,7 @@ def generate_demos(
             for task, layouts in _layout_chunks(tasks, episodes_per_task, workers)]
     failures: dict[str, int] = {}
     with tqdm(total=len(tasks) * episodes_per_task, desc="expert demos", unit="episode") as bar:
-        for args, episodes in zip(jobs, run_episode_jobs(_demo_episodes, jobs, workers, bar)):
+        for args, episodes in zip(jobs, _run_episode_jobs(_demo_episodes, jobs, workers, bar)):
             for frames, instruction in episodes:
                 if frames is None:
                     failures[args[0]] = failures.get(args[0], 0) + 1
@@ -551,8 +552,9 @@ def evaluate(
     ``policy(batch) -> actions [1, H, 4]`` gets :func:`observation_batch`'s batch; the first
     ``min(execute_steps, H)`` actions of each chunk are executed, then it re-plans. Each episode
     starts from torch's global seed ``seed * 1000 + layout`` (restored afterwards), so its outcome
-    depends only on the policy, the task, the layout and ``seed``; ``workers`` processes (the
-    policy must then be picklable, e.g. a VLA's ``predict_action``) give the same results.
+    depends only on the policy, the task, the layout and ``seed``; ``workers`` processes give the
+    same results (the policy must then be picklable: a module-level callable, or
+    :class:`vlablocks.training.CheckpointPolicy`, which ships only a checkpoint path).
     Returns ``{"per_task": {task: rate}, "per_bucket": {bucket: mean rate of its evaluated
     tasks}, "mean": mean over tasks, "episodes": episodes}``. With ``video_dir``, one video per
     episode, ``<task>_<episode>_<success|failure>.mp4`` (``.gif`` without imageio-ffmpeg).
@@ -562,13 +564,21 @@ def evaluate(
         raise ValueError(f"episodes must be in [1, {NUM_LAYOUTS}] (the held-out layouts); got {episodes}")
     if execute_steps < 1:
         raise ValueError(f"execute_steps must be >= 1; got {execute_steps}")
+    if workers != 1:
+        try:
+            pickle.dumps(policy)
+        except (pickle.PicklingError, AttributeError, TypeError) as error:
+            raise ValueError(
+                f"policy must be picklable with workers={workers} (got {policy!r}: {error}); pass a module-level "
+                "callable or vlablocks.training.CheckpointPolicy(checkpoint_dir), or use workers=1"
+            ) from error
     if video_dir is not None:
         Path(video_dir).mkdir(parents=True, exist_ok=True)
     jobs = [(policy, task, layouts, image_size, camera, depth, seed, execute_steps, max_steps, video_dir)
             for task, layouts in _layout_chunks(tasks, episodes, workers)]
     successes = {task: 0 for task in tasks}
     with tqdm(total=len(tasks) * episodes, desc="evaluate", unit="episode") as bar:
-        for args, outcomes in zip(jobs, run_episode_jobs(_eval_episodes, jobs, workers, bar)):
+        for args, outcomes in zip(jobs, _run_episode_jobs(_eval_episodes, jobs, workers, bar)):
             successes[args[1]] += sum(outcomes)
             bar.set_postfix(last=f"{args[1]} {successes[args[1]] / episodes:.0%} so far")
     per_task = {task: count / episodes for task, count in successes.items()}
