@@ -202,20 +202,12 @@ class MultiExpertAttention(nn.Module):
         """
         if len(hidden_states) != len(self.route):
             raise ValueError(f"expected {len(self.route)} expert streams; got {len(hidden_states)}")
-        projections = [self.experts[k] for k in self.route]
-        present = [(proj, x) for proj, x in zip(projections, hidden_states) if x is not None]
-        if not present:
-            raise ValueError("MultiExpertAttention needs at least one present expert stream")
+        projections, present = self._present(hidden_states)
         space = self.head_space
-        query = torch.cat([proj.q_proj(x) for proj, x in present], dim=1)
-        key = torch.cat([proj.k_proj(x) for proj, x in present], dim=1)
-        value = torch.cat([proj.v_proj(x) for proj, x in present], dim=1)
+        query = _cat_tokens([proj.q_proj(x) for proj, x in present])
         batch, length, _ = query.shape
-        query = query.view(batch, length, space.num_heads, space.head_dim).transpose(1, 2)
-        key = key.view(batch, length, space.num_kv_heads, space.head_dim).transpose(1, 2)
-        value = value.view(batch, length, space.num_kv_heads, space.head_dim).transpose(1, 2)
-        query = apply_rope(query, cos, sin)
-        key = apply_rope(key, cos, sin)
+        query = apply_rope(query.view(batch, length, space.num_heads, space.head_dim).transpose(1, 2), cos, sin)
+        key, value = self._key_value(present, cos, sin)
 
         all_key, all_value = key, value
         if past_key_value is not None:
@@ -232,6 +224,42 @@ class MultiExpertAttention(nn.Module):
         chunks = iter(attended.split([x.shape[1] for _, x in present], dim=1))
         outputs = [None if x is None else proj.o_proj(next(chunks)) for proj, x in zip(projections, hidden_states)]
         return outputs, (key, value)
+
+    def key_value(
+        self, hidden_states: Sequence[torch.Tensor | None], cos: torch.Tensor, sin: torch.Tensor
+    ) -> KeyValue:
+        """Only this call's post-RoPE ``(key, value)``, ``[B, Hkv, Lq, head_dim]`` each, as
+        :meth:`forward` returns them, without the queries, the attention or ``o_proj``
+        (the last layer of a prefix pass that only fills a cache)."""
+        if len(hidden_states) != len(self.route):
+            raise ValueError(f"expected {len(self.route)} expert streams; got {len(hidden_states)}")
+        return self._key_value(self._present(hidden_states)[1], cos, sin)
+
+    def _present(
+        self, hidden_states: Sequence[torch.Tensor | None]
+    ) -> tuple[list[ExpertProjections], list[tuple[ExpertProjections, torch.Tensor]]]:
+        """Each stream's projection set, and the ``(projections, stream)`` pairs of present streams."""
+        projections = [self.experts[k] for k in self.route]
+        present = [(proj, x) for proj, x in zip(projections, hidden_states) if x is not None]
+        if not present:
+            raise ValueError("MultiExpertAttention needs at least one present expert stream")
+        return projections, present
+
+    def _key_value(
+        self, present: Sequence[tuple[ExpertProjections, torch.Tensor]], cos: torch.Tensor, sin: torch.Tensor
+    ) -> KeyValue:
+        space = self.head_space
+        key = _cat_tokens([proj.k_proj(x) for proj, x in present])
+        value = _cat_tokens([proj.v_proj(x) for proj, x in present])
+        batch, length, _ = key.shape
+        key = key.view(batch, length, space.num_kv_heads, space.head_dim).transpose(1, 2)
+        value = value.view(batch, length, space.num_kv_heads, space.head_dim).transpose(1, 2)
+        return apply_rope(key, cos, sin), value
+
+
+def _cat_tokens(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along the sequence; a single stream is passed through without a copy."""
+    return parts[0] if len(parts) == 1 else torch.cat(list(parts), dim=1)
 
 
 class KeyValueCrossAttention(nn.Module):

@@ -15,7 +15,9 @@ a layer; at other layers its stream passes through unchanged. One ``forward`` se
 modes, chosen by which streams are given:
 
 - prefix-only: only the base stream; ``return_cache=True`` returns an immutable
-  :class:`PrefixCache` of post-RoPE keys/values for the layers the other experts need;
+  :class:`PrefixCache` of post-RoPE keys/values for the layers the other experts need
+  (``cache_only=True`` skips the work nothing reads: layers past the last cached one, and that
+  layer's attention output and MLP);
 - suffix-with-cache: only expert streams, plus the cache, attending ``[cache ; own tokens]``;
 - joint: all streams in one pass (training with a language-model loss, or checks).
 
@@ -214,6 +216,13 @@ class DeepFusionBlock(nn.Module):
         ]
         return outputs, key_value
 
+    def key_value(
+        self, hidden_states: Sequence[torch.Tensor | None], rope: RopeTables, conds: Sequence[torch.Tensor | None]
+    ) -> KeyValue:
+        """Only this call's post-RoPE ``(key, value)``, as :meth:`forward` returns them."""
+        normed, _ = _pre_norm([self.input_norms[k] for k in self.slots], hidden_states, conds)
+        return self.attention.key_value(normed, rope.cos, rope.sin)
+
 
 class CrossAttentionFusionBlock(nn.Module):
     """A SmolVLA cross-attention layer: the base attends to itself, the others to the base.
@@ -304,6 +313,16 @@ class CrossAttentionFusionBlock(nn.Module):
                 hidden_states, attended, attn_gates, self.post_attention_norms, self.mlps, conds)
         ]
         return outputs, key_value
+
+    def key_value(
+        self, hidden_states: Sequence[torch.Tensor | None], rope: RopeTables, conds: Sequence[torch.Tensor | None]
+    ) -> KeyValue:
+        """The base's post-RoPE ``(key, value)`` of this call, as :meth:`forward` returns them."""
+        base = hidden_states[0]
+        if base is None or any(x is not None for x in hidden_states[1:]):
+            raise ValueError("CrossAttentionFusionBlock.key_value takes the base stream only")
+        normed, _ = apply_norm(self.input_norms[0], base, conds[0])
+        return self.attention.key_value([normed], rope.cos, rope.sin)
 
 
 def _pre_norm(
@@ -478,6 +497,7 @@ class DeepFusionStack(nn.Module):
         return_cache: bool = False,
         output_layer_hidden_states: bool = False,
         num_layers: int | None = None,
+        cache_only: bool = False,
     ) -> FusionOutput:
         """Run the stack over the given expert streams.
 
@@ -490,6 +510,9 @@ class DeepFusionStack(nn.Module):
             cache: prefix keys/values to attend to (suffix-with-cache mode).
             conds: per expert ``[B, adarms_cond_dim]`` for AdaRMS experts, else ``None``.
             return_cache: return a :class:`PrefixCache` (prefix-only mode: base stream only).
+            cache_only: with ``return_cache``, do only the work the cache needs: stop at the
+                last layer in :attr:`cached_layers`, and in it after the keys/values (no
+                attention output, no MLP). ``hidden_states`` of the result are then all ``None``.
             output_layer_hidden_states: also return every layer's output streams.
             num_layers: run only the first ``num_layers`` layers (a head that reads early
                 layers needs no more); the final norms apply to the last layer run.
@@ -497,9 +520,12 @@ class DeepFusionStack(nn.Module):
         streams = list(hidden_states)
         conds = list(conds) if conds is not None else [None] * len(self.experts)
         self._check_inputs(streams, conds, cache, return_cache)
+        if cache_only and (not return_cache or output_layer_hidden_states or num_layers is not None):
+            raise ValueError("cache_only goes with return_cache=True, without output_layer_hidden_states or num_layers")
         num_layers = self.num_layers if num_layers is None else num_layers
         if not 1 <= num_layers <= self.num_layers:
             raise ValueError(f"num_layers must be in 1..{self.num_layers}; got {num_layers}")
+        last_needed = self.cached_layers[-1] if cache_only else None
         lengths = [0 if x is None else x.shape[1] for x in streams]
         past_len = 0 if cache is None else cache.length
         rope = self._rope_tables(position_ids, lengths)
@@ -517,6 +543,9 @@ class DeepFusionStack(nn.Module):
                 past = None if cache is None else (cache.keys[i], cache.values[i])
                 inputs = [streams[e] for e in layer_experts]
                 layer_conds = [conds[e] for e in layer_experts]
+                if i == last_needed:
+                    keys[i], values[i] = layer.key_value(inputs, rope_i, layer_conds)
+                    break
                 if self.gradient_checkpointing and torch.is_grad_enabled():
                     outputs, (key, value) = checkpoint(
                         layer, inputs, rope_i, mask_i, past, layer_conds, use_reentrant=False
@@ -532,7 +561,7 @@ class DeepFusionStack(nn.Module):
                 per_layer.append(tuple(streams))
 
         final = tuple(
-            None if x is None else apply_norm(norm, x, cond)[0]
+            None if x is None or cache_only else apply_norm(norm, x, cond)[0]
             for x, norm, cond in zip(streams, self.final_norms, conds)
         )
         return FusionOutput(

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from vlablocks.blocks.mlp import Mlp
 
@@ -119,6 +120,7 @@ class VisionBackbone(nn.Module):
         factory = {"device": device, "dtype": dtype or torch.float32}
         self.register_buffer("pixel_mean", torch.tensor(mean, **factory).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std, **factory).view(1, 3, 1, 1), persistent=False)
+        self.gradient_checkpointing = False
 
     @property
     def num_tokens(self) -> int:
@@ -133,6 +135,17 @@ class VisionBackbone(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``images [B, 3, S, S]`` in [0, 1] -> ``tokens [B, N, out_dim]``."""
         return self.forward_pixels(self.normalize(images))
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute the backbone's blocks / stages in the backward pass instead of keeping
+        their activations (subclasses that wrap a library model switch the library's own)."""
+        self.gradient_checkpointing = enabled
+
+    def _run(self, block: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+        """``block(*args)``, checkpointed when :meth:`set_gradient_checkpointing` is on and grad is enabled."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
     def forward_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised ``pixels [B, 3, S, S]`` -> ``tokens [B, N, out_dim]``."""
@@ -257,7 +270,7 @@ class PatchViT(VisionBackbone):
     def forward_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(pixels) + self.pos_embed  # [B, N, D]
         for block in self.blocks:
-            x = block(x)
+            x = self._run(block, x)
         return self.norm(x)
 
 
@@ -343,12 +356,19 @@ class ConvNet(VisionBackbone):
 
     def forward_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels
-        for down, *residual in self.stages:
-            x = down(x)
-            for conv in residual:
-                x = x + conv(x)
+        for stage in self.stages:
+            x = self._run(self._stage, stage, x)
         tokens = self.proj(x).flatten(2).transpose(1, 2)  # [B, gh * gw, width]
         return self.norm(tokens + self.pos_embed)
+
+    @staticmethod
+    def _stage(stage: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+        """One stage: the strided conv, then the residual ones."""
+        down, *residual = stage
+        x = down(x)
+        for conv in residual:
+            x = x + conv(x)
+        return x
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,6 +456,21 @@ class SiglipVision(VisionBackbone):
 
     def forward_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=pixels).last_hidden_state
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """transformers' own per-layer checkpointing of the SigLIP encoder."""
+        super().set_gradient_checkpointing(enabled)
+        model = self.model
+        if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.2x
+            enable, disable, kwargs = (model.activation_checkpointing_enable, model.activation_checkpointing_disable,
+                                       "activation_checkpointing_kwargs")
+        else:
+            enable, disable, kwargs = (model.gradient_checkpointing_enable, model.gradient_checkpointing_disable,
+                                       "gradient_checkpointing_kwargs")
+        if enabled:
+            enable(**{kwargs: {"use_reentrant": False}})
+        else:
+            disable()
 
     def export_recipe(self, node: Mapping[str, Any], directory: Path) -> dict[str, Any]:
         """The recipe node to save with a checkpoint: the architecture instead of a weights path."""
@@ -638,6 +673,11 @@ class TimmVision(VisionBackbone):
 
     def forward_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         return self._to_tokens(self.model.forward_features(pixels))
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """timm's own checkpointing (``set_grad_checkpointing``) of the backbone's blocks."""
+        super().set_gradient_checkpointing(enabled)
+        self.model.set_grad_checkpointing(enabled)
 
     def export_recipe(self, node: Mapping[str, Any], directory: Path) -> dict[str, Any]:
         """The recipe node to save with a checkpoint: no weights path (the weights are saved)."""

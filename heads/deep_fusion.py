@@ -28,13 +28,14 @@ class DeepFusionContext:
         suffix_mask: ``[B, S, P + S]`` bool, suffix rows of the joint mask.
         suffix_positions: ``[B, S]`` RoPE positions, continuing after the real prefix tokens.
         prefix_hidden: ``[B, P, D_base]`` the base's final-normed prefix output (what a
-            refinement head or a language-model head reads).
+            refinement head or a language-model head reads), or ``None`` when ``prepare``
+            was not asked for it (the prefix pass then stops at the last cached keys/values).
     """
 
     cache: PrefixCache
     suffix_mask: torch.Tensor
     suffix_positions: torch.Tensor
-    prefix_hidden: torch.Tensor
+    prefix_hidden: torch.Tensor | None = None
 
 
 class DeepFusionDenoiser(nn.Module):
@@ -69,12 +70,16 @@ class DeepFusionDenoiser(nn.Module):
         self.suffix_encoder = suffix_encoder
         self.expert = expert
 
-    def prepare(self, prefix: Prefix) -> DeepFusionContext:
-        """Run the prefix once: ``embeds [B, P, D_base]`` -> cache + suffix mask/positions."""
+    def prepare(self, prefix: Prefix, prefix_output: bool = False) -> DeepFusionContext:
+        """Run the prefix once: ``embeds [B, P, D_base]`` -> cache + suffix mask/positions.
+
+        ``prefix_output``: also run the base to its final norm and keep ``prefix_hidden``;
+        otherwise the pass does only what the cache needs (``cache_only``).
+        """
         streams: list[torch.Tensor | None] = [None] * len(self.stack.experts)
         streams[0] = prefix.embeds
         mask = block_causal_mask(prefix.pad, prefix.ar)
-        out = self.stack(streams, mask, positions_from_pad(prefix.pad), return_cache=True)
+        out = self.stack(streams, mask, positions_from_pad(prefix.pad), return_cache=True, cache_only=not prefix_output)
         suffix_pad, suffix_ar = self.suffix_encoder.layout(prefix.embeds.shape[0])
         suffix_mask, suffix_positions = suffix_mask_and_positions(prefix.pad, prefix.ar, suffix_pad, suffix_ar)
         return DeepFusionContext(out.cache, suffix_mask, suffix_positions, out.hidden_states[0])

@@ -311,7 +311,7 @@ class HybridDenoiser(nn.Module):
 
     def prepare(self, prefix: Prefix) -> HybridContext:
         """The prefix cache (one backbone pass) and its last layer, projected for the DiT."""
-        fusion = self.fusion.prepare(prefix)
+        fusion = self.fusion.prepare(prefix, prefix_output=True)
         return HybridContext(fusion, self.projection(fusion.prefix_hidden), prefix.pad)
 
     def velocity(

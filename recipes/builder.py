@@ -34,7 +34,7 @@ from vlablocks.encoders.suffix import SuffixEncoder
 from vlablocks.encoders.text import TextEncoder
 from vlablocks.heads.flow_matching import FlowMatchingHead
 from vlablocks.recipes.components import expert
-from vlablocks.recipes.loader import Recipe, RecipeError, load_recipe
+from vlablocks.recipes.loader import Recipe, load_recipe
 from vlablocks.recipes.registry import REGISTRIES
 from vlablocks.recipes.schema import call_with, check_value
 from vlablocks.vla import VLA, PolicyConfig

@@ -97,6 +97,41 @@ def test_joint_equals_cached_prefix_then_suffix(variant, backend):
     assert {i for i, k in enumerate(prefix.cache.keys) if k is not None} == expected_layers
 
 
+@pytest.mark.parametrize("variant", ["equal_width_and_depth", "narrow_every_2nd", "narrow_first_3", "cross_attention"])
+def test_cache_only_prefix_pass_gives_the_same_cache_and_skips_unread_work(variant):
+    if variant == "cross_attention":
+        torch.manual_seed(0)
+        specs = [ExpertSpec("vlm", 64, 128, SPACE), ExpertSpec("action", 48, 96, SPACE)]
+        stack = DeepFusionStack(specs, 4, cross_attention_layers=(1, 3)).eval()
+    else:
+        stack = tiny_stack(**STACK_VARIANTS[variant]).eval()
+    embeds, pad, ar = random_prefix()
+    mask, positions = block_causal_mask(pad, ar), positions_from_pad(pad)
+    last = stack.cached_layers[-1]
+    called = []
+    hooks = [module.register_forward_hook(lambda m, args, out, name=name: called.append(name))
+             for name, module in stack.named_modules() if name.startswith("layers.") and not list(module.children())]
+    with torch.no_grad():
+        full = stack([embeds, None], mask, positions, return_cache=True)
+        called.clear()
+        lean = stack([embeds, None], mask, positions, return_cache=True, cache_only=True)
+    for hook in hooks:
+        hook.remove()
+    for i in range(stack.num_layers):
+        if full.cache.keys[i] is None:
+            assert lean.cache.keys[i] is None and lean.cache.values[i] is None
+        else:
+            assert torch.equal(lean.cache.keys[i], full.cache.keys[i]) and torch.equal(lean.cache.values[i], full.cache.values[i])
+    assert lean.hidden_states == (None, None)
+    ran_layers = {int(name.split(".")[1]) for name in called}
+    assert ran_layers == set(range(last + 1)), (last, sorted(ran_layers))
+    last_layer = {name.split(".", 2)[2] for name in called if name.startswith(f"layers.{last}.")}
+    # keys and values only: no query, no o_proj, no post-attention norm, no MLP
+    assert last_layer == {"input_norms.0", "attention.experts.0.k_proj", "attention.experts.0.v_proj"}
+    with pytest.raises(ValueError, match="cache_only goes with return_cache=True"):
+        stack([embeds, None], mask, positions, cache_only=True)
+
+
 def test_cache_is_bitwise_unchanged_by_denoising_steps():
     stack = tiny_stack().eval()
     embeds, pad, ar = random_prefix()

@@ -12,7 +12,8 @@ from vlablocks.recipes.loader import bundled_recipes
 
 ALL = sorted(bundled_recipes())
 TINY = [name for name in ALL if name.startswith("tiny_")]
-FULL = [name for name in ALL if not name.startswith("tiny_")]
+MID = [name for name in ALL if name.startswith("mid_")]  # benchmark sizes between tiny and full
+FULL = [name for name in ALL if not name.startswith(("tiny_", "mid_"))]
 
 
 def count(params) -> int:
@@ -27,6 +28,7 @@ def meta_count(model_cls, config, skip=()) -> int:
 
 def test_every_full_recipe_has_a_tiny_sibling():
     assert FULL and all(f"tiny_{name}" in TINY for name in FULL)
+    assert MID and all(name.removeprefix("mid_") in FULL for name in MID)
 
 
 @pytest.mark.parametrize("name", FULL)
@@ -35,7 +37,7 @@ def test_full_size_recipe_builds_on_meta(name):
     assert all(p.device.type == "meta" for p in vla.parameters())
 
 
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", TINY + MID)
 def test_tiny_recipe_runs_forward_backward_and_predict(name):
     torch.manual_seed(0)
     vla = build(name)

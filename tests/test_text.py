@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import GemmaConfig, GemmaModel, LlamaConfig, LlamaModel
 
-from helpers import SENTENCES, save_tiny_tokenizer
+from helpers import save_tiny_tokenizer
 from vlablocks.encoders.text import ByteTokenizer, HFTokenizer, TextEncoder, Tokenizer, pad_right
 
 

@@ -1,12 +1,13 @@
 """Vision backbones and projectors: token contract, parity with transformers / timm, errors."""
 
+import re
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
-from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+from transformers import SiglipImageProcessor
 
 from helpers import TINY_SIGLIP, save_tiny_siglip
 
@@ -314,3 +315,35 @@ def test_pixel_shuffle_matches_smolvlm_layout():
     assert projector(tokens).shape == (b, 4, 5) and projector.proj.bias is None
     with pytest.raises(ValueError, match="square token grid whose side is a multiple of scale_factor=2; got 12 tokens"):
         pixel_shuffle(torch.randn(1, 12, d), 2)
+
+
+@pytest.mark.parametrize("backbone", ["patch_vit", "conv_net", "siglip", "timm_vit"])
+def test_gradient_checkpointing_gives_identical_tokens_and_gradients(backbone):
+    def make():
+        torch.manual_seed(0)
+        return {
+            "patch_vit": lambda: PatchViT(image_size=32, patch_size=8, width=32, depth=2, num_heads=2),
+            "conv_net": lambda: ConvNet(image_size=32, channels=(8, 16), convs_per_stage=2, width=24, norm_groups=4),
+            "siglip": lambda: SiglipVision(config=TINY_SIGLIP, select_layer=-1),
+            "timm_vit": lambda: TimmVision("vit_tiny_patch16_224", image_size=32),
+        }[backbone]().train()
+
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    results = []
+    for enabled in (False, True):
+        enc = make()
+        enc.set_gradient_checkpointing(enabled)
+        saved = []  # bytes the autograd graph keeps for the backward pass
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nelement() * t.element_size()) or t,
+                                                      lambda t: t):
+            tokens = enc(images)
+        tokens.square().mean().backward()
+        assert enc.gradient_checkpointing is enabled
+        results.append(sum(saved))
+        results.append((tokens.detach(), {n: p.grad for n, p in enc.named_parameters()}))
+    saved0, (tokens0, grads0), saved1, (tokens1, grads1) = results
+    assert saved1 < 0.7 * saved0, f"checkpointing kept {saved1} of {saved0} activation bytes"
+    torch.testing.assert_close(tokens1, tokens0, atol=1e-6, rtol=0)
+    assert grads0.keys() == grads1.keys()
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], atol=1e-6, rtol=1e-5, msg=name)

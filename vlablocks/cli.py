@@ -4,6 +4,7 @@
     vlablocks data metaworld --tasks ... --episodes N --out DIR
     vlablocks train RECIPE --data DIR [--steps N] [--out RUN] [key=value ...]
     vlablocks eval RUN --env metaworld --tasks ... --episodes N [--video]
+    vlablocks bench RECIPE [--device cpu|cuda] [--dtype fp32|bf16] [--compile [step|chunk]] [--batch B] [--steps N] [--json FILE]
 
 RECIPE is a bundled recipe name or a path to a YAML file; ``key.path=value`` arguments override
 recipe keys, and ``train.FIELD=value`` overrides a training setting (``vlablocks.trainer.TrainConfig``).
@@ -149,6 +150,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from vlablocks.bench import BenchSettings, format_table, run_bench, write_json
+
+    try:
+        settings = BenchSettings(
+            device=args.device, dtype=args.dtype, compile=args.compile, batch=args.batch, train_batch=args.train_batch,
+            steps=args.steps, repeats=args.repeats, warmup=args.warmup, train=args.train, memory=args.memory,
+        )
+    except ValueError as err:
+        sys.stderr.write(f"bench: {err}\n")
+        return 2
+    result = run_bench(args.recipe, args.overrides, settings, progress=lambda m: sys.stderr.write(f"bench: {m}\n"))
+    _out(format_table(result))
+    if args.json:
+        write_json(result, args.json)
+        _out(f"\nwritten to {args.json}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlablocks", description="Compose, inspect and check VLA recipes.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -201,6 +221,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     evaluate.add_argument("--workers", type=int, default=1,
                           help="rollout processes, each with a copy of the policy (results do not depend on it)")
     evaluate.set_defaults(fn=cmd_eval)
+    bench = sub.add_parser("bench", help="inference latency (cached vs recomputed prefix), training speed, peak memory")
+    bench.add_argument("recipe")
+    bench.add_argument("overrides", nargs="*", help="key.path=value, e.g. policy.horizon=50 vision.image_size=256")
+    bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    bench.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    bench.add_argument("--compile", nargs="?", const="step", default="off", choices=["off", "step", "chunk"],
+                       help="torch.compile the prefix pass and the denoise step (step, the default when given) "
+                            "or each whole action chunk as one graph (chunk: faster on a CPU, slow to compile)")
+    bench.add_argument("--batch", type=int, default=1, help="observations per inference call (default 1: one robot)")
+    bench.add_argument("--train-batch", type=int, default=8, help="samples per training step")
+    bench.add_argument("--steps", type=int, default=10, help="ODE steps per action chunk")
+    bench.add_argument("--repeats", type=int, default=10, help="timed runs per figure (the median is reported)")
+    bench.add_argument("--warmup", type=int, default=2, help="untimed runs first")
+    bench.add_argument("--no-train", dest="train", action="store_false", help="skip the training step")
+    bench.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory probes")
+    bench.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    bench.set_defaults(fn=cmd_bench)
     # key=value overrides may also come after options (`train R --data D k=v`): argparse leaves those over
     args, extra = parser.parse_known_args(argv)
     if extra:

@@ -79,7 +79,6 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from tqdm.auto import tqdm
 
 from vlablocks.batch import collate
-from vlablocks.blocks.dit import DiT
 from vlablocks.blocks.fusion import DeepFusionStack
 from vlablocks.io import atomic_path
 from vlablocks.vla import RECIPE_FILE, VLA, WEIGHTS_FILE
@@ -131,7 +130,7 @@ class TrainConfig:
             its random initialisation (0.999 ** 700 = 0.5).
         mixed_precision: ``"no"`` or ``"bf16"`` (accelerate's autocast; weights, optimizer and
             losses stay fp32).
-        gradient_checkpointing: recompute fusion-stack layers and DiT blocks in the backward.
+        gradient_checkpointing: recompute fusion-stack layers, DiT blocks and vision blocks in the backward.
         freeze_vision: freeze the vision encoder, projector and geometry encoder.
         freeze_backbone: freeze the base expert of the fusion stack and the text embedding.
         backbone_unfreeze_layers: with ``freeze_backbone``, still train the top ``k`` base
@@ -462,9 +461,7 @@ class Trainer:
         elif stats is None and not has_normalization_stats(vla):
             logger.warning("neither the dataset nor the policy has normalisation statistics: training on raw units")
         if config.gradient_checkpointing:
-            for module in vla.modules():
-                if isinstance(module, (DeepFusionStack, DiT)):
-                    module.gradient_checkpointing = True
+            vla.set_gradient_checkpointing(True)
 
         groups = parameter_groups(vla, config)
         trainable = {id(p) for g in groups for p in g.params.values()}

@@ -137,7 +137,7 @@ class VLA(nn.Module):
         state = self._state(batch)
         if self.config.state_mode == "text":
             tasks = [discretize_state_prompt(t, s, self.config.state_bins) for t, s in zip(tasks, state)]
-        embeds, pads, ars = [], [], []
+        embeds, pads = [], []
         if self.vision is not None:
             image_tokens, image_pad = self._embed_images(batch)
             embeds.append(image_tokens)
@@ -230,6 +230,18 @@ class VLA(nn.Module):
 
     def _suffix_state(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
         return self._state(batch) if self.config.state_mode == "suffix" else None
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute activations in the backward pass instead of keeping them: the layers of
+        the fusion stack and of DiT heads, and the blocks of the vision backbone."""
+        from vlablocks.blocks.dit import DiT
+        from vlablocks.blocks.fusion import DeepFusionStack
+
+        for module in self.modules():
+            if isinstance(module, (DeepFusionStack, DiT)):
+                module.gradient_checkpointing = enabled
+        if self.vision is not None:
+            self.vision.set_gradient_checkpointing(enabled)
 
     # ------------------------------------------------------------------ persistence
 

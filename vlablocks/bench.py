@@ -1,0 +1,487 @@
+"""``vlablocks bench``: inference latency, training throughput and peak memory of a recipe.
+
+Every figure is the median of ``repeats`` timed runs after ``warmup`` untimed ones (CUDA work is
+synchronised before each clock reading). What is timed, for a batch of random observations
+(:func:`~vlablocks.checks.random_batch`):
+
+==========================  ==================================================================
+``encode_ms``               observation -> prefix tokens (vision, geometry, text embedding)
+``prefix_ms``               the prefix pass: ``denoiser.prepare`` (the cache)
+``step_ms``                 one denoise step: ``denoiser.velocity`` over the cache
+``chunk_cached_ms``         ``FlowMatchingHead.sample``: ``prepare`` + ``N`` steps (``predict_action``
+                            after the encoding)
+``chunk_recompute_ms``      ``N`` joint passes over ``[prefix ; suffix]`` (no cache), deep fusion only
+``train_step_ms``           loss, backward and an AdamW step at ``train_batch``
+==========================  ==================================================================
+
+The cache's speed-up ``chunk_recompute_ms / chunk_cached_ms`` is reported next to the
+theoretical token-work ratio ``N (P + S) / (P + N S)`` (``P`` prefix and ``S`` suffix tokens:
+the tokens each variant pushes through the stack) and next to the ratio of counted FLOPs
+(:class:`torch.utils.flop_counter.FlopCounterMode`), which also weighs a narrower expert.
+
+Peak memory (:func:`measure_memory`): the model, its gradients and optimizer state and the
+work's transient tensors at their peak during one ``predict_action`` call or one training step;
+on CUDA ``torch.cuda.max_memory_allocated``, on the CPU the peak resident set (``VmHWM``) of a
+fresh process less its size before the model was built. Training memory is measured with and
+without gradient checkpointing.
+
+``bf16`` runs under ``torch.autocast``; for inference the weights are also cast to bf16 (as a
+deployed policy would be), for training they stay fp32 (mixed precision, as the trainer does).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from vlablocks.checks import random_batch
+from vlablocks.heads.deep_fusion import DeepFusionDenoiser
+from vlablocks.heads.denoiser import Prefix
+from vlablocks.heads.flow_matching import integrate
+from vlablocks.io import atomic_path
+from vlablocks.vla import VLA
+
+logger = logging.getLogger(__name__)
+
+Dtype = Literal["fp32", "bf16"]
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """How to measure.
+
+    Attributes:
+        device: ``"cpu"`` or ``"cuda"``.
+        dtype: ``"fp32"`` or ``"bf16"`` (autocast; see the module docstring).
+        compile: ``"off"``; ``"step"``: ``torch.compile`` (static shapes) the prefix pass, the
+            denoise step and the joint pass, each one graph that the chunk loops call, and the
+            training forward; ``"chunk"``: as ``"step"``, but each whole chunk (prefix pass and
+            ``N`` steps) is one unrolled graph: no per-step guard checks, much longer compilation.
+        batch: observations per inference call (1: one robot's control loop).
+        train_batch: samples per training step.
+        steps: ODE steps per action chunk ``N``.
+        repeats: timed runs per figure (the median is reported).
+        warmup: untimed runs before them (compilation happens here).
+        train: measure the training step.
+        memory: measure peak memory (CPU: one fresh process per figure).
+        seed: seeds the weights and the inputs.
+    """
+
+    device: str = "cpu"
+    dtype: Dtype = "fp32"
+    compile: Literal["off", "step", "chunk"] = "off"
+    batch: int = 1
+    train_batch: int = 8
+    steps: int = 10
+    repeats: int = 10
+    warmup: int = 2
+    train: bool = True
+    memory: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {self.dtype!r}")
+        if self.compile not in ("off", "step", "chunk"):
+            raise ValueError(f"compile must be 'off', 'step' or 'chunk'; got {self.compile!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda'; got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device")
+        for name in ("batch", "train_batch", "steps", "repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0; got {self.warmup}")
+
+
+@dataclass
+class BenchResult:
+    """What one ``vlablocks bench`` run measured (milliseconds, MiB; ``None``: not measured)."""
+
+    recipe: str
+    overrides: list[str]
+    settings: dict[str, Any]
+    machine: dict[str, Any]
+    parameters: int
+    prefix_tokens: int
+    suffix_tokens: int
+    encode_ms: float
+    prefix_ms: float
+    step_ms: float
+    chunk_cached_ms: float
+    chunk_recompute_ms: float | None = None
+    speedup: float | None = None
+    token_work_ratio: float | None = None
+    flop_ratio: float | None = None
+    compile_s: float | None = None
+    train_step_ms: float | None = None
+    train_samples_per_s: float | None = None
+    train_step_checkpointed_ms: float | None = None
+    memory_mib: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def speedup_vs_theory(self) -> float | None:
+        """Measured speed-up over the token-work ratio (1.0: the whole theoretical gain)."""
+        if self.speedup is None or self.token_work_ratio is None:
+            return None
+        return self.speedup / self.token_work_ratio
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "speedup_vs_theory": self.speedup_vs_theory}
+
+
+def token_work_ratio(prefix_tokens: int, suffix_tokens: int, steps: int) -> float:
+    """Tokens through the stack without / with the cache: ``N (P + S) / (P + N S)``."""
+    return steps * (prefix_tokens + suffix_tokens) / (prefix_tokens + steps * suffix_tokens)
+
+
+def machine_description(device: str) -> dict[str, Any]:
+    """CPU model, core and thread counts, torch version and, on CUDA, the GPU."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                            "torch": torch.__version__, "python": platform.python_version()}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def median_ms(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int, device: str) -> dict[str, float]:
+    """Median wall time in ms of each ``fn()``, over ``repeats`` rounds after ``warmup`` untimed ones.
+
+    The functions are interleaved (one run of each per round), so a slow spell of the machine
+    hits them all alike and their ratios stay fair.
+    """
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(1000 * (time.perf_counter() - start))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def counted_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call of ``fn`` as torch's flop counter sees them (matmuls and attention)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def build_for_bench(recipe: str, overrides: Sequence[str], seed: int, device: str) -> VLA:
+    """The recipe's model with seeded random weights (nothing loaded), on ``device``."""
+    from vlablocks.recipes.builder import build
+
+    torch.manual_seed(seed)
+    return build(recipe, overrides, load_weights=False, device=device)
+
+
+def _autocast(settings: BenchSettings) -> AbstractContextManager:
+    if settings.dtype == "fp32":
+        return nullcontext()
+    return torch.autocast(settings.device, dtype=DTYPES[settings.dtype])
+
+
+def _to_device(batch: dict[str, Any], device: str) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------------------------ inference
+
+
+def bench_inference(vla: VLA, settings: BenchSettings) -> dict[str, Any]:
+    """Timings of the encoding, the prefix pass, one denoise step and the cached / recomputed chunk.
+
+    A cached chunk is ``prepare`` + ``N`` Euler steps of ``velocity`` (what
+    :meth:`FlowMatchingHead.sample` runs); a recomputed one is ``N`` steps of ``joint_velocity``.
+    ``compile="step"`` compiles ``prepare``, ``velocity`` and ``joint_velocity``, each one graph
+    the loops call; ``compile="chunk"`` compiles each whole chunk into one unrolled graph (and
+    ``prepare`` and ``velocity`` on their own for their figures).
+    """
+    device, repeats, warmup, steps = settings.device, settings.repeats, settings.warmup, settings.steps
+    vla = vla.eval().to(DTYPES[settings.dtype])
+    batch = _to_device(random_batch(vla, settings.batch, seed=settings.seed), device)
+    denoiser = vla.head.denoiser
+    gen = torch.Generator(device).manual_seed(settings.seed)
+    noise = torch.randn((settings.batch, vla.config.horizon, vla.config.action_dim), generator=gen, device=device)
+    recompute = isinstance(denoiser, DeepFusionDenoiser)
+
+    def make_chunks(prepare: Callable, velocity: Callable, joint: Callable) -> dict[str, Callable[..., torch.Tensor]]:
+        def cached_chunk(prefix: Prefix, state: torch.Tensor | None, noise: torch.Tensor) -> torch.Tensor:
+            context = prepare(prefix)
+            return integrate(lambda x, t: velocity(context, x, t, state), noise, steps)
+
+        def recomputed_chunk(prefix: Prefix, state: torch.Tensor | None, noise: torch.Tensor) -> torch.Tensor:
+            return integrate(lambda x, t: joint(prefix, x, t, state), noise, steps)
+
+        return {"chunk_cached_ms": cached_chunk, **({"chunk_recompute_ms": recomputed_chunk} if recompute else {})}
+
+    eager = (denoiser.prepare, denoiser.velocity, getattr(denoiser, "joint_velocity", None))
+    graphs = [fn if fn is None or settings.compile == "off" else torch.compile(fn, dynamic=False) for fn in eager]
+    prepare, velocity = graphs[0], graphs[1]
+    if settings.compile == "chunk":
+        chunks = {name: torch.compile(fn, dynamic=False) for name, fn in make_chunks(*eager).items()}
+    else:
+        chunks = make_chunks(*graphs)
+    with torch.inference_mode(), _autocast(settings):
+        prefix = vla.embed_prefix(batch)
+        state = vla._suffix_state(batch)
+        out: dict[str, Any] = {"prefix_tokens": prefix.embeds.shape[1],
+                               "suffix_tokens": len(denoiser.suffix_encoder.layout(1)[0][0])}
+        if settings.dtype == "fp32":  # FLOPs do not depend on the dtype: count them once, uncompiled
+            out["flops"] = {name: counted_flops(lambda fn=fn: fn(prefix, state, noise))
+                            for name, fn in make_chunks(*eager).items()}
+        start = time.perf_counter()
+        context = prepare(prefix)  # compiles, as the first chunk calls do
+        for fn in chunks.values():
+            fn(prefix, state, noise)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if settings.compile != "off":
+            out["compile_s"] = time.perf_counter() - start
+        t = torch.full((settings.batch,), 0.5, device=device)
+        timed = {
+            "encode_ms": lambda: vla.embed_prefix(batch),
+            "prefix_ms": lambda: prepare(prefix),
+            "step_ms": lambda: velocity(context, noise, t, state),
+            **{name: (lambda fn=fn: fn(prefix, state, noise)) for name, fn in chunks.items()},
+        }
+        out.update(median_ms(timed, repeats, warmup, device))
+    return out
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+def make_train_step(vla: VLA, settings: BenchSettings) -> Callable[[], float]:
+    """A closure running one loss + backward + AdamW step on a fixed random batch."""
+    vla.train()
+    batch = _to_device(random_batch(vla, settings.train_batch, seed=settings.seed), settings.device)
+    params = [p for p in vla.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    forward = torch.compile(vla, dynamic=False) if settings.compile != "off" else vla
+    gen = torch.Generator(settings.device).manual_seed(settings.seed)
+
+    def step() -> float:
+        with _autocast(settings):
+            loss = forward(batch, generator=gen).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def bench_training(vla: VLA, settings: BenchSettings) -> dict[str, float]:
+    """Training step time without and with gradient checkpointing."""
+    out = {}
+    for checkpointed in (False, True):
+        vla.set_gradient_checkpointing(checkpointed)
+        step = make_train_step(vla, settings)
+        name = "train_step_checkpointed_ms" if checkpointed else "train_step_ms"
+        out.update(median_ms({name: step}, max(3, settings.repeats // 2), max(1, settings.warmup), settings.device))
+    vla.set_gradient_checkpointing(False)
+    out["train_samples_per_s"] = 1000 * settings.train_batch / out["train_step_ms"]
+    return out
+
+
+# ------------------------------------------------------------------------------------ memory
+
+
+def _status_mib(key: str) -> float:
+    """A ``/proc/self/status`` memory figure (``VmRSS``, ``VmHWM``) in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{key} not found in /proc/self/status (peak memory on the CPU needs Linux)")
+
+
+def _reset_peak(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        gc.collect()
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set (Linux)
+
+
+def measure_memory(kind: str, recipe: str, overrides: Sequence[str], settings: BenchSettings) -> float:
+    """Peak memory of ``kind`` (``"inference"``, ``"train"``, ``"train_checkpointed"``) in MiB.
+
+    The peak of one ``predict_action`` call or one training step (after one untimed call, so the
+    optimizer state exists), counting the model, its gradients and optimizer state, and the
+    work's transient tensors, not the interpreter and libraries. On CUDA in this process; on the
+    CPU in a fresh process (``python -m vlablocks.bench``) measuring its resident set, with
+    glibc told to return freed blocks to the system at once (``MALLOC_MMAP_THRESHOLD_``).
+    """
+    if settings.device == "cpu":
+        spec = {"kind": kind, "recipe": recipe, "overrides": list(overrides), "settings": asdict(settings)}
+        # glibc would keep freed tensors in its heap (its mmap threshold grows as blocks are
+        # freed): a fixed threshold maps every large block, so the resident set follows the live tensors
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        proc = subprocess.run([sys.executable, "-m", "vlablocks.bench", json.dumps(spec)],
+                              capture_output=True, text=True, check=False, env=env)
+        if proc.returncode:
+            raise RuntimeError(f"memory probe ({kind}) failed:\n{proc.stderr[-3000:]}")
+        return float(proc.stdout.strip().splitlines()[-1])
+    return _run_memory_probe(kind, recipe, overrides, settings)
+
+
+def _run_memory_probe(kind: str, recipe: str, overrides: Sequence[str], settings: BenchSettings) -> float:
+    device = settings.device
+    _reset_peak(device)
+    libraries = 0.0 if device == "cuda" else _status_mib("VmRSS")
+    vla = build_for_bench(recipe, overrides, settings.seed, device)
+    if kind == "inference":
+        vla = vla.eval().to(DTYPES[settings.dtype])
+        batch = _to_device(random_batch(vla, settings.batch, seed=settings.seed), device)
+
+        def work() -> None:
+            with torch.inference_mode(), _autocast(settings):
+                vla.predict_action(batch, num_steps=settings.steps)
+    else:
+        vla.set_gradient_checkpointing(kind == "train_checkpointed")
+        work = make_train_step(vla, settings)
+    work()
+    _reset_peak(device)
+    work()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+    return _status_mib("VmHWM") - libraries
+
+
+# ------------------------------------------------------------------------------------ the run
+
+
+def run_bench(
+    recipe: str,
+    overrides: Sequence[str] = (),
+    settings: BenchSettings = BenchSettings(),
+    progress: Callable[[str], None] | None = None,
+) -> BenchResult:
+    """Measure a recipe; see the module docstring for what each figure is."""
+    say = progress or (lambda message: logger.info(message))
+    vla = build_for_bench(recipe, overrides, settings.seed, settings.device)
+    parameters = sum(p.numel() for p in vla.parameters())
+    say(f"inference: batch {settings.batch}, {settings.steps} ODE steps")
+    inference = bench_inference(vla, settings)
+    steps = settings.steps
+    result = BenchResult(
+        recipe=recipe, overrides=list(overrides), settings=asdict(settings),
+        machine=machine_description(settings.device), parameters=parameters,
+        prefix_tokens=inference["prefix_tokens"], suffix_tokens=inference["suffix_tokens"],
+        encode_ms=inference["encode_ms"], prefix_ms=inference["prefix_ms"], step_ms=inference["step_ms"],
+        chunk_cached_ms=inference["chunk_cached_ms"],
+        compile_s=inference.get("compile_s"),
+    )
+    if "chunk_recompute_ms" in inference:
+        result.chunk_recompute_ms = inference["chunk_recompute_ms"]
+        result.speedup = result.chunk_recompute_ms / result.chunk_cached_ms
+        result.token_work_ratio = token_work_ratio(result.prefix_tokens, result.suffix_tokens, steps)
+        flops = inference.get("flops", {})
+        if "chunk_recompute_ms" in flops:
+            result.flop_ratio = flops["chunk_recompute_ms"] / flops["chunk_cached_ms"]
+    del vla
+    if settings.compile != "off":
+        torch._dynamo.reset()  # drop the compiled graphs and what they hold
+    gc.collect()
+    if settings.device == "cuda":
+        torch.cuda.empty_cache()
+    if settings.train:
+        say(f"training: batch {settings.train_batch}, with and without gradient checkpointing")
+        result.__dict__.update(bench_training(
+            build_for_bench(recipe, overrides, settings.seed, settings.device), settings))
+    if settings.memory:
+        kinds: Iterable[str] = ("inference", "train", "train_checkpointed") if settings.train else ("inference",)
+        for kind in kinds:
+            say(f"peak memory: {kind}")
+            result.memory_mib[kind] = measure_memory(kind, recipe, overrides, settings)
+    return result
+
+
+def format_table(result: BenchResult) -> str:
+    """The human-readable report printed by ``vlablocks bench``."""
+    s = result.settings
+    lines = [
+        f"recipe     {result.recipe} {' '.join(result.overrides)}".rstrip(),
+        f"machine    {result.machine.get('gpu') or result.machine['cpu']} ({result.machine['torch_threads']} threads), "
+        f"torch {result.machine['torch']}",
+        f"settings   {s['device']} {s['dtype']}{'' if s['compile'] == 'off' else ', compiled per ' + s['compile']}, batch {s['batch']}, "
+        f"{s['steps']} ODE steps, median of {s['repeats']} after {s['warmup']} warm-up",
+        f"model      {result.parameters:,} parameters; prefix P = {result.prefix_tokens} tokens, "
+        f"suffix S = {result.suffix_tokens} tokens",
+        "",
+        f"{'figure':34s} {'value':>12s}",
+    ]
+
+    def row(name: str, value: float | None, unit: str = "ms") -> None:
+        if value is not None:
+            lines.append(f"{name:34s} {value:12.2f} {unit}")
+
+    row("observation encoding", result.encode_ms)
+    row("prefix pass (cache)", result.prefix_ms)
+    row("one denoise step", result.step_ms)
+    row(f"chunk, cached ({s['steps']} steps)", result.chunk_cached_ms)
+    row(f"chunk, full recompute ({s['steps']} steps)", result.chunk_recompute_ms)
+    row("observation to actions", result.encode_ms + result.chunk_cached_ms)
+    if result.speedup is not None:
+        row("cache speed-up", result.speedup, "x")
+        row("  theoretical (token work)", result.token_work_ratio, "x")
+        row("  theoretical (counted FLOPs)", result.flop_ratio, "x")
+        row("  achieved / token-work ratio", result.speedup_vs_theory, "")
+    row("compilation (first calls)", result.compile_s, "s")
+    if result.train_step_ms is not None:
+        row(f"training step (batch {s['train_batch']})", result.train_step_ms)
+        row("  samples / s", result.train_samples_per_s, "")
+        row("  with gradient checkpointing", result.train_step_checkpointed_ms)
+    memory = result.memory_mib
+    for kind, label in (("inference", "inference"), ("train", "training"),
+                        ("train_checkpointed", "training, checkpointed")):
+        row(f"peak memory, {label}", memory.get(kind), "MiB")
+    if "train" in memory and "train_checkpointed" in memory:
+        row("  checkpointing cuts it by", memory["train"] / memory["train_checkpointed"], "x")
+    return "\n".join(lines)
+
+
+def write_json(result: BenchResult, path: str | Path) -> None:
+    """Write the result as JSON, atomically."""
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":  # the memory probe's fresh process (see measure_memory)
+    spec = json.loads(sys.argv[1])
+    peak = _run_memory_probe(spec["kind"], spec["recipe"], spec["overrides"], BenchSettings(**spec["settings"]))
+    sys.stdout.write(f"{peak}\n")
