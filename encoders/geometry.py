@@ -218,8 +218,9 @@ def patch_points(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One 3D point per patch of a ``gh x gw`` grid, in row-major order (a ViT's token order).
 
-    ``H`` and ``W`` must be multiples of ``gh`` and ``gw``; a patch is ``ph x pw =
-    H / gh x W / gw`` pixels.
+    A patch is ``ph x pw = H // gh x W // gw`` pixels; the last ``H % gh`` rows and ``W % gw``
+    columns are dropped, as a strided patch embedding never reads them (SigLIP's 14-pixel
+    patches cover 378 of 384 pixels).
 
     - ``"nearest"`` (LLaVA-3D's nearest downsampling): the pixel nearest the patch centre, row
       ``i * ph + ph // 2`` and column ``j * pw + pw // 2`` (for an even patch size the centre
@@ -237,12 +238,13 @@ def patch_points(
     _check_shape("valid", valid, points.shape[:3], "[B, H, W] (the points' B, H, W)")
     batch, height, width = points.shape[:3]
     gh, gw = grid
-    if gh <= 0 or gw <= 0 or height % gh or width % gw:
+    if not (0 < gh <= height and 0 < gw <= width):
         raise ValueError(
-            f"the geometry's H, W must be positive multiples of grid (gh, gw); got H, W = ({height}, {width}) "
-            f"and grid = {tuple(grid)}"
+            f"the geometry needs at least one pixel per patch: H, W >= grid (gh, gw) > 0; got H, W = "
+            f"({height}, {width}) and grid = {tuple(grid)}"
         )
-    valid = valid.bool()
+    height, width = gh * (height // gh), gw * (width // gw)
+    points, valid = points[:, :height, :width], valid[:, :height, :width].bool()
     points = torch.where(valid[..., None], points, torch.zeros((), dtype=points.dtype, device=points.device))
     xyz, patch_valid = _PATCH_MODES[mode](points, valid, (gh, gw))
     return xyz.reshape(batch, gh * gw, 3), patch_valid.reshape(batch, gh * gw)

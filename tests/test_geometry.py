@@ -194,10 +194,19 @@ def test_patch_points_mean_matches_loop() -> None:
     assert not patch_valid[0, 0]
 
 
+@pytest.mark.parametrize("mode", ["nearest", "mean"])
+def test_patch_points_drop_the_pixels_a_strided_patch_embedding_never_reads(mode) -> None:
+    # 12 x 16 pixels on a 5 x 3 grid: 2 x 5 pixel patches over the top-left 10 x 15 pixels
+    points, valid = index_points(), torch.rand(2, H, W, generator=torch.Generator().manual_seed(0)) > 0.3
+    cropped = patch_points(points[:, :10, :15], valid[:, :10, :15], (5, 3), mode)
+    for got, expected in zip(patch_points(points, valid, (5, 3), mode), cropped):
+        assert torch.equal(got, expected)
+
+
 def test_patch_points_errors() -> None:
     points, valid = index_points(), torch.ones(2, H, W, dtype=torch.bool)
-    with pytest.raises(ValueError, match=r"multiples of grid.*H, W = \(12, 16\) and grid = \(5, 4\)"):
-        patch_points(points, valid, (5, 4))
+    with pytest.raises(ValueError, match=r"at least one pixel per patch.*H, W = \(12, 16\) and grid = \(13, 4\)"):
+        patch_points(points, valid, (13, 4))
     with pytest.raises(ValueError, match=r"patch mode must be one of \['mean', 'nearest'\], got 'bilinear'"):
         patch_points(points, valid, (3, 4), "bilinear")
     with pytest.raises(ValueError, match=r"valid must have shape \[B, H, W\]"):
@@ -463,8 +472,8 @@ def test_geometry_encoder_input_errors() -> None:
         encoder(vision, GRID, depth=depth)
     with pytest.raises(ValueError, match=r"incomplete geometry input \(ray_directions, depth_along_ray\): got only ray"):
         encoder(vision, GRID, ray_directions=points)
-    with pytest.raises(ValueError, match=r"multiples of grid.*H, W = \(12, 16\) and grid = \(3, 5\)"):
-        encoder(torch.zeros(2, 15, DIM), (3, 5), depth=depth, intrinsics=k)
+    with pytest.raises(ValueError, match=r"at least one pixel per patch.*H, W = \(12, 16\) and grid = \(3, 17\)"):
+        encoder(torch.zeros(2, 51, DIM), (3, 17), depth=depth, intrinsics=k)
     with pytest.raises(ValueError, match=r"vision_tokens must have shape \[B, gh \* gw, vision_dim\] = \[B, 12, 8\]"):
         encoder(vision[:, :10], GRID, depth=depth, intrinsics=k)
     with pytest.raises(ValueError, match=r"batch size must match vision_tokens' \(1\), got 2"):

@@ -35,7 +35,8 @@ def random_shift(
     if max_shift <= 0:
         return images, depth, intrinsics
     b, n, c, h, w = images.shape
-    offsets = torch.randint(-max_shift, max_shift + 1, (b, 2), generator=generator).to(images.device)
+    draw_on = None if generator is None else generator.device  # a CUDA generator draws on the GPU
+    offsets = torch.randint(-max_shift, max_shift + 1, (b, 2), generator=generator, device=draw_on).to(images.device)
     dx, dy = offsets[:, 0], offsets[:, 1]
     rows = (torch.arange(h, device=images.device)[None, :] + dy[:, None]).clamp(0, h - 1)  # [B, H]
     cols = (torch.arange(w, device=images.device)[None, :] + dx[:, None]).clamp(0, w - 1)  # [B, W]

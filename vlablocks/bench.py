@@ -1,15 +1,15 @@
 """``vlablocks bench``: inference latency, training throughput and peak memory of a recipe.
 
-Every figure is the median of ``repeats`` timed runs after ``warmup`` untimed ones (CUDA work is
-synchronised before each clock reading). What is timed, for a batch of random observations
-(:func:`~vlablocks.checks.random_batch`):
+Every figure is the median of ``repeats`` timed rounds after ``warmup`` untimed ones, the
+functions interleaved within a round (CUDA work is synchronised before each clock reading).
+What is timed, for a batch of random observations (:func:`~vlablocks.checks.random_batch`):
 
 ==========================  ==================================================================
 ``encode_ms``               observation -> prefix tokens (vision, geometry, text embedding)
 ``prefix_ms``               the prefix pass: ``denoiser.prepare`` (the cache)
 ``step_ms``                 one denoise step: ``denoiser.velocity`` over the cache
-``chunk_cached_ms``         ``FlowMatchingHead.sample``: ``prepare`` + ``N`` steps (``predict_action``
-                            after the encoding)
+``chunk_cached_ms``         ``prepare`` + ``N`` Euler steps (``FlowMatchingHead.sample``;
+                            ``encode_ms + chunk_cached_ms`` is observation to actions)
 ``chunk_recompute_ms``      ``N`` joint passes over ``[prefix ; suffix]`` (no cache), deep fusion only
 ``train_step_ms``           loss, backward and an AdamW step at ``train_batch``
 ==========================  ==================================================================
@@ -219,6 +219,41 @@ def _to_device(batch: dict[str, Any], device: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ inference
 
 
+ChunkFn = Callable[[Prefix, "torch.Tensor | None", torch.Tensor], torch.Tensor]
+
+
+def chunk_functions(
+    denoiser: torch.nn.Module,
+    steps: int,
+    prepare: Callable | None = None,
+    velocity: Callable | None = None,
+    joint: Callable | None = None,
+) -> dict[str, ChunkFn]:
+    """The timed chunk functions ``(prefix, state, noise [B, H, A]) -> actions [B, H, A]``.
+
+    ``"chunk_cached_ms"``: ``prepare`` once, then ``steps`` Euler steps of ``velocity`` over the
+    cache (what :meth:`FlowMatchingHead.sample` runs); ``"chunk_recompute_ms"`` (deep-fusion
+    denoisers only): ``steps`` Euler steps of ``joint_velocity``, the prefix recomputed in each.
+    ``prepare`` / ``velocity`` / ``joint`` replace the denoiser's methods (e.g. compiled ones).
+    """
+    prepare = prepare or denoiser.prepare
+    velocity = velocity or denoiser.velocity
+
+    def cached(prefix: Prefix, state: torch.Tensor | None, noise: torch.Tensor) -> torch.Tensor:
+        context = prepare(prefix)
+        return integrate(lambda x, t: velocity(context, x, t, state), noise, steps)
+
+    functions: dict[str, ChunkFn] = {"chunk_cached_ms": cached}
+    if isinstance(denoiser, DeepFusionDenoiser):
+        joint = joint or denoiser.joint_velocity
+
+        def recomputed(prefix: Prefix, state: torch.Tensor | None, noise: torch.Tensor) -> torch.Tensor:
+            return integrate(lambda x, t: joint(prefix, x, t, state), noise, steps)
+
+        functions["chunk_recompute_ms"] = recomputed
+    return functions
+
+
 def bench_inference(vla: VLA, settings: BenchSettings) -> dict[str, Any]:
     """Timings of the encoding, the prefix pass, one denoise step and the cached / recomputed chunk.
 
@@ -234,25 +269,13 @@ def bench_inference(vla: VLA, settings: BenchSettings) -> dict[str, Any]:
     denoiser = vla.head.denoiser
     gen = torch.Generator(device).manual_seed(settings.seed)
     noise = torch.randn((settings.batch, vla.config.horizon, vla.config.action_dim), generator=gen, device=device)
-    recompute = isinstance(denoiser, DeepFusionDenoiser)
-
-    def make_chunks(prepare: Callable, velocity: Callable, joint: Callable) -> dict[str, Callable[..., torch.Tensor]]:
-        def cached_chunk(prefix: Prefix, state: torch.Tensor | None, noise: torch.Tensor) -> torch.Tensor:
-            context = prepare(prefix)
-            return integrate(lambda x, t: velocity(context, x, t, state), noise, steps)
-
-        def recomputed_chunk(prefix: Prefix, state: torch.Tensor | None, noise: torch.Tensor) -> torch.Tensor:
-            return integrate(lambda x, t: joint(prefix, x, t, state), noise, steps)
-
-        return {"chunk_cached_ms": cached_chunk, **({"chunk_recompute_ms": recomputed_chunk} if recompute else {})}
-
     eager = (denoiser.prepare, denoiser.velocity, getattr(denoiser, "joint_velocity", None))
     graphs = [fn if fn is None or settings.compile == "off" else torch.compile(fn, dynamic=False) for fn in eager]
     prepare, velocity = graphs[0], graphs[1]
     if settings.compile == "chunk":
-        chunks = {name: torch.compile(fn, dynamic=False) for name, fn in make_chunks(*eager).items()}
+        chunks = {name: torch.compile(fn, dynamic=False) for name, fn in chunk_functions(denoiser, steps).items()}
     else:
-        chunks = make_chunks(*graphs)
+        chunks = chunk_functions(denoiser, steps, *graphs)
     with torch.inference_mode(), _autocast(settings):
         prefix = vla.embed_prefix(batch)
         state = vla._suffix_state(batch)
@@ -260,7 +283,7 @@ def bench_inference(vla: VLA, settings: BenchSettings) -> dict[str, Any]:
                                "suffix_tokens": len(denoiser.suffix_encoder.layout(1)[0][0])}
         if settings.dtype == "fp32":  # FLOPs do not depend on the dtype: count them once, uncompiled
             out["flops"] = {name: counted_flops(lambda fn=fn: fn(prefix, state, noise))
-                            for name, fn in make_chunks(*eager).items()}
+                            for name, fn in chunk_functions(denoiser, steps).items()}
         start = time.perf_counter()
         context = prepare(prefix)  # compiles, as the first chunk calls do
         for fn in chunks.values():
@@ -336,6 +359,9 @@ def _reset_peak(device: str) -> None:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set (Linux)
 
 
+MEMORY_KINDS = ("inference", "train", "train_checkpointed")
+
+
 def measure_memory(kind: str, recipe: str, overrides: Sequence[str], settings: BenchSettings) -> float:
     """Peak memory of ``kind`` (``"inference"``, ``"train"``, ``"train_checkpointed"``) in MiB.
 
@@ -345,6 +371,8 @@ def measure_memory(kind: str, recipe: str, overrides: Sequence[str], settings: B
     CPU in a fresh process (``python -m vlablocks.bench``) measuring its resident set, with
     glibc told to return freed blocks to the system at once (``MALLOC_MMAP_THRESHOLD_``).
     """
+    if kind not in MEMORY_KINDS:
+        raise ValueError(f"kind must be one of {MEMORY_KINDS}; got {kind!r}")
     if settings.device == "cpu":
         spec = {"kind": kind, "recipe": recipe, "overrides": list(overrides), "settings": asdict(settings)}
         # glibc would keep freed tensors in its heap (its mmap threshold grows as blocks are
@@ -424,7 +452,7 @@ def run_bench(
         result.__dict__.update(bench_training(
             build_for_bench(recipe, overrides, settings.seed, settings.device), settings))
     if settings.memory:
-        kinds: Iterable[str] = ("inference", "train", "train_checkpointed") if settings.train else ("inference",)
+        kinds: Iterable[str] = MEMORY_KINDS if settings.train else ("inference",)
         for kind in kinds:
             say(f"peak memory: {kind}")
             result.memory_mib[kind] = measure_memory(kind, recipe, overrides, settings)

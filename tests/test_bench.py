@@ -1,0 +1,109 @@
+"""vlablocks bench: what it measures is what it says (the figures themselves are for docs/benchmarks.md)."""
+
+import json
+
+import pytest
+import torch
+
+from vlablocks.bench import BenchSettings, counted_flops, format_table, measure_memory, run_bench, token_work_ratio
+from vlablocks.checks import random_batch
+from vlablocks.cli import main
+from vlablocks.recipes.builder import build
+
+QUICK = dict(repeats=1, warmup=0, train_batch=2)
+
+
+def test_token_work_ratio_counts_the_tokens_each_variant_pushes_through_the_stack():
+    # no cache: N passes over P + S tokens; cache: one pass over P, then N over S
+    assert token_work_ratio(300, 51, 10) == pytest.approx(10 * 351 / (300 + 510))
+    assert token_work_ratio(300, 51, 1) == pytest.approx(1.0)
+    assert token_work_ratio(0, 51, 10) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("dtype", "fp16", "dtype must be one of"),
+    ("compile", "yes", "compile must be 'off', 'step' or 'chunk'"),
+    ("device", "tpu", "device must be 'cpu' or 'cuda'"),
+    ("steps", 0, "steps must be >= 1; got 0"),
+    ("warmup", -1, "warmup must be >= 0; got -1"),
+])
+def test_settings_errors_name_the_field(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        BenchSettings(**{field: value})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given on a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error():
+    with pytest.raises(ValueError, match="torch sees no CUDA device"):
+        BenchSettings(device="cuda")
+
+
+def test_run_bench_reports_consistent_figures_for_a_deep_fusion_recipe():
+    overrides = ["policy.horizon=20"]
+    result = run_bench("tiny_llava3d_deepfusion", overrides, BenchSettings(memory=False, steps=4, **QUICK))
+    vla = build("tiny_llava3d_deepfusion", overrides)
+    assert result.prefix_tokens == vla.embed_prefix(random_batch(vla, 1)).embeds.shape[1]
+    assert result.suffix_tokens == 20 + 2  # state token, 20 action tokens, time token
+    assert result.parameters == sum(p.numel() for p in vla.parameters())
+    for name in ("encode_ms", "prefix_ms", "step_ms", "chunk_cached_ms", "chunk_recompute_ms", "train_step_ms",
+                 "train_step_checkpointed_ms"):
+        assert getattr(result, name) > 0, name
+    assert result.speedup == pytest.approx(result.chunk_recompute_ms / result.chunk_cached_ms)
+    assert result.token_work_ratio == pytest.approx(token_work_ratio(result.prefix_tokens, 22, 4))
+    assert result.speedup_vs_theory == pytest.approx(result.speedup / result.token_work_ratio)
+    assert result.train_samples_per_s == pytest.approx(2000 / result.train_step_ms)
+    # the narrower expert makes a recomputed chunk cost more FLOPs than the token count says
+    assert result.flop_ratio > result.token_work_ratio > 1
+    table = format_table(result)
+    assert "cache speed-up" in table and "achieved / token-work ratio" in table and "training step (batch 2)" in table
+
+
+def test_counted_flops_of_a_matmul():
+    a, b = torch.randn(8, 16), torch.randn(16, 4)
+    assert counted_flops(lambda: a @ b) == 2 * 8 * 16 * 4
+
+
+def test_dit_recipe_has_no_recompute_figure():
+    result = run_bench("tiny_llava3d_dit_layerwise", [], BenchSettings(memory=False, train=False, **QUICK))
+    assert result.chunk_recompute_ms is None and result.speedup is None and result.chunk_cached_ms > 0
+    assert "full recompute" not in format_table(result)
+
+
+def test_gradient_checkpointing_lowers_the_measured_training_peak():
+    settings = BenchSettings(train_batch=8)
+    overrides = ["vision.image_size=256"]  # enough activations to dwarf the fixed allocations
+    plain = measure_memory("train", "tiny_llava3d_deepfusion", overrides, settings)
+    checkpointed = measure_memory("train_checkpointed", "tiny_llava3d_deepfusion", overrides, settings)
+    inference = measure_memory("inference", "tiny_llava3d_deepfusion", overrides, settings)
+    assert 0 < checkpointed < 0.8 * plain, (checkpointed, plain)
+    assert 0 < inference < plain
+
+
+def test_cli_bench_prints_the_table_and_writes_json(capsys, tmp_path):
+    path = tmp_path / "bench.json"
+    code = main(["bench", "tiny_llava3d_deepfusion", "policy.horizon=8", "--steps", "3", "--repeats", "1",
+                 "--warmup", "0", "--no-train", "--no-memory", "--json", str(path)])
+    out = capsys.readouterr().out
+    assert code == 0 and "chunk, cached (3 steps)" in out and f"written to {path}" in out
+    data = json.loads(path.read_text())
+    assert data["settings"]["steps"] == 3 and data["overrides"] == ["policy.horizon=8"]
+    assert data["suffix_tokens"] == 10 and data["train_step_ms"] is None and data["memory_mib"] == {}
+    assert data["speedup_vs_theory"] == pytest.approx(data["speedup"] / data["token_work_ratio"])
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # no temporary file left behind
+
+
+def test_cli_bench_rejects_bad_settings(capsys):
+    assert main(["bench", "tiny_llava3d_deepfusion", "--steps", "0"]) == 2
+    assert "steps must be >= 1; got 0" in capsys.readouterr().err
+
+
+def test_replace_section_rewrites_only_between_its_markers(tmp_path):
+    from vlablocks.io import replace_section
+
+    doc = tmp_path / "doc.md"
+    doc.write_text("intro\n<!-- t:begin -->\nold\nrows\n<!-- t:end -->\noutro\n<!-- u:begin -->\nkeep\n<!-- u:end -->\n")
+    replace_section(doc, "t", "| new |\n")
+    assert doc.read_text() == "intro\n<!-- t:begin -->\n| new |\n<!-- t:end -->\noutro\n<!-- u:begin -->\nkeep\n<!-- u:end -->\n"
+    with pytest.raises(ValueError, match="has no '<!-- v:begin -->'"):
+        replace_section(doc, "v", "x")
+    assert [p.name for p in tmp_path.iterdir()] == ["doc.md"]
