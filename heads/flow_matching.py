@@ -130,6 +130,25 @@ def masked_cosine_similarity(
     return torch.where(valid_steps, cosine, 0.0).sum() / valid_steps.sum().clamp_min(1)
 
 
+def loss_floor(t: torch.Tensor, residual_var: float | torch.Tensor) -> torch.Tensor:
+    """The smallest expected loss at flow time ``t`` of a model whose knowledge of the action
+    (one normalised element) given the observation leaves a Gaussian error of variance ``s2``.
+
+    With ``a ~ N(a_hat, s2)``, ``eps ~ N(0, 1)`` and ``x_t = t eps + (1 - t) a``, the best
+    prediction of ``u = eps - a`` from ``x_t`` (and ``a_hat``) has error variance
+
+        Var(u | x_t) = s2 / (t^2 + (1 - t)^2 s2)
+
+    so the floor is ``s2`` at ``t = 1`` (pure noise: the error of the mean action), 1 at ``t = 0``
+    (the noise is unobservable there) and ``~ s2 / t^2`` in between when ``s2`` is small: a loss
+    near pi0's ~0.02 needs the action nearly determined by the observation. Shapes: ``t [...]``
+    (and ``residual_var`` broadcasting with it) -> ``[...]``.
+    """
+    s2 = torch.as_tensor(residual_var, dtype=torch.float64)
+    t = t.double()
+    return s2 / (t**2 + (1 - t) ** 2 * s2)
+
+
 # --------------------------------------------------------------------------------------------
 # ODE solvers, from t = 1 (noise) to t = 0 (data)
 # --------------------------------------------------------------------------------------------
@@ -285,6 +304,7 @@ class FlowMatchingHead(nn.Module):
         step_mask: torch.Tensor | None = None,
         dim_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        t: torch.Tensor | None = None,
     ) -> FlowMatchingOutput:
         """The flow-matching loss of a batch (see ``masked_mse`` for the reduction).
 
@@ -295,6 +315,8 @@ class FlowMatchingHead(nn.Module):
             step_mask: ``[B, H]`` bool, False for out-of-episode steps.
             dim_mask: ``[A]`` or ``[B, A]`` bool, False for padded action dims.
             generator: draws the times and the noise (on the device of ``actions``).
+            t: ``[B]`` flow times to use for every noise sample instead of drawing them from
+                the time sampler (diagnostics: the loss at a given t).
         """
         batch = self._check_inputs(prefix, state)
         expected = (batch, self.horizon, self.action_dim)
@@ -302,23 +324,25 @@ class FlowMatchingHead(nn.Module):
             raise ValueError(
                 f"actions must have shape [B, H, A] = {list(expected)}, got {list(actions.shape)}"
             )
-        # Check the masks before running the network.
+        # Check the masks and times before running the network.
         valid_elements(actions.shape, step_mask, dim_mask, actions.device)
+        if t is not None and tuple(t.shape) != (batch,):
+            raise ValueError(f"t must have shape [B] = [{batch}], got {list(t.shape)}")
 
         context = self.denoiser.prepare(prefix)
         losses, cosines, times = [], [], []
         for _ in range(self.num_noise_samples):
-            t = self.time_sampler(batch, actions.device, generator)
+            t_k = self.time_sampler(batch, actions.device, generator) if t is None else t.to(actions.device)
             noise = torch.randn(
                 actions.shape, generator=generator, device=actions.device, dtype=actions.dtype
             )
-            velocity = self.denoiser.velocity(context, flow_path(actions, noise, t), t, state)
+            velocity = self.denoiser.velocity(context, flow_path(actions, noise, t_k), t_k, state)
             target = flow_target(actions, noise)
             losses.append(masked_mse(velocity, target, step_mask, dim_mask))
             cosines.append(
                 masked_cosine_similarity(velocity.detach(), target, step_mask, dim_mask)
             )
-            times.append(t)
+            times.append(t_k)
         return FlowMatchingOutput(
             loss=torch.stack(losses).mean(),
             vel_cosine=torch.stack(cosines).mean(),

@@ -16,6 +16,7 @@ from vlablocks.heads.flow_matching import (
     flow_path,
     flow_target,
     integrate,
+    loss_floor,
     masked_cosine_similarity,
     masked_mse,
 )
@@ -412,6 +413,20 @@ def test_loss_prepares_once_per_call(num_noise_samples: int) -> None:
     assert out.t.min() >= 0.001 and out.t.max() <= 1.0
 
 
+def test_loss_at_given_times_uses_them_for_every_noise_sample() -> None:
+    head = make_head(num_noise_samples=2)
+    prefix, state, actions = make_batch()
+    t = torch.linspace(0.1, 0.9, BATCH)
+    out = head.loss(prefix, actions, state, t=t, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(out.t, torch.stack([t, t]))
+    # the same times and noise draws give the same loss; other times a different one
+    again = head.loss(prefix, actions, state, t=t, generator=torch.Generator().manual_seed(3))
+    other = head.loss(prefix, actions, state, t=1 - t, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(out.loss, again.loss) and not torch.equal(out.loss, other.loss)
+    with pytest.raises(ValueError, match=rf"t must have shape \[B\] = \[{BATCH}\], got \[{BATCH}, 1\]"):
+        head.loss(prefix, actions, state, t=t[:, None])
+
+
 @pytest.mark.parametrize(
     ("num_steps", "solver", "evaluations"), [(1, "euler", 1), (5, "euler", 5), (3, "midpoint", 6)]
 )
@@ -551,3 +566,20 @@ def test_constructor_argument_errors() -> None:
         make_head(solver="rk4")
     with pytest.raises(TypeError, match="denoiser must be an nn.Module .* got Linear"):
         FlowMatchingHead(nn.Linear(2, 2), HORIZON, ACTION_DIM)
+
+
+@pytest.mark.parametrize("s2", [0.01, 0.3, 1.0])
+def test_loss_floor_is_the_residual_variance_of_the_best_linear_predictor(s2):
+    # jointly Gaussian (a, eps): the best predictor of u = eps - a from x_t is linear, so the
+    # residual variance of a least-squares fit on samples must match the closed form
+    gen = torch.Generator().manual_seed(0)
+    n = 400_000
+    a = s2**0.5 * torch.randn(n, generator=gen, dtype=torch.float64)  # a - a_hat
+    eps = torch.randn(n, generator=gen, dtype=torch.float64)
+    for t in (0.05, 0.3, 0.7, 1.0):
+        x = t * eps + (1 - t) * a
+        u = eps - a
+        beta = (x * u).mean() / (x * x).mean()
+        empirical = (u - beta * x).var()
+        assert abs(empirical - loss_floor(torch.tensor(t), s2)) < 0.01 * max(1.0, empirical), (t, s2)
+    assert torch.allclose(loss_floor(torch.tensor([0.0, 1.0]), s2), torch.tensor([1.0, s2], dtype=torch.float64))

@@ -32,6 +32,16 @@ def test_train_resume_and_eval_through_the_cli(data_dir, tmp_path, capsys):
     assert TASK in out and "mean over tasks" in out
     results = json.loads((run / "eval" / "results.json").read_text())
     assert set(results["per_task"]) == {TASK} and 0.0 <= results["mean"] <= 1.0 and results["ema"] is True
+    # the diagnostic report, on the data the run trained on (found through data.json)
+    assert main(["report", str(run), "--samples", "8", "--batch", "4", "--t-bins", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "## Loss by flow time" in out and "| 0.88 |" in out and f"written to {run / 'report'}/" in out
+    report = json.loads((run / "report" / "report.json").read_text())
+    assert report["training"]["steps"] == 3 and report["samples"] == 8
+    assert report["t_centres"] == [0.125, 0.375, 0.625, 0.875] and len(report["loss_by_t"]) == 4
+    assert len(report["error_by_dim"]) == 4 and len(report["error_by_step"]) == 4  # tiny_pi0: horizon 4
+    assert all(x > 0 for x in report["loss_by_t"]) and report["residual_var"] > 0
+    assert {p.name for p in (run / "report").iterdir()} == {"report.md", "report.json", "report.png"}
 
 
 def test_train_rejects_a_dataset_that_does_not_fit(data_dir, tmp_path):

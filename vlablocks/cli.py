@@ -4,6 +4,7 @@
     vlablocks data metaworld --tasks ... --episodes N --out DIR
     vlablocks train RECIPE --data DIR [--steps N] [--out RUN] [key=value ...]
     vlablocks eval RUN --env metaworld --tasks ... --episodes N [--video]
+    vlablocks report RUN [--data DIR] [--samples N]            loss by flow time, action errors, gradients
     vlablocks bench RECIPE [--device cpu|cuda] [--dtype fp32|bf16] [--compile [step|chunk]] [--batch B] [--steps N] [--json FILE]
 
 RECIPE is a bundled recipe name or a path to a YAML file; ``key.path=value`` arguments override
@@ -150,6 +151,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from vlablocks.report import build_report, format_report, write_report
+
+    report = build_report(args.run, data=args.data, samples=args.samples, batch_size=args.batch,
+                          t_bins=args.t_bins, use_ema=args.ema, seed=args.seed)
+    out = write_report(report, args.out)
+    _out(format_report(report))
+    _out(f"written to {out}/ (report.md, report.json, report.png)")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from vlablocks.bench import BenchSettings, format_table, run_bench, write_json
 
@@ -221,6 +233,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     evaluate.add_argument("--workers", type=int, default=1,
                           help="rollout processes, each with a copy of the policy (results do not depend on it)")
     evaluate.set_defaults(fn=cmd_eval)
+    report = sub.add_parser("report", help="why a run's loss is where it is: loss by flow time, action errors")
+    report.add_argument("run", help="a training run directory")
+    report.add_argument("--data", default=None, help="dataset (default: the one the run trained on)")
+    report.add_argument("--samples", type=int, default=256, help="dataset items to evaluate")
+    report.add_argument("--batch", type=int, default=32)
+    report.add_argument("--t-bins", type=int, default=10, help="flow-time bins")
+    report.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights, not the EMA")
+    report.add_argument("--seed", type=int, default=0)
+    report.add_argument("--out", default=None, help="output folder (default RUN/report)")
+    report.set_defaults(fn=cmd_report)
+
     bench = sub.add_parser("bench", help="inference latency (cached vs recomputed prefix), training speed, peak memory")
     bench.add_argument("recipe")
     bench.add_argument("overrides", nargs="*", help="key.path=value, e.g. policy.horizon=50 vision.image_size=256")

@@ -192,8 +192,13 @@ class VLA(nn.Module):
 
     # ------------------------------------------------------------------ policy contract
 
-    def forward(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> FlowMatchingOutput:
-        """Flow-matching loss of a batch (normalised actions; padded steps and dims masked)."""
+    def forward(
+        self, batch: Mapping[str, Any], generator: torch.Generator | None = None, t: torch.Tensor | None = None
+    ) -> FlowMatchingOutput:
+        """Flow-matching loss of a batch (normalised actions; padded steps and dims masked).
+
+        ``t [B]``: fixed flow times instead of the head's time sampler (diagnostics).
+        """
         if batch.get(keys.ACTIONS) is None:
             raise ValueError("batch['actions'] is missing: forward() computes the training loss")
         if self.training and self.config.image_shift and batch.get(keys.IMAGES) is not None:
@@ -213,6 +218,7 @@ class VLA(nn.Module):
             step_mask=None if step_mask is None else step_mask.bool(),
             dim_mask=dim_mask,
             generator=generator,
+            t=t,
         )
 
     @torch.no_grad()
