@@ -1,6 +1,5 @@
 """Vision backbones and projectors: token contract, parity with transformers / timm, errors."""
 
-import re
 import pytest
 import timm
 import torch
