@@ -130,23 +130,31 @@ def masked_cosine_similarity(
     return torch.where(valid_steps, cosine, 0.0).sum() / valid_steps.sum().clamp_min(1)
 
 
-def loss_floor(t: torch.Tensor, residual_var: float | torch.Tensor) -> torch.Tensor:
-    """The smallest expected loss at flow time ``t`` of a model whose knowledge of the action
-    (one normalised element) given the observation leaves a Gaussian error of variance ``s2``.
+def gaussian_loss_curve(t: torch.Tensor, residual_var: float | torch.Tensor) -> torch.Tensor:
+    """The smallest expected loss at flow time ``t`` for an action element that, given the
+    observation, is Gaussian with variance ``s2`` (normalised units) and independent of the others.
 
     With ``a ~ N(a_hat, s2)``, ``eps ~ N(0, 1)`` and ``x_t = t eps + (1 - t) a``, the best
     prediction of ``u = eps - a`` from ``x_t`` (and ``a_hat``) has error variance
 
         Var(u | x_t) = s2 / (t^2 + (1 - t)^2 s2)
 
-    so the floor is ``s2`` at ``t = 1`` (pure noise: the error of the mean action), 1 at ``t = 0``
-    (the noise is unobservable there) and ``~ s2 / t^2`` in between when ``s2`` is small: a loss
-    near pi0's ~0.02 needs the action nearly determined by the observation. Shapes: ``t [...]``
-    (and ``residual_var`` broadcasting with it) -> ``[...]``.
+    ``s2`` at ``t = 1`` (pure noise: the error of the mean action), 1 at ``t = 0`` (the noise is
+    unobservable there), ``~ s2 / t^2`` in between when ``s2`` is small. Real action chunks are
+    smooth and correlated across steps and dims, so at small ``t`` part of the noise can be told
+    apart from the action and a network beats this curve there; near ``t = 1`` it holds.
+    Shapes: ``t [...]`` (and ``residual_var`` broadcasting with it) -> ``[...]``.
     """
     s2 = torch.as_tensor(residual_var, dtype=torch.float64)
     t = t.double()
     return s2 / (t**2 + (1 - t) ** 2 * s2)
+
+
+def residual_var_at(t: float, loss: float) -> float:
+    """Invert :func:`gaussian_loss_curve` at one time: the ``s2`` whose curve passes through
+    ``(t, loss)``, ``loss t^2 / (1 - loss (1 - t)^2)`` (``inf`` when no ``s2`` does)."""
+    denominator = 1.0 - loss * (1.0 - t) ** 2
+    return loss * t * t / denominator if denominator > 0 else float("inf")
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,9 +16,10 @@ from vlablocks.heads.flow_matching import (
     flow_path,
     flow_target,
     integrate,
-    loss_floor,
+    gaussian_loss_curve,
     masked_cosine_similarity,
     masked_mse,
+    residual_var_at,
 )
 from vlablocks.heads.time_samplers import BetaTimeSampler, UniformTimeSampler, sample_gamma
 
@@ -569,7 +570,7 @@ def test_constructor_argument_errors() -> None:
 
 
 @pytest.mark.parametrize("s2", [0.01, 0.3, 1.0])
-def test_loss_floor_is_the_residual_variance_of_the_best_linear_predictor(s2):
+def test_gaussian_loss_curve_is_the_residual_variance_of_the_best_linear_predictor(s2):
     # jointly Gaussian (a, eps): the best predictor of u = eps - a from x_t is linear, so the
     # residual variance of a least-squares fit on samples must match the closed form
     gen = torch.Generator().manual_seed(0)
@@ -581,5 +582,6 @@ def test_loss_floor_is_the_residual_variance_of_the_best_linear_predictor(s2):
         u = eps - a
         beta = (x * u).mean() / (x * x).mean()
         empirical = (u - beta * x).var()
-        assert abs(empirical - loss_floor(torch.tensor(t), s2)) < 0.01 * max(1.0, empirical), (t, s2)
-    assert torch.allclose(loss_floor(torch.tensor([0.0, 1.0]), s2), torch.tensor([1.0, s2], dtype=torch.float64))
+        assert abs(empirical - gaussian_loss_curve(torch.tensor(t), s2)) < 0.01 * max(1.0, empirical), (t, s2)
+        assert residual_var_at(t, float(gaussian_loss_curve(torch.tensor(t), s2))) == pytest.approx(s2)
+    assert torch.allclose(gaussian_loss_curve(torch.tensor([0.0, 1.0]), s2), torch.tensor([1.0, s2], dtype=torch.float64))

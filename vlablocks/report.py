@@ -4,10 +4,12 @@ From the run's ``metrics.csv``: the loss and vel_cosine at the end, gradient-nor
 gradient-guard hits. From its checkpoint, on a fixed random sample of its training data:
 
 - **loss by flow time**: the loss with ``t`` held at the centre of each of ``t_bins`` equal
-  bins of ``[0, 1]``, next to :func:`~vlablocks.heads.flow_matching.loss_floor` for the residual
-  action variance ``s2`` that fits it best. A profile on that curve means the loss is set by how
-  well the observation determines the action (``s2``); excess in some bins points at the time
-  conditioning or the ODE's start;
+  bins of ``[0, 1]``. Near ``t = 1`` (pure noise) it measures how well the observation
+  determines the action: the residual action variance ``s2`` is read off the last bin
+  (:func:`~vlablocks.heads.flow_matching.residual_var_at`), and the profile is shown next to
+  :func:`~vlablocks.heads.flow_matching.gaussian_loss_curve` for that ``s2`` (what a network
+  that treats action elements as independent could reach; below it at small ``t``, the network
+  uses the chunk's structure to tell noise from action; above it, look at the time conditioning);
 - **action error** of ``predict_action`` against the recorded chunk, per action dimension and
   per chunk step, in the model's normalised units (the loss's) and in raw units.
 
@@ -31,7 +33,7 @@ from tqdm import tqdm
 
 from vlablocks import batch as keys
 from vlablocks.batch import collate
-from vlablocks.heads.flow_matching import loss_floor
+from vlablocks.heads.flow_matching import gaussian_loss_curve, residual_var_at
 from vlablocks.io import atomic_path
 from vlablocks.vla import VLA
 
@@ -53,8 +55,8 @@ class RunReport:
     loss_by_t: list[float]
     vel_cosine_by_t: list[float]
     residual_var: float
-    floor_by_t: list[float]
-    expected_floor: float
+    curve_by_t: list[float]
+    expected_curve: float
     error_by_dim: list[float]
     raw_error_by_dim: list[float]
     error_by_step: list[float]
@@ -79,16 +81,6 @@ def training_summary(metrics_path: Path) -> dict[str, Any]:
         "guard_hits": int(rows[-1].get("guard_hits", 0)),
         "wall_time_s": float(rows[-1].get("wall_time_s", math.nan)),
     }
-
-
-def fit_residual_var(t: Sequence[float], loss: Sequence[float]) -> float:
-    """The ``s2`` whose :func:`loss_floor` is closest to the measured profile (least squares in
-    log space over a log grid from 1e-5 to 10)."""
-    grid = torch.logspace(-5, 1, 601, dtype=torch.float64)
-    t_arr = torch.tensor(list(t), dtype=torch.float64)
-    measured = torch.tensor(list(loss), dtype=torch.float64).clamp_min(1e-12).log()
-    floors = loss_floor(t_arr[None, :], grid[:, None]).log()
-    return float(grid[((floors - measured) ** 2).sum(dim=1).argmin()])
 
 
 @torch.no_grad()
@@ -133,7 +125,7 @@ def diagnose(
         step_counts += valid.sum(dim=0).double().cpu().numpy()
     total = len(indices)
     loss_by_t = (loss_sums / total).tolist()
-    residual_var = fit_residual_var(centres, loss_by_t)
+    residual_var = residual_var_at(centres[-1], loss_by_t[-1])
     sampler_t = vla.head.time_sampler(100_000, "cpu", torch.Generator().manual_seed(seed))
     return {
         "samples": total,
@@ -141,8 +133,8 @@ def diagnose(
         "loss_by_t": loss_by_t,
         "vel_cosine_by_t": (cos_sums / total).tolist(),
         "residual_var": residual_var,
-        "floor_by_t": loss_floor(torch.tensor(centres), residual_var).tolist(),
-        "expected_floor": float(loss_floor(sampler_t, residual_var).mean()),
+        "curve_by_t": gaussian_loss_curve(torch.tensor(centres), residual_var).tolist(),
+        "expected_curve": float(gaussian_loss_curve(sampler_t, residual_var).mean()),
         "error_by_dim": (sq_err / max(counts, 1.0)).tolist(),
         "raw_error_by_dim": (raw_abs / max(counts, 1.0)).tolist(),
         "error_by_step": (step_sq / np.maximum(step_counts, 1.0)).tolist(),
@@ -189,22 +181,24 @@ def format_report(report: RunReport) -> str:
         "",
         "## Loss by flow time",
         "",
-        f"Best-fitting residual action variance s2 = {report.residual_var:.4g} (normalised units): the "
-        f"floor `s2 / (t^2 + (1 - t)^2 s2)` averaged over the training time sampler is "
-        f"{report.expected_floor:.4f}, against a final training loss of {tr['final_loss']:.4f}.",
+        f"Residual action variance near t = 1: s2 = {report.residual_var:.4g} (normalised units; the mean "
+        f"action the network reads from the observation is off by {math.sqrt(report.residual_var):.2f} std). "
+        f"For independent action elements with that s2 the loss `s2 / (t^2 + (1 - t)^2 s2)` averages "
+        f"{report.expected_curve:.4f} over the training time sampler; the final training loss is "
+        f"{tr['final_loss']:.4f}.",
         "",
-        "| t | loss | floor for s2 | vel_cosine |",
+        "| t | loss | independent-element curve | vel_cosine |",
         "| ---: | ---: | ---: | ---: |",
     ]
-    for t, loss, floor, cos in zip(report.t_centres, report.loss_by_t, report.floor_by_t, report.vel_cosine_by_t):
-        lines.append(f"| {t:.2f} | {loss:.4f} | {floor:.4f} | {cos:.3f} |")
+    for t, loss, curve, cos in zip(report.t_centres, report.loss_by_t, report.curve_by_t, report.vel_cosine_by_t):
+        lines.append(f"| {t:.2f} | {loss:.4f} | {curve:.4f} | {cos:.3f} |")
     lines += [
         "",
-        "How to read it: at t = 1 the input is pure noise and the loss is the error of the mean action "
-        "the network infers from the observation (s2); towards t = 0 the noise must be recovered from "
-        "x_t and the floor rises to 1. A profile on the curve means the loss is what the observation "
-        "leaves undetermined (more or better-used observation lowers s2; pi0's ~0.02 needs s2 near "
-        "1e-3); bins well above it point at the time conditioning.",
+        "How to read it: near t = 1 the input is pure noise and the loss is the error of the mean action "
+        "the network infers from the observation, s2: it sets the loss that remains (pi0's ~0.02 needs "
+        "s2 ~ 1e-3; s2 near 1 means the observation is barely used). Towards t = 0 the noise must be "
+        "told apart from the action: bins below the curve show the network using the chunk's "
+        "smoothness and correlations, bins above it point at the time conditioning.",
         "",
         "## Action error of predict_action",
         "",
@@ -220,7 +214,7 @@ def format_report(report: RunReport) -> str:
 
 
 def plot_report(report: RunReport, path: Path) -> Path:
-    """``report.png``: loss and floor by t, vel_cosine by t, error by dimension and by chunk step."""
+    """``report.png``: loss by t (and the independent-element curve), vel_cosine by t, error by dimension and by chunk step."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -228,7 +222,7 @@ def plot_report(report: RunReport, path: Path) -> Path:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 4, 1)
     ax.plot(report.t_centres, report.loss_by_t, "o-", label="measured")
-    ax.plot(report.t_centres, report.floor_by_t, "--", label=f"floor, s2={report.residual_var:.3g}")
+    ax.plot(report.t_centres, report.curve_by_t, "--", label=f"independent elements, s2={report.residual_var:.3g}")
     ax.set(yscale="log", xlabel="flow time t", title="loss by t")
     ax.legend(fontsize="small")
     ax = fig.add_subplot(1, 4, 2)
