@@ -22,7 +22,6 @@ import csv
 import json
 import logging
 import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
