@@ -23,7 +23,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlablocks.bench import build_for_bench, chunk_functions, machine_description, make_train_step, median_ms, BenchSettings
+from vlablocks.batch import to_device
+from vlablocks.bench import (
+    BenchSettings,
+    build_for_bench,
+    chunk_functions,
+    machine_description,
+    make_train_step,
+    median_ms,
+)
 from vlablocks.checks import random_batch
 from vlablocks.io import atomic_path, replace_section
 
@@ -38,7 +46,7 @@ TRAIN_BATCHES = (1, 2, 4, 8, 16)
 
 def inputs(vla: Any, device: str, seed: int = 0) -> tuple[Any, Any, torch.Tensor]:
     """``(prefix, state, noise)`` of one random observation."""
-    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in random_batch(vla, 1, seed=seed).items()}
+    batch = to_device(random_batch(vla, 1, seed=seed), device)
     with torch.inference_mode():
         prefix, state = vla.embed_prefix(batch), vla._suffix_state(batch)
     noise = torch.randn(1, vla.config.horizon, vla.config.action_dim, generator=torch.Generator().manual_seed(seed))

@@ -63,3 +63,8 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         else:
             batch[key] = values
     return batch
+
+
+def to_device(batch: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """The batch with its tensors moved to ``device`` (other values, e.g. task strings, kept)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -49,6 +49,7 @@ from typing import Any, Literal
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from vlablocks.batch import to_device
 from vlablocks.checks import random_batch
 from vlablocks.heads.deep_fusion import DeepFusionDenoiser
 from vlablocks.heads.denoiser import Prefix
@@ -212,10 +213,6 @@ def _autocast(settings: BenchSettings) -> AbstractContextManager:
     return torch.autocast(settings.device, dtype=DTYPES[settings.dtype])
 
 
-def _to_device(batch: dict[str, Any], device: str) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 # ------------------------------------------------------------------------------------ inference
 
 
@@ -265,7 +262,7 @@ def bench_inference(vla: VLA, settings: BenchSettings) -> dict[str, Any]:
     """
     device, repeats, warmup, steps = settings.device, settings.repeats, settings.warmup, settings.steps
     vla = vla.eval().to(DTYPES[settings.dtype])
-    batch = _to_device(random_batch(vla, settings.batch, seed=settings.seed), device)
+    batch = to_device(random_batch(vla, settings.batch, seed=settings.seed), device)
     denoiser = vla.head.denoiser
     gen = torch.Generator(device).manual_seed(settings.seed)
     noise = torch.randn((settings.batch, vla.config.horizon, vla.config.action_dim), generator=gen, device=device)
@@ -309,7 +306,7 @@ def bench_inference(vla: VLA, settings: BenchSettings) -> dict[str, Any]:
 def make_train_step(vla: VLA, settings: BenchSettings) -> Callable[[], float]:
     """A closure running one loss + backward + AdamW step on a fixed random batch."""
     vla.train()
-    batch = _to_device(random_batch(vla, settings.train_batch, seed=settings.seed), settings.device)
+    batch = to_device(random_batch(vla, settings.train_batch, seed=settings.seed), settings.device)
     params = [p for p in vla.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     forward = torch.compile(vla, dynamic=False) if settings.compile != "off" else vla
@@ -393,7 +390,7 @@ def _run_memory_probe(kind: str, recipe: str, overrides: Sequence[str], settings
     vla = build_for_bench(recipe, overrides, settings.seed, device)
     if kind == "inference":
         vla = vla.eval().to(DTYPES[settings.dtype])
-        batch = _to_device(random_batch(vla, settings.batch, seed=settings.seed), device)
+        batch = to_device(random_batch(vla, settings.batch, seed=settings.seed), device)
 
         def work() -> None:
             with torch.inference_mode(), _autocast(settings):

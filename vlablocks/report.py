@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from vlablocks import batch as keys
-from vlablocks.batch import collate
+from vlablocks.batch import collate, to_device
 from vlablocks.heads.flow_matching import gaussian_loss_curve, residual_var_at
 from vlablocks.io import atomic_path
 from vlablocks.vla import VLA
@@ -104,7 +104,7 @@ def diagnose(
     batches = [indices[i: i + batch_size] for i in range(0, len(indices), batch_size)]
     for chunk in tqdm(batches, desc="report", unit="batch", leave=False):
         batch = collate([dataset[i] for i in chunk])
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch = to_device(batch, device)
         n = len(chunk)
         for b, centre in enumerate(centres):
             out = vla(batch, generator=torch.Generator(device).manual_seed(seed + b), t=torch.full((n,), centre, device=device))
