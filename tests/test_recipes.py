@@ -13,7 +13,8 @@ from vlablocks.recipes.loader import bundled_recipes
 ALL = sorted(bundled_recipes())
 TINY = [name for name in ALL if name.startswith("tiny_")]
 MID = [name for name in ALL if name.startswith("mid_")]  # benchmark sizes between tiny and full
-FULL = [name for name in ALL if not name.startswith(("tiny_", "mid_"))]
+MT10 = [name for name in ALL if name.startswith("mt10_")]  # the docs/results.md comparison (CPU-trainable)
+FULL = [name for name in ALL if not name.startswith(("tiny_", "mid_", "mt10_"))]
 
 
 def count(params) -> int:
@@ -37,7 +38,7 @@ def test_full_size_recipe_builds_on_meta(name):
     assert all(p.device.type == "meta" for p in vla.parameters())
 
 
-@pytest.mark.parametrize("name", TINY + MID)
+@pytest.mark.parametrize("name", TINY + MID + MT10)
 def test_tiny_recipe_runs_forward_backward_and_predict(name):
     torch.manual_seed(0)
     vla = build(name)
