@@ -24,11 +24,12 @@ OVERRIDE_SOURCE = "<command-line override>"
 
 
 class RecipeError(ValueError):
-    """A recipe problem, located by file and dotted key path."""
+    """A recipe problem, located by file and dotted key path (or, for YAML that does not parse,
+    by file and 1-based ``line``)."""
 
-    def __init__(self, message: str, key_path: str = "", source: str = "") -> None:
-        self.message, self.key_path, self.source = message, key_path, source
-        where = ": ".join(part for part in (source, key_path) if part)
+    def __init__(self, message: str, key_path: str = "", source: str = "", line: int | None = None) -> None:
+        self.message, self.key_path, self.source, self.line = message, key_path, source, line
+        where = ": ".join(part for part in (source, key_path, "" if line is None else f"line {line}") if part)
         super().__init__(f"{where}: {message}" if where else message)
 
 
@@ -52,6 +53,69 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping)
+
+#: the only YAML tags a recipe may use (explicitly or implicitly): plain values, lists, mappings, ``<<`` merges.
+PLAIN_TAGS = frozenset(f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq", "map", "merge"))
+#: nodes visited at most (aliases count each time they are used): a bound on alias bombs.
+MAX_NODES = 100_000
+
+
+def _short_tag(tag: str) -> str:
+    return tag.replace("tag:yaml.org,2002:", "!!")
+
+
+def _check_nodes(root: yaml.Node, key_path: str, source: str) -> None:
+    """Refuse what a recipe has no use for, before anything is constructed: tags other than
+    :data:`PLAIN_TAGS`, duplicate or non-scalar keys, self-referencing aliases, alias bombs."""
+    visited = 0
+    stack: list[tuple[yaml.Node, str, frozenset[int]]] = [(root, key_path, frozenset())]
+    while stack:
+        node, path, ancestors = stack.pop()
+        visited += 1
+        if visited > MAX_NODES:
+            raise RecipeError(f"the recipe expands to more than {MAX_NODES} YAML nodes (an alias bomb?)", path, source)
+        if id(node) in ancestors:
+            raise RecipeError("an alias refers to a mapping or list that contains it (a cycle)", path, source)
+        if node.tag not in PLAIN_TAGS:
+            raise RecipeError(
+                f"YAML tag {_short_tag(node.tag)!r} is not allowed in a recipe: only plain values, lists and "
+                f"mappings are read, nothing is constructed from a tag", path, source)
+        inside = ancestors | {id(node)}
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((item, _join(path, i), inside) for i, item in enumerate(node.value))
+        elif isinstance(node, yaml.MappingNode):
+            seen: set[tuple[str, str]] = set()
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    raise RecipeError("a key must be a plain value, not a list or mapping", path, source)
+                if key_node.tag not in PLAIN_TAGS:
+                    raise RecipeError(f"YAML tag {_short_tag(key_node.tag)!r} is not allowed in a recipe", path, source)
+                child = _join(path, key_node.value)
+                if (key_node.tag, key_node.value) in seen:
+                    raise RecipeError(f"duplicate key {key_node.value!r}", child, source)
+                seen.add((key_node.tag, key_node.value))
+                stack.append((value_node, child, inside))
+
+
+def parse_yaml(text: str, source: str, key_path: str = "") -> Any:
+    """Parse recipe YAML safely: the node tree is checked (:func:`_check_nodes`) before a safe,
+    duplicate-rejecting loader constructs plain Python values from it. Every failure is a
+    :class:`RecipeError` located by key path (or by line, when the text does not parse)."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is None:
+            return None
+        _check_nodes(node, key_path, source)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - safe loader subclass
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        line = None if mark is None else mark.line + 1
+        problem = " ".join(part for part in (err.context, err.problem) if part) or str(err)
+        raise RecipeError(f"invalid YAML: {problem}", key_path, source, line if not key_path else None) from None
+    except yaml.YAMLError as err:
+        raise RecipeError(f"invalid YAML: {err}", key_path, source) from None
+    except RecursionError:
+        raise RecipeError("the YAML is nested too deeply", key_path, source) from None
 
 
 @dataclass(frozen=True)
@@ -128,11 +192,10 @@ def recipe_from_dict(data: Mapping[str, Any], name: str = "recipe", source: str 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - safe loader subclass
-    except yaml.YAMLError as err:
-        raise RecipeError(f"invalid YAML: {err}", source=str(path)) from None
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise RecipeError(f"cannot read recipe: {err}", source=str(path)) from None
+    data = parse_yaml(text, str(path))
     if not isinstance(data, dict):
         raise RecipeError(f"a recipe must be a YAML mapping; got {type(data).__name__}", source=str(path))
     return data
@@ -189,10 +252,7 @@ def _apply_override(recipe: Recipe, override: str) -> None:
     key_path = key_path.strip()
     if not sep or not key_path:
         raise RecipeError(f"an override must look like key.path=value; got {override!r}", source=OVERRIDE_SOURCE)
-    try:
-        value = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - safe loader subclass
-    except yaml.YAMLError as err:
-        raise RecipeError(f"invalid YAML value {text!r}: {err}", key_path, OVERRIDE_SOURCE) from None
+    value = parse_yaml(text, OVERRIDE_SOURCE, key_path)
     parts = key_path.split(".")
     node: Any = recipe.data
     for depth, part in enumerate(parts[:-1]):

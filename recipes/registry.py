@@ -28,7 +28,7 @@ class Registry:
 
     def get(self, name: Any) -> Callable[..., Any]:
         """The class registered as ``name``; KeyError lists the valid names."""
-        if name not in self.entries:
+        if not isinstance(name, str) or name not in self.entries:
             raise KeyError(f"unknown {self.family} type {name!r}; valid types: {sorted(self.entries)}")
         return self.entries[name]
 

@@ -1,10 +1,13 @@
 """Bad recipes get errors that name the file, the key path, the expected and the received value."""
 
+import tempfile
+from pathlib import Path
+
 import pytest
 import yaml
 
 from vlablocks.recipes.builder import build
-from vlablocks.recipes.loader import RecipeError, bundled_recipes, load_recipe
+from vlablocks.recipes.loader import RecipeError, bundled_recipes, load_recipe, parse_yaml
 
 
 def write(tmp_path, name, text):
@@ -89,7 +92,7 @@ def test_yaml_problems_are_recipe_errors(tmp_path):
     with pytest.raises(RecipeError, match="duplicate key 'head'"):
         load_recipe(path)
     path = write(tmp_path, "tag.yaml", "policy: !!python/object/apply:os.system ['echo pwned']\n")
-    with pytest.raises(RecipeError, match="invalid YAML"):
+    with pytest.raises(RecipeError, match="YAML tag '!!python/object/apply:os.system' is not allowed"):
         load_recipe(path)
     path = write(tmp_path, "list.yaml", "- 1\n- 2\n")
     with pytest.raises(RecipeError, match="a recipe must be a YAML mapping; got list"):
@@ -117,3 +120,58 @@ def test_a_different_type_replaces_the_parent_node():
     recipe = load_recipe("tiny_llava3d_deepfusion")
     assert recipe.data["vision"]["type"] == "convnet"
     assert "config" not in recipe.data["vision"] and "select_layer" not in recipe.data["vision"]  # the parent's SigLIP keys
+
+
+MARKER = Path(tempfile.gettempdir()) / "vlablocks_yaml_tag_marker"
+TAGS = [
+    f"!!python/object/apply:os.system ['touch {MARKER}']",
+    f"!!python/object/apply:subprocess.call [['touch', '{MARKER}']]",
+    "!!python/object:collections.OrderedDict {}",
+    "!!python/name:os.system",
+    "!!python/tuple [1, 2]",
+    "!!binary aGVsbG8=",
+    "!!set {a: null}",
+    "!!timestamp 2001-12-14",
+    "!custom value",
+]
+
+
+@pytest.mark.parametrize("tag", TAGS)
+def test_every_yaml_tag_is_refused_with_its_key_path_and_nothing_is_constructed(tmp_path, tag):
+    MARKER.unlink(missing_ok=True)
+    path = write(tmp_path, "tagged.yaml", f"extends: tiny_pi0\nhead:\n  num_steps: {tag}\n")
+    with pytest.raises(RecipeError, match="YAML tag .* is not allowed in a recipe") as err:
+        load_recipe(path)
+    assert err.value.key_path == "head.num_steps" and err.value.source == str(path)
+    assert not MARKER.exists()
+    with pytest.raises(RecipeError, match="YAML tag") as err:  # the same through an override
+        load_recipe("tiny_pi0", [f"head.num_steps={tag}"])
+    assert err.value.key_path == "head.num_steps" and not MARKER.exists()
+
+
+def test_duplicate_keys_self_referencing_aliases_and_syntax_errors_are_located(tmp_path):
+    path = write(tmp_path, "dup.yaml", "extends: tiny_pi0\nhead:\n  num_steps: 3\n  num_steps: 4\n")
+    with pytest.raises(RecipeError, match="duplicate key 'num_steps'") as err:
+        load_recipe(path)
+    assert err.value.key_path == "head.num_steps"
+    path = write(tmp_path, "cycle.yaml", "extends: tiny_pi0\nhead: &h {num_steps: 3, more: *h}\n")
+    with pytest.raises(RecipeError, match="contains it") as err:
+        load_recipe(path)
+    assert err.value.key_path == "head.more"
+    path = write(tmp_path, "syntax.yaml", "extends: tiny_pi0\nhead:\n  num_steps: [3\n")
+    with pytest.raises(RecipeError, match="invalid YAML") as err:
+        load_recipe(path)
+    assert err.value.line is not None and f"{path}: line {err.value.line}: invalid YAML" in str(err.value)
+
+
+def test_an_alias_bomb_is_refused():
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 7)]
+    with pytest.raises(RecipeError, match="more than .* YAML nodes"):
+        parse_yaml("\n".join(levels) + "\n", "<bomb>")
+
+
+def test_a_type_that_is_not_a_name_is_an_unknown_type(tmp_path):
+    path = tiny_with(tmp_path, "vision: {type: {type: patch_vit}}\n")
+    err = expect(path, r"unknown vision type \{'type': 'patch_vit'\}; valid types")
+    assert err.key_path == "vision.type"
