@@ -390,7 +390,8 @@ class SiglipVision(VisionBackbone):
     """SigLIP vision tower of transformers: patch tokens of one layer, no pooling head.
 
     Give exactly one of ``path`` (a local ``SiglipVisionModel`` checkpoint, loaded with
-    ``from_pretrained(path, local_files_only=True)``) or ``config`` (``SiglipVisionConfig``
+    ``from_pretrained(path, local_files_only=True, use_safetensors=True)``: never a pickled
+    ``.bin``) or ``config`` (``SiglipVisionConfig``
     keyword arguments, e.g. ``config.to_dict()``: random weights, e.g. ``device="meta"`` to size a
     full recipe; see :data:`SIGLIP_SO400M_PATCH14_224`).
 
@@ -436,7 +437,7 @@ class SiglipVision(VisionBackbone):
             )
         dtype = dtype or torch.float32
         if path is not None:
-            model = SiglipVisionModel.from_pretrained(path, local_files_only=True, dtype=dtype)
+            model = SiglipVisionModel.from_pretrained(path, local_files_only=True, use_safetensors=True, dtype=dtype)
             mean, std = _siglip_pixel_stats(path)
         else:
             with _device_context(device):

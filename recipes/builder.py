@@ -36,7 +36,7 @@ from vlablocks.heads.flow_matching import FlowMatchingHead
 from vlablocks.recipes.components import expert
 from vlablocks.recipes.loader import Recipe, load_recipe
 from vlablocks.recipes.registry import REGISTRIES
-from vlablocks.recipes.schema import call_with, check_value
+from vlablocks.recipes.schema import MAX_SETTING_INT, call_with, check_value
 from vlablocks.vla import VLA, PolicyConfig
 
 SECTIONS = (
@@ -85,7 +85,7 @@ class _Builder:
         if self.data.get("train") is not None:  # used by `vlablocks train`; checked here so errors surface early
             from vlablocks.trainer import TrainConfig
 
-            call_with(TrainConfig, self.data["train"], "train", self.recipe)
+            call_with(TrainConfig, self.data["train"], "train", self.recipe, max_int=MAX_SETTING_INT)
         with torch.device(self.device) if self.device is not None else nullcontext():
             return self._build()
 

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file
-
 from vlablocks.blocks.transformers_import import load_base_from_transformers
 from vlablocks.encoders.vision import llava_projector_state_dict
+
+from vlablocks.checkpoint import read_safetensors
 from vlablocks.vla import VLA
 
 logger = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ LLAVA_PROJECTOR = "model.mm_projector."
 LLAVA_VISION_TOWER = "model.vision_tower.vision_tower."
 
 
-def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a ``.safetensors`` file, or of every ``*.safetensors`` file in a directory."""
     path = Path(path)
     files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
@@ -40,7 +40,7 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"no .safetensors weights at {path}")
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
-        tensors.update(load_file(str(file)))
+        tensors.update(read_safetensors(file))
     return tensors
 
 
@@ -52,7 +52,7 @@ def load_pretrained(vla: VLA, llm: str, layout: Literal["transformers", "llava"]
         llm: directory (or file) of the checkpoint.
         layout: ``transformers`` or ``llava``.
     """
-    tensors = read_safetensors(llm)
+    tensors = read_weights(llm)
     stack = vla.head.denoiser.stack
     if layout == "llava":
         projector = {k[len(LLAVA_PROJECTOR) :]: v for k, v in tensors.items() if k.startswith(LLAVA_PROJECTOR)}

@@ -20,6 +20,11 @@ from vlablocks.recipes.loader import Recipe, RecipeError
 
 #: parameters that are never recipe keys.
 HIDDEN_PARAMETERS = frozenset({"self", "device", "dtype"})
+#: the largest integer magnitude a block argument may have (a width, layer count or vocabulary
+#: beyond it is a typo that would exhaust memory before any error could name it).
+MAX_BLOCK_INT = 2**20
+#: the largest integer of settings that are counts or seeds, not sizes (``train.steps``, ``train.seed``).
+MAX_SETTING_INT = 2**63 - 1
 
 
 def recipe_parameters(fn: Callable[..., Any]) -> dict[str, inspect.Parameter]:
@@ -60,8 +65,10 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def check_value(value: Any, annotation: Any, key_path: str, recipe: Recipe) -> Any:
-    """Check ``value`` against ``annotation``; returns it converted (int -> float, list -> tuple)."""
+def check_value(value: Any, annotation: Any, key_path: str, recipe: Recipe, max_int: int = MAX_BLOCK_INT) -> Any:
+    """Check ``value`` against ``annotation``; returns it converted (int -> float, list -> tuple).
+
+    Integers must lie in ``[-max_int, max_int]``."""
     if annotation is Any or annotation is inspect.Parameter.empty:
         return value
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
@@ -73,7 +80,7 @@ def check_value(value: Any, annotation: Any, key_path: str, recipe: Recipe) -> A
     if origin in (Union, types.UnionType):
         for option in args:
             try:
-                return check_value(value, option, key_path, recipe)
+                return check_value(value, option, key_path, recipe, max_int)
             except RecipeError:
                 continue
         raise mismatch
@@ -86,9 +93,11 @@ def check_value(value: Any, annotation: Any, key_path: str, recipe: Recipe) -> A
             return value
         raise mismatch
     if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise mismatch
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise mismatch
+        if abs(value) > max_int:
+            raise recipe.error(f"expected an int of magnitude at most {max_int}; got {value}", key_path)
+        return value
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -101,13 +110,13 @@ def check_value(value: Any, annotation: Any, key_path: str, recipe: Recipe) -> A
         if not isinstance(value, list):
             raise mismatch
         item = args[0] if args else Any
-        items = [check_value(v, item, f"{key_path}.{i}", recipe) for i, v in enumerate(value)]
+        items = [check_value(v, item, f"{key_path}.{i}", recipe, max_int) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin in (dict, collections.abc.Mapping) or annotation in (dict, Mapping):
         if not isinstance(value, dict):
             raise mismatch
         item = args[1] if len(args) == 2 else Any
-        return {k: check_value(v, item, f"{key_path}.{k}", recipe) for k, v in value.items()}
+        return {k: check_value(v, item, f"{key_path}.{k}", recipe, max_int) for k, v in value.items()}
     raise recipe.error(f"this argument ({describe(annotation)}) cannot be set from a recipe", key_path)
 
 
@@ -118,6 +127,7 @@ def call_with(
     recipe: Recipe,
     derived: Mapping[str, Any] | None = None,
     converters: Mapping[str, Callable[[Any, str], Any]] | None = None,
+    max_int: int = MAX_BLOCK_INT,
 ) -> Any:
     """Validate ``node`` against ``fn``'s signature and call it.
 
@@ -129,6 +139,11 @@ def call_with(
         derived: arguments the builder supplies (sizes resolved from other blocks); a recipe
             that sets one of them gets an error.
         converters: per-key functions ``(value, key_path) -> argument`` for nested nodes.
+        max_int: the largest integer magnitude accepted (block sizes: :data:`MAX_BLOCK_INT`).
+
+    A constructor's ``ValueError`` / ``TypeError``, and an allocation that fails or overflows
+    (``RuntimeError``, ``MemoryError``, ``OverflowError``: sizes too large together), become a
+    :class:`RecipeError` at ``key_path``.
     """
     derived = dict(derived or {})
     converters = dict(converters or {})
@@ -155,11 +170,13 @@ def call_with(
         if key in converters:
             kwargs[key] = converters[key](value, sub)
         else:
-            kwargs[key] = check_value(value, hints.get(key, Any), sub, recipe)
+            kwargs[key] = check_value(value, hints.get(key, Any), sub, recipe, max_int)
     kwargs.update(derived)
     try:
         return fn(**kwargs)
     except RecipeError:
         raise
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, OverflowError) as err:
         raise recipe.error(f"{name}: {err}", key_path) from err
+    except (RuntimeError, MemoryError) as err:
+        raise recipe.error(f"{name}: cannot allocate the block with these sizes ({err})", key_path) from err

@@ -40,7 +40,7 @@ def test_save_and_load_give_bitwise_identical_actions(name, tmp_path, no_pickle)
     assert expected.shape == (2, vla.config.horizon, 3)  # the data's 3 action dims, un-normalised
 
     vla.save_pretrained(tmp_path / "ckpt")
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["model.safetensors", "recipe.yaml"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["manifest.json", "model.safetensors", "recipe.yaml"]
     loaded = VLA.from_pretrained(tmp_path / "ckpt").eval()
     actual = loaded.predict_action(batch, generator=torch.Generator().manual_seed(3))
     assert torch.equal(actual, expected)

@@ -175,3 +175,21 @@ def test_a_type_that_is_not_a_name_is_an_unknown_type(tmp_path):
     path = tiny_with(tmp_path, "vision: {type: {type: patch_vit}}\n")
     err = expect(path, r"unknown vision type \{'type': 'patch_vit'\}; valid types")
     assert err.key_path == "vision.type"
+
+
+def test_sizes_beyond_the_block_limit_and_impossible_allocations_are_recipe_errors(tmp_path):
+    """Oversized integers stop at the schema (a typo must not exhaust memory first); sizes that are
+    each plausible but cannot be allocated together stop at the block that needed them."""
+    expect(tiny_with(tmp_path, "vision: {width: 2097152}\n"),
+           r"vision\.width: expected an int of magnitude at most 1048576; got 2097152")
+    expect(tiny_with(tmp_path, "backbone: {num_layers: 2147483648}\n", "b.yaml"),
+           r"backbone\.num_layers: expected an int of magnitude at most 1048576; got 2147483648")
+    # 131072^2 patches x 4096 wide: a 256 TB position table (the allocator refuses at once)
+    err = expect(tiny_with(tmp_path, "vision: {image_size: 1048576, width: 4096}\n", "c.yaml"),
+                 r"vision: PatchViT: cannot allocate the block with these sizes")
+    assert err.key_path == "vision"
+    # settings that are counts or seeds are not sizes: a large seed is fine
+    recipe = load_recipe(tiny_with(tmp_path, "train: {seed: 1099511627776}\n", "d.yaml"))
+    from vlablocks.training import train_config  # noqa: PLC0415 - only this test needs it
+
+    assert train_config(recipe, [], None).seed == 2**40

@@ -28,6 +28,8 @@ logger = logging.getLogger("vlablocks")
 
 #: ``check`` refuses to run on CPU above this many parameters unless ``--force``.
 CHECK_PARAMETER_LIMIT = 300_000_000
+#: exit status of ``train`` stopped by SIGTERM after its checkpoint (128 + 15, as a shell reports it).
+EXIT_TERMINATED = 143
 
 
 def _out(text: str = "") -> None:
@@ -134,6 +136,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.recipe, args.data, out=args.out, overrides=args.overrides, steps=args.steps, resume=args.resume,
     )
     _out(f"run directory: {run.out_dir}")
+    if run.interrupted:
+        _out(f"stopped by SIGTERM at step {int(run.metrics.get('step', 0))}; checkpoint: {run.checkpoint}; "
+             "continue with the same command and --resume")
+        return EXIT_TERMINATED
     _out(f"final loss {run.metrics.get('loss', float('nan')):.4f}; curves: {run.out_dir / 'curves.png'}; "
          f"checkpoint: {run.checkpoint}")
     return 0
@@ -212,7 +218,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="simulator processes (default: one per CPU; the dataset does not depend on it)")
     mw.set_defaults(fn=cmd_data)
 
-    train = sub.add_parser("train", help="train a recipe on a LeRobot-layout dataset")
+    train = sub.add_parser(
+        "train", help="train a recipe on a LeRobot-layout dataset",
+        description="Train a recipe. On SIGTERM the current step finishes, a checkpoint is written and the "
+                    f"command exits with status {EXIT_TERMINATED}; rerun it with --resume to continue.")
     train.add_argument("recipe")
     train.add_argument("overrides", nargs="*", help="key.path=value (recipe) or train.FIELD=value (training)")
     train.add_argument("--data", required=True)

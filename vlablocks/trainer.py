@@ -36,6 +36,9 @@ each file atomically, then renamed into place; never pickled)::
                                      states per process, the DataLoader generator at the epoch start
     trainer_state.json               step, epoch position, scheduler, guard hits, optimizer groups,
                                      python / numpy RNG states per process, the config
+    manifest.json                    sizes and sha256 checksums of the files above (per tensor for
+                                     safetensors), written last; checked by ``resume`` and
+                                     ``VLA.from_pretrained`` (:mod:`vlablocks.checkpoint`)
 
 The EMA (of the trainable parameters, updated after every applied step) is what you deploy:
 ``load_ema_policy(checkpoint)`` or, on the live model, ``with trainer.ema_weights(): evaluate()``.
@@ -52,7 +55,9 @@ import math
 import os
 import random
 import shutil
+import signal
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -66,7 +71,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, send_to_device, set_seed
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -80,6 +85,7 @@ from tqdm.auto import tqdm
 
 from vlablocks.batch import collate
 from vlablocks.blocks.fusion import DeepFusionStack
+from vlablocks.checkpoint import load_weights, read_safetensors, verify_manifest, write_manifest
 from vlablocks.io import atomic_path
 from vlablocks.vla import RECIPE_FILE, VLA, WEIGHTS_FILE
 
@@ -379,7 +385,7 @@ def load_ema_policy(checkpoint_dir: str | Path, map_location: str | torch.device
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the run had no ema_decay, or this is not a trainer checkpoint")
     vla = VLA.from_pretrained(checkpoint_dir, map_location=map_location)
-    vla.load_state_dict(load_file(str(path), device=str(map_location)))
+    load_weights(vla, read_safetensors(path, map_location), path)
     return vla
 
 
@@ -402,6 +408,48 @@ def _write_json(path: Path, data: Any) -> None:
 def _save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+
+
+def recover_checkpoints(root: Path) -> None:
+    """Tidy ``root`` (a ``checkpoints/`` directory) after a writer was killed: remove half-written
+    ``.step_*.tmp`` directories, and put back a ``step_*`` directory that was being replaced."""
+    for path in sorted(root.glob(".step_*")):
+        if not path.is_dir():
+            continue
+        name, _, kind = path.name[1:].partition(".")
+        if kind.startswith("old-") and not (root / name).exists():
+            os.replace(path, root / name)
+            logger.warning("restored %s (its replacement was interrupted)", root / name)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            logger.warning("removed %s, left by an interrupted checkpoint write", path)
+
+
+class StopSignal:
+    """Turns SIGTERM into a request to stop after the current step (while entered).
+
+    A second SIGTERM goes to the previous handler (by default: terminate now; the checkpoint
+    writes are atomic, so the last complete checkpoint survives). Outside the main thread no
+    handler can be installed and ``requested`` stays False.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        signal.signal(signal.SIGTERM, self._previous)
+        logger.warning("SIGTERM: stopping after this step and writing a checkpoint (send it again to stop now)")
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None and not self.requested:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def _window_mean(values: Sequence[float]) -> float:
@@ -499,6 +547,7 @@ class Trainer:
         self._elapsed = 0.0
         self._rows: list[dict[str, float]] = []
         self._resumed = False
+        self.interrupted = False
         frozen = sum(p.numel() for p in vla.parameters() if not p.requires_grad)
         for g in groups:
             logger.info("group %-8s lr %.3g, %d parameters", g.name, g.lr, sum(p.numel() for p in g.params.values()))
@@ -515,34 +564,61 @@ class Trainer:
     # ----------------------------------------------------------------------------- training
 
     def train(self) -> dict[str, float]:
-        """Train until ``config.steps``; return the last metrics row (see ``metrics.csv``)."""
+        """Train until ``config.steps``; return the last metrics row (see ``metrics.csv``).
+
+        On SIGTERM (a scheduler's pre-emption, ``kill``) the current step finishes, a checkpoint
+        is written and ``train`` returns early with ``self.interrupted`` set; ``resume`` continues
+        from that checkpoint without losing a step.
+        """
         config, accel = self.config, self.accelerator
         main = accel.is_main_process
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        if main and (self.out_dir / CHECKPOINTS_DIR).is_dir():
+            recover_checkpoints(self.out_dir / CHECKPOINTS_DIR)
         writer = self._tensorboard() if main else None
         clock = (time.perf_counter(), self._elapsed)
         bar = tqdm(total=config.steps, initial=self.step, disable=not main, desc="train", dynamic_ncols=True)
         stream = self._micro_batches()
         window: list[_StepStats] = []
         self.model.train()
+        self.interrupted = False
         try:
-            while self.step < config.steps:
-                window.append(self._train_step(stream))
-                self.step += 1
-                bar.update(1)
-                last = self.step == config.steps
-                if self.step % config.log_every == 0 or last:
-                    row = self._log(window, writer, clock)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", vel_cos=f"{row['vel_cosine']:.3f}",
-                                    lr=f"{max(window[-1].lrs.values()):.2e}", samples_s=f"{row['samples_per_s']:.1f}")
-                    window = []
-                if (config.save_every and self.step % config.save_every == 0) or last:
-                    self.save_checkpoint()
+            with StopSignal() as stop:
+                while self.step < config.steps:
+                    window.append(self._train_step(stream))
+                    self.step += 1
+                    bar.update(1)
+                    self.interrupted = self._agree(stop.requested)
+                    if self._end_of_step(window, writer, clock, bar):
+                        window = []
+                    if self.interrupted:
+                        logger.warning("stopped by SIGTERM at step %d of %d", self.step, config.steps)
+                        break
         finally:
             bar.close()
             if writer is not None:
                 writer.close()
         return dict(self._rows[-1]) if self._rows else {}
+
+    def _agree(self, requested: bool) -> bool:
+        """Whether any process was asked to stop (every process must stop at the same step)."""
+        if self.accelerator.num_processes == 1:
+            return requested
+        flag = torch.tensor([float(requested)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def _end_of_step(self, window: list[_StepStats], writer: Any, clock: tuple[float, float], bar: Any) -> bool:
+        """Log (and checkpoint) after a step as the config says; True if ``window`` was logged."""
+        config = self.config
+        last = self.step == config.steps or self.interrupted
+        logged = self.step % config.log_every == 0 or last
+        if logged:
+            row = self._log(window, writer, clock)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", vel_cos=f"{row['vel_cosine']:.3f}",
+                            lr=f"{max(window[-1].lrs.values()):.2e}", samples_s=f"{row['samples_per_s']:.1f}")
+        if (config.save_every and self.step % config.save_every == 0) or last:
+            self.save_checkpoint()
+        return logged
 
     def _micro_batches(self) -> Iterator[dict[str, Any]]:
         """Micro-batches on the device, epoch after epoch, from the recorded position."""
@@ -743,6 +819,7 @@ class Trainer:
             if tmp is not None:
                 _save_tensors(tmp / STATE_TENSORS_FILE, tensors)
                 _write_json(tmp / STATE_JSON_FILE, meta)
+                write_manifest(tmp)
                 _publish_directory(tmp, final)
                 tmp = None
                 with atomic_path(root / LATEST_FILE) as pointer:
@@ -791,7 +868,7 @@ class Trainer:
     def _save_policy(self, directory: Path | None) -> None:
         if not self._sharded:
             if directory is not None:
-                self.vla.save_pretrained(directory)
+                self.vla.save_pretrained(directory, manifest=False)
             return
         self._save_model_state(None if directory is None else directory / WEIGHTS_FILE)
         if directory is not None:
@@ -847,6 +924,7 @@ class Trainer:
         for name in (WEIGHTS_FILE, STATE_TENSORS_FILE, STATE_JSON_FILE):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory / name} not found: not a trainer checkpoint")
+        verify_manifest(directory, required=(WEIGHTS_FILE, STATE_TENSORS_FILE, STATE_JSON_FILE))
         meta = json.loads((directory / STATE_JSON_FILE).read_text(encoding="utf-8"))
         if meta.get("format") != STATE_FORMAT:
             raise ValueError(f"{directory / STATE_JSON_FILE}: format {meta.get('format')!r}, expected {STATE_FORMAT!r}")
@@ -855,7 +933,7 @@ class Trainer:
         differ = {k: (v, meta["config"].get(k)) for k, v in self.config.to_json().items() if meta["config"].get(k) != v}
         if differ:
             logger.warning("resuming with a different config (now, checkpoint): %s", differ)
-        tensors = load_file(str(directory / STATE_TENSORS_FILE))
+        tensors = read_safetensors(directory / STATE_TENSORS_FILE)
         self._restore_weights(directory)
         self._restore_optimizer(tensors, meta)
         self.scheduler.load_state_dict(meta["scheduler"])
@@ -878,9 +956,9 @@ class Trainer:
         """Live weights, and the EMA (its weights pass through the model into the EMA tensors)."""
         ema_saved = (directory / EMA_FILE).is_file()
         if self._ema is not None and ema_saved:
-            self._load_model_state(load_file(str(directory / EMA_FILE)))
+            self._load_model_state(read_safetensors(directory / EMA_FILE))
             self._reset_ema()
-        self._load_model_state(load_file(str(directory / WEIGHTS_FILE)))
+        self._load_model_state(read_safetensors(directory / WEIGHTS_FILE))
         if self._ema is not None and not ema_saved:
             logger.warning("%s has no %s: the EMA starts from the checkpoint's weights", directory, EMA_FILE)
             self._reset_ema()
@@ -958,6 +1036,7 @@ def _make_accelerator(config: TrainConfig) -> Accelerator:
 __all__ = [
     "ParameterGroup",
     "ShardedEpochSampler",
+    "StopSignal",
     "TrainConfig",
     "Trainer",
     "collate",
@@ -968,5 +1047,6 @@ __all__ = [
     "load_ema_policy",
     "lr_factor",
     "parameter_groups",
+    "recover_checkpoints",
     "set_normalization",
 ]

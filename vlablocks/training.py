@@ -20,7 +20,7 @@ import yaml
 
 from vlablocks.io import atomic_path
 from vlablocks.recipes.loader import Recipe, RecipeError, load_recipe
-from vlablocks.recipes.schema import call_with
+from vlablocks.recipes.schema import MAX_SETTING_INT, call_with
 from vlablocks.vla import VLA
 
 logger = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ class RunResult:
     out_dir: Path
     metrics: dict[str, float]
     checkpoint: Path | None
+    interrupted: bool = False  # stopped early by SIGTERM (after writing ``checkpoint``)
 
 
 def split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -57,7 +58,7 @@ def train_config(recipe: Recipe, train_overrides: Sequence[str] = (), steps: int
         recipe.sources[f"train.{key}"] = "<command-line override>"
     if steps is not None:
         node["steps"] = steps
-    return call_with(TrainConfig, node, "train", recipe)
+    return call_with(TrainConfig, node, "train", recipe, max_int=MAX_SETTING_INT)
 
 
 def check_data_fits(vla: VLA, sample: dict[str, Any], data: Path) -> None:
@@ -117,7 +118,7 @@ def train_from_recipe(
             raise FileNotFoundError(f"--resume: {out_dir} has no checkpoint to resume from")
         trainer.resume(checkpoint)
     metrics = trainer.train()
-    return RunResult(out_dir, metrics, latest_checkpoint(out_dir))
+    return RunResult(out_dir, metrics, latest_checkpoint(out_dir), trainer.interrupted)
 
 
 def load_policy(run: str | Path, use_ema: bool = True) -> tuple[VLA, Path]:

@@ -23,11 +23,12 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from vlablocks import batch as keys
 from vlablocks.augment import random_shift
+from vlablocks.checkpoint import load_weights, read_safetensors, verify_manifest, write_manifest
 from vlablocks.heads.denoiser import Prefix
 from vlablocks.heads.flow_matching import FlowMatchingHead, FlowMatchingOutput
 from vlablocks.io import atomic_path
@@ -251,8 +252,12 @@ class VLA(nn.Module):
 
     # ------------------------------------------------------------------ persistence
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``model.safetensors`` and ``recipe.yaml`` into ``directory`` (each file atomically)."""
+    def save_pretrained(self, directory: str | Path, manifest: bool = True) -> Path:
+        """Write ``model.safetensors``, ``recipe.yaml`` and ``manifest.json`` (their checksums)
+        into ``directory``, each file atomically.
+
+        ``manifest=False`` leaves the manifest to a caller that adds files of its own (the trainer).
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
@@ -261,6 +266,8 @@ class VLA(nn.Module):
         recipe = self.export_recipe(directory)
         with atomic_path(directory / RECIPE_FILE) as tmp:
             tmp.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+        if manifest:
+            write_manifest(directory)
         return directory
 
     def export_recipe(self, directory: Path) -> dict[str, Any]:
@@ -279,20 +286,30 @@ class VLA(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> VLA:
-        """Rebuild from ``recipe.yaml`` and load ``model.safetensors`` (no pickle involved)."""
+        """Rebuild from ``recipe.yaml`` and load ``model.safetensors``.
+
+        The files are checked against ``manifest.json`` first (when there is one); the recipe is
+        parsed by the recipe loader (plain YAML values only) and the weights are safetensors, so
+        loading executes nothing from the directory.
+
+        Raises:
+            FileNotFoundError: ``recipe.yaml`` or ``model.safetensors`` is missing.
+            CheckpointError: a file listed in the manifest is missing, truncated or corrupted, or the weights do not
+                fit the recipe.
+            RecipeError: ``recipe.yaml`` is not a valid recipe.
+        """
         from vlablocks.recipes.builder import build
-        from vlablocks.recipes.loader import RecipeError, recipe_from_dict
+        from vlablocks.recipes.loader import parse_yaml, recipe_from_dict
 
         directory = Path(directory)
         recipe_path, weights_path = directory / RECIPE_FILE, directory / WEIGHTS_FILE
         for path in (recipe_path, weights_path):
             if not path.is_file():
                 raise FileNotFoundError(f"{path} not found: not a vlablocks checkpoint directory")
-        try:
-            data = yaml.safe_load(recipe_path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            raise RecipeError(f"invalid YAML: {err}", source=str(recipe_path)) from None
+        verify_manifest(directory, required=(RECIPE_FILE, WEIGHTS_FILE))
+        data = parse_yaml(recipe_path.read_text(encoding="utf-8"), source=str(recipe_path))
         recipe = recipe_from_dict(data, name=directory.name, source=str(recipe_path))
         model = build(recipe, load_weights=False, base_dir=directory)
-        model.load_state_dict(load_file(str(weights_path), device=str(map_location)))
+        load_weights(model, read_safetensors(weights_path, map_location), weights_path)
         return model.to(map_location)
+
