@@ -14,10 +14,12 @@
 | ``actions`` | ``[B, H, A]`` | action chunk, raw units (training) |
 | ``action_mask`` | ``[B, H]`` bool | optional; False past the episode end |
 
-:func:`collate` turns a list of samples (one dict each) into such a batch.
+:func:`collate` turns a list of samples (one dict each) into such a batch; :func:`check_batch`
+checks one against what a policy reads (:class:`BatchSpec`) and raises :class:`BatchError`.
 """
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -68,3 +70,143 @@ def collate(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 def to_device(batch: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:
     """The batch with its tensors moved to ``device`` (other values, e.g. task strings, kept)."""
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+#: dtypes a float input may have (float64, numpy's default, would meet fp32 weights and fail later).
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class BatchError(ValueError):
+    """A batch does not fit the policy: the message names the key, the expected and the received value."""
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """What a policy reads from a batch.
+
+    Attributes:
+        image_size: ``H = W`` of ``images`` (``None``: the policy has no vision encoder).
+        geometry: the policy reads per-camera geometry (depth + intrinsics, points or rays).
+        state_dim: the largest state width (``None``: no state is read).
+        horizon, action_dim: ``actions`` are ``[B, horizon, A]`` with ``A <= action_dim``.
+        actions: ``actions`` are required (training loss) rather than ignored.
+    """
+
+    image_size: int | None
+    geometry: bool
+    state_dim: int | None
+    horizon: int
+    action_dim: int
+    actions: bool
+
+
+def _shape(value: Any) -> str:
+    return str(list(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def _layout(key: str, value: Any, dims: Sequence[int | str | None], layout: str, sizes: dict[str, int],
+            floating: bool) -> None:
+    """``value`` is a tensor matching ``dims`` (int: exact, str: a size shared across keys, None: any)."""
+    if not isinstance(value, torch.Tensor):
+        raise BatchError(f"batch[{key!r}]: expected a tensor {layout}; got {type(value).__name__}")
+    if value.dim() != len(dims):
+        raise BatchError(f"batch[{key!r}]: expected {layout}; got shape {list(value.shape)}")
+    for axis, (want, got) in enumerate(zip(dims, value.shape)):
+        if isinstance(want, int) and got != want:
+            raise BatchError(f"batch[{key!r}]: expected {layout} with size {want} in dim {axis}; got shape {list(value.shape)}")
+        if isinstance(want, str):
+            if sizes.setdefault(want, got) != got:
+                raise BatchError(f"batch[{key!r}]: expected {layout} with {want} = {sizes[want]} (as in the other keys); "
+                                 f"got shape {list(value.shape)}")
+    if floating and value.dtype not in FLOAT_DTYPES:
+        hint = " (scale uint8 images to [0, 1])" if value.dtype == torch.uint8 else ""
+        raise BatchError(f"batch[{key!r}]: expected a float32 / bfloat16 / float16 tensor; got {value.dtype}{hint}")
+    if not floating and value.dtype != torch.bool:
+        raise BatchError(f"batch[{key!r}]: expected a bool tensor; got {value.dtype}")
+
+
+def check_batch(batch: Mapping[str, Any], spec: BatchSpec, device: torch.device) -> None:
+    """Check the keys a policy reads: presence, type, shape, batch size, dtype, device, finite
+    values, images in ``[0, 1]`` and depth ``>= 0``. Keys the policy does not read are ignored.
+
+    The value checks are reduced on the tensors' device and read back once.
+
+    Raises:
+        BatchError: naming the key, the expected and the received value.
+    """
+    if not isinstance(batch, Mapping):
+        raise BatchError(f"the batch must be a mapping of batch keys; got {type(batch).__name__}")
+    sizes: dict[str, int] = {}
+    floats: list[tuple[str, torch.Tensor]] = []
+
+    def read(key: str, dims: Sequence[int | str | None], layout: str, required: bool, floating: bool = True) -> None:
+        value = batch.get(key)
+        if value is None:
+            if required:
+                raise BatchError(f"batch[{key!r}] is missing: this policy reads {layout}")
+            return
+        _layout(key, value, dims, layout, sizes, floating)
+        if value.device != device:
+            raise BatchError(f"batch[{key!r}]: expected a tensor on {device} (the policy's device); got {value.device} "
+                             "(vlablocks.batch.to_device moves a batch)")
+        if floating:
+            floats.append((key, value))
+
+    if spec.image_size is not None:
+        size = spec.image_size
+        read(IMAGES, ("B", "N", 3, size, size), f"images [B, N, 3, {size}, {size}]", required=True)
+        read(IMAGE_MASK, ("B", "N"), "image_mask [B, N]", required=False, floating=False)
+        if spec.geometry:
+            read(DEPTH, ("B", "N", None, None), "depth [B, N, H, W]", required=False)
+            read(INTRINSICS, ("B", "N", 3, 3), "intrinsics [B, N, 3, 3]", required=batch.get(DEPTH) is not None)
+            read(CAM_TO_WORLD, ("B", "N", 4, 4), "cam_to_world [B, N, 4, 4]", required=False)
+            read(POINTS, ("B", "N", None, None, 3), "points [B, N, H, W, 3]", required=False)
+            read(RAY_DIRECTIONS, ("B", "N", None, None, 3), "ray_directions [B, N, H, W, 3]", required=False)
+            read(DEPTH_ALONG_RAY, ("B", "N", None, None), "depth_along_ray [B, N, H, W]",
+                 required=batch.get(RAY_DIRECTIONS) is not None)
+            if all(batch.get(k) is None for k in (DEPTH, POINTS, RAY_DIRECTIONS)):
+                raise BatchError("batch['depth'] is missing: this policy has a geometry encoder and reads depth + "
+                                 "intrinsics (+ cam_to_world), points, or ray_directions + depth_along_ray")
+    if spec.state_dim is not None:
+        read(STATE, ("B", None), f"state [B, S] with S <= {spec.state_dim}", required=True)
+        if batch[STATE].shape[-1] > spec.state_dim:
+            raise BatchError(f"batch['state']: expected at most {spec.state_dim} dims (policy.state_dim); "
+                             f"got shape {list(batch[STATE].shape)}")
+    if spec.actions:
+        read(ACTIONS, ("B", spec.horizon, None), f"actions [B, {spec.horizon}, A] with A <= {spec.action_dim}", required=True)
+        if batch[ACTIONS].shape[-1] > spec.action_dim:
+            raise BatchError(f"batch['actions']: expected at most {spec.action_dim} dims (policy.action_dim); "
+                             f"got shape {list(batch[ACTIONS].shape)}")
+        read(ACTION_MASK, ("B", spec.horizon), f"action_mask [B, {spec.horizon}]", required=False, floating=False)
+
+    tasks = batch.get(TASK)
+    if not isinstance(tasks, (list, tuple)) or not all(isinstance(t, str) for t in tasks):
+        got = f"{type(tasks).__name__} {tasks!r}" if not isinstance(tasks, (list, tuple)) else \
+            f"a list with {sorted({type(t).__name__ for t in tasks})}"
+        raise BatchError(f"batch['task']: expected a list of B instruction strings; got {got[:200]}")
+    if sizes.setdefault("B", len(tasks)) != len(tasks):
+        raise BatchError(f"batch['task']: expected B = {sizes['B']} strings (as in the other keys); got {len(tasks)}")
+    if sizes["B"] == 0:
+        raise BatchError("the batch is empty (B = 0)")
+
+    if not floats:
+        return
+    flags = [torch.isfinite(v).all() for _, v in floats]
+    bounds = [(k, v) for k, v in floats if k in (IMAGES, DEPTH, DEPTH_ALONG_RAY)]
+    flags += [((v >= 0) & (v <= 1)).all() if k == IMAGES else (v >= 0).all() for k, v in bounds]
+    ok = torch.stack([f.to(device) for f in flags]).tolist()  # one read-back for all checks
+    if all(ok):
+        return
+    for (key, value), fine in zip(floats, ok):
+        if not fine:
+            bad = int((~torch.isfinite(value)).sum())
+            raise BatchError(f"batch[{key!r}]: expected finite values; got {bad} NaN / inf of {value.numel()}")
+    for (key, value), fine in zip(bounds, ok[len(floats):]):
+        if not fine:
+            expected = "values in [0, 1]" if key == IMAGES else "values >= 0"
+            raise BatchError(f"batch[{key!r}]: expected {expected}; got min {value.min().item():.4g}, "
+                             f"max {value.max().item():.4g}")

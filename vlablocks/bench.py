@@ -11,6 +11,7 @@ What is timed, for a batch of random observations (:func:`~vlablocks.checks.rand
 ``chunk_cached_ms``         ``prepare`` + ``N`` Euler steps (``FlowMatchingHead.sample``;
                             ``encode_ms + chunk_cached_ms`` is observation to actions)
 ``chunk_recompute_ms``      ``N`` joint passes over ``[prefix ; suffix]`` (no cache), deep fusion only
+``input_checks_ms``         ``vla.check_batch``: what ``predict_action`` spends validating its batch
 ``train_step_ms``           loss, backward and an AdamW step at ``train_batch``
 ==========================  ==================================================================
 
@@ -127,6 +128,7 @@ class BenchResult:
     prefix_ms: float
     step_ms: float
     chunk_cached_ms: float
+    input_checks_ms: float | None = None
     chunk_recompute_ms: float | None = None
     speedup: float | None = None
     token_work_ratio: float | None = None
@@ -292,6 +294,7 @@ def bench_inference(vla: VLA, settings: BenchSettings) -> dict[str, Any]:
         t = torch.full((settings.batch,), 0.5, device=device)
         timed = {
             "encode_ms": lambda: vla.embed_prefix(batch),
+            "input_checks_ms": lambda: vla.check_batch(batch, actions=False),
             "prefix_ms": lambda: prepare(prefix),
             "step_ms": lambda: velocity(context, noise, t, state),
             **{name: (lambda fn=fn: fn(prefix, state, noise)) for name, fn in chunks.items()},
@@ -428,7 +431,7 @@ def run_bench(
         machine=machine_description(settings.device), parameters=parameters,
         prefix_tokens=inference["prefix_tokens"], suffix_tokens=inference["suffix_tokens"],
         encode_ms=inference["encode_ms"], prefix_ms=inference["prefix_ms"], step_ms=inference["step_ms"],
-        chunk_cached_ms=inference["chunk_cached_ms"],
+        chunk_cached_ms=inference["chunk_cached_ms"], input_checks_ms=inference["input_checks_ms"],
         compile_s=inference.get("compile_s"),
     )
     if "chunk_recompute_ms" in inference:
@@ -481,6 +484,9 @@ def format_table(result: BenchResult) -> str:
     row(f"chunk, cached ({s['steps']} steps)", result.chunk_cached_ms)
     row(f"chunk, full recompute ({s['steps']} steps)", result.chunk_recompute_ms)
     row("observation to actions", result.encode_ms + result.chunk_cached_ms)
+    if result.input_checks_ms is not None:
+        row("batch checks of predict_action", result.input_checks_ms)
+        row("  share of observation to actions", 100 * result.input_checks_ms / (result.encode_ms + result.chunk_cached_ms), "%")
     if result.speedup is not None:
         row("cache speed-up", result.speedup, "x")
         row("  theoretical (token work)", result.token_work_ratio, "x")

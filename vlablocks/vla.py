@@ -199,9 +199,11 @@ class VLA(nn.Module):
         """Flow-matching loss of a batch (normalised actions; padded steps and dims masked).
 
         ``t [B]``: fixed flow times instead of the head's time sampler (diagnostics).
+
+        Raises:
+            BatchError: the batch does not fit the policy (:meth:`check_batch`).
         """
-        if batch.get(keys.ACTIONS) is None:
-            raise ValueError("batch['actions'] is missing: forward() computes the training loss")
+        self.check_batch(batch, actions=True)
         if self.training and self.config.image_shift and batch.get(keys.IMAGES) is not None:
             images, depth, intrinsics = random_shift(
                 batch[keys.IMAGES], self.config.image_shift, batch.get(keys.DEPTH), batch.get(keys.INTRINSICS), generator
@@ -230,10 +232,33 @@ class VLA(nn.Module):
         num_steps: int | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """An action chunk ``[B, H, A_data]`` in raw units (un-normalised, padding dims dropped)."""
+        """An action chunk ``[B, H, A_data]`` in raw units (un-normalised, padding dims dropped).
+
+        Raises:
+            BatchError: the batch does not fit the policy (:meth:`check_batch`).
+        """
+        self.check_batch(batch, actions=False)
         prefix = self.embed_prefix(batch)
         chunk = self.head.sample(prefix, self._suffix_state(batch), noise=noise, num_steps=num_steps, generator=generator)
         return self.normalizer["action"].unnormalize(chunk)
+
+    def batch_spec(self, actions: bool) -> keys.BatchSpec:
+        """What this policy reads from a batch (``actions``: the training loss's targets too)."""
+        return keys.BatchSpec(
+            image_size=None if self.vision is None else self.vision.image_size,
+            geometry=self.geometry is not None,
+            state_dim=self.config.state_dim,
+            horizon=self.config.horizon,
+            action_dim=self.config.action_dim,
+            actions=actions,
+        )
+
+    def check_batch(self, batch: Mapping[str, Any], actions: bool) -> None:
+        """Raise :class:`~vlablocks.batch.BatchError` unless ``batch`` fits this policy: keys,
+        shapes, batch sizes, dtypes, the device, finite values, images in [0, 1] (see
+        :func:`vlablocks.batch.check_batch`)."""
+        device = next(self.parameters()).device
+        keys.check_batch(batch, self.batch_spec(actions), device)
 
     def _suffix_state(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
         return self._state(batch) if self.config.state_mode == "suffix" else None
