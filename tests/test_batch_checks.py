@@ -7,10 +7,10 @@ import re
 
 import pytest
 import torch
+from vlablocks.recipes.builder import build
 
 from vlablocks.batch import BatchError
 from vlablocks.checks import random_batch
-from vlablocks.recipes.builder import build
 
 
 @pytest.fixture(scope="module")

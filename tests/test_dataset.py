@@ -14,6 +14,7 @@ import torch
 from vlablocks import batch as keys
 from vlablocks.dataset import (
     DatasetWriter,
+    EpisodeError,
     LeRobotDataset,
     collate,
     decode_png,
@@ -210,20 +211,66 @@ def test_reader_errors(tmp_path):
 
     original = pq.read_table(parquet)
     _rewrite(parquet, lambda t: t.drop_columns(["action"]))
-    with pytest.raises(ValueError, match=r"episode_000002.parquet: missing column\(s\) \['action'\]"):
+    with pytest.raises(EpisodeError, match=r"episode_000002.parquet \(episode 2\): missing column\(s\) \['action'\]"):
         LeRobotDataset(root, horizon=2)
 
     actions = np.stack(original.column("action").to_pylist()).astype(np.float32)
     actions[4, 1] = np.nan
     nan_column = pa.array(list(actions), pa.list_(pa.float32()))
     _rewrite(parquet, lambda t: original.set_column(original.schema.get_field_index("action"), "action", nan_column))
-    with pytest.raises(ValueError, match=r"episode_000002.parquet: NaN or inf in 'action' at frame\(s\) \[4\]"):
+    with pytest.raises(EpisodeError, match=r"episode_000002.parquet \(episode 2\): NaN or inf in 'action' at frame\(s\) \[4\]"):
         LeRobotDataset(root, horizon=2)
 
     _rewrite(parquet, lambda t: original.slice(0, 6))
-    with pytest.raises(ValueError, match=r"episode_000002.parquet: 6 frames, but .*episodes.jsonl says episode 2 has length 7"):
+    with pytest.raises(EpisodeError, match=r"episode_000002.parquet \(episode 2\): 6 frames, but .*episodes.jsonl says the episode has length 7"):
         LeRobotDataset(root, horizon=2)
 
-    parquet.unlink()
-    with pytest.raises(FileNotFoundError, match=r"episode_000002.parquet: missing \(episode 2"):
+    size = len(original_bytes := parquet.read_bytes())
+    parquet.write_bytes(original_bytes[: size // 2])
+    with pytest.raises(EpisodeError, match=r"episode_000002.parquet \(episode 2\): .*(Parquet|parquet|magic)") as err:
         LeRobotDataset(root, horizon=2)
+    assert err.value.episode == 2 and err.value.path == parquet
+
+    parquet.unlink()
+    with pytest.raises(EpisodeError, match=r"episode_000002.parquet \(episode 2\): missing \(listed in .*episodes.jsonl\)"):
+        LeRobotDataset(root, horizon=2)
+
+
+def test_a_corrupt_frame_is_named_by_column_and_frame(tmp_path):
+    root = tmp_path / "d"
+    write(root)
+    parquet = root / episode_path(0)
+    table = pq.read_table(parquet)
+    column = "observation.images.front"
+    frames = table.column(column).to_pylist()
+    frames[3] = {**frames[3], "bytes": frames[3]["bytes"][:40]}  # a PNG cut short
+    _rewrite(parquet, lambda t: t.set_column(t.schema.get_field_index(column), column,
+                                             pa.array(frames, table.schema.field(column).type)))
+    with pytest.raises(EpisodeError, match=rf"episode_000000.parquet \(episode 0\): column '{column}', frame 3: not a readable PNG"):
+        LeRobotDataset(root, horizon=2)
+
+
+def test_bad_episodes_can_be_skipped_explicitly_and_are_counted(tmp_path, caplog):
+    root = tmp_path / "d"
+    episodes = write(root)
+    (root / episode_path(1)).unlink()
+    broken = root / episode_path(2)
+    broken.write_bytes(broken.read_bytes()[:100])
+    with pytest.raises(EpisodeError, match=r"episode_000001.parquet \(episode 1\): missing"):
+        LeRobotDataset(root, horizon=2)  # the default: refuse rather than train on part of the data
+    with caplog.at_level("WARNING", logger="vlablocks.dataset"):
+        dataset = LeRobotDataset(root, horizon=3, skip_bad_episodes=True)
+    assert [e for e, _ in dataset.skipped] == [1, 2]
+    assert "missing" in dataset.skipped[0][1]
+    assert f"skipped 2 of 3 episodes ({LENGTHS[0]} frames kept)" in caplog.text
+    assert len(dataset) == LENGTHS[0] and dataset.episode_ranges == [(0, LENGTHS[0])]
+    kept = episodes[0]
+    for i in range(LENGTHS[0]):
+        sample = dataset[i]
+        assert torch.equal(sample[keys.STATE], torch.from_numpy(kept["observation.state"][i]))
+        assert torch.equal(sample[keys.IMAGES][0], torch.from_numpy(kept["observation.images.front"][i]).permute(2, 0, 1).float() / 255)
+    assert sample[keys.ACTION_MASK].tolist() == [True, False, False]  # the episode end is the kept episode's
+    assert sample[keys.TASK] == TASKS[0]
+    (root / episode_path(0)).unlink()
+    with pytest.raises(ValueError, match=r"every episode is bad"):
+        LeRobotDataset(root, horizon=2, skip_bad_episodes=True)

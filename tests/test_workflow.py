@@ -65,3 +65,24 @@ def test_a_run_is_reproducible_from_its_recipe_and_seed(data_dir, tmp_path):
     assert first.keys() == again.keys()
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_training_refuses_a_bad_episode_unless_told_to_skip_it(data_dir, tmp_path):
+    import shutil
+
+    from vlablocks.dataset import EpisodeError, episode_path
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    broken = data / episode_path(1)
+    broken.write_bytes(broken.read_bytes()[:-64])  # truncated: the parquet footer is gone
+    run = tmp_path / "run"
+    common = ["train", "tiny_pi0", "--data", str(data), "--out", str(run), "policy.action_dim=4", "policy.state_dim=4",
+              "train.batch_size=2", "--steps", "1"]
+    with pytest.raises(EpisodeError, match=r"episode_000001.parquet \(episode 1\): "):
+        main(common)
+    assert not (run / "checkpoints").exists()
+    assert main([*common, "--skip-bad-episodes"]) == 0
+    skipped = json.loads((run / "data.json").read_text())["skipped_episodes"]
+    assert [s["episode"] for s in skipped] == [1] and skipped[0]["problem"]
+    assert (run / "checkpoints" / "step_0000001").is_dir()

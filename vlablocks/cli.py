@@ -134,6 +134,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     run = train_from_recipe(
         args.recipe, args.data, out=args.out, overrides=args.overrides, steps=args.steps, resume=args.resume,
+        skip_bad_episodes=args.skip_bad_episodes,
     )
     _out(f"run directory: {run.out_dir}")
     if run.interrupted:
@@ -228,6 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     train.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides train.steps)")
     train.add_argument("--out", default=None, help="run directory (default runs/<recipe>)")
     train.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    train.add_argument("--skip-bad-episodes", action="store_true",
+                       help="leave out episodes that cannot be read (missing, truncated, NaN) instead of stopping; "
+                            "they are logged and listed in data.json")
     train.set_defaults(fn=cmd_train)
 
     evaluate = sub.add_parser("eval", help="closed-loop evaluation of a trained run")

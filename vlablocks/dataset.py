@@ -367,29 +367,42 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _vectors(table: pa.Table, column: str, dim: int, path: Path) -> np.ndarray:
+def _vectors(table: pa.Table, column: str, dim: int) -> np.ndarray:
     """A list<float> column -> ``[T, dim]`` float32."""
     array = table.column(column).combine_chunks()
     lengths = array.value_lengths().to_numpy(zero_copy_only=False) if pa.types.is_list(array.type) else None
     if lengths is not None and (lengths != dim).any():
-        raise ValueError(
-            f"{path}: column {column!r} must hold {dim} values per frame; got lengths {sorted(set(lengths.tolist()))}"
-        )
+        raise ValueError(f"column {column!r} must hold {dim} values per frame; got lengths {sorted(set(lengths.tolist()))}")
     flat = array.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
     if flat.size != len(array) * dim:
-        raise ValueError(
-            f"{path}: column {column!r} must hold {dim} values per frame; got {flat.size} values for {len(array)} frames"
-        )
+        raise ValueError(f"column {column!r} must hold {dim} values per frame; got {flat.size} values for {len(array)} frames")
     return flat.reshape(len(array), dim)
 
 
-def _png_bytes(table: pa.Table, column: str, path: Path) -> list[bytes]:
+def _png_frames(table: pa.Table, column: str, pool: ThreadPoolExecutor) -> list[np.ndarray]:
+    """The decoded PNG frames of an image / depth column (ValueError naming the first bad frame)."""
     field = table.column(column).combine_chunks()
     data = field.field("bytes") if pa.types.is_struct(field.type) else field
     values = data.to_pylist()
     if any(v is None for v in values):
-        raise ValueError(f"{path}: column {column!r} has frames without embedded bytes (image paths are not supported)")
-    return values
+        raise ValueError(f"column {column!r} has frames without embedded bytes (image paths are not supported)")
+
+    def decode(item: tuple[int, bytes]) -> np.ndarray:
+        try:
+            return decode_png(item[1])
+        except (OSError, ValueError, SyntaxError) as err:  # Pillow: UnidentifiedImageError, truncated data
+            raise ValueError(f"column {column!r}, frame {item[0]}: not a readable PNG ({err})") from None
+
+    return list(pool.map(decode, enumerate(values)))
+
+
+class EpisodeError(ValueError):
+    """One episode of a dataset cannot be used: its file is missing, unreadable or inconsistent,
+    or its values are not finite. ``path`` and ``episode`` say which."""
+
+    def __init__(self, path: Path, episode: int, problem: str) -> None:
+        super().__init__(f"{path} (episode {episode}): {problem}")
+        self.path, self.episode, self.problem = path, episode, problem
 
 
 class LeRobotDataset(torch.utils.data.Dataset):
@@ -404,6 +417,12 @@ class LeRobotDataset(torch.utils.data.Dataset):
 
     Memory: images are kept as uint8 (``3 H W`` bytes per camera and frame: 49 KB at 128 px) and
     depth as uint16 millimetres.
+
+    Every episode is checked while it loads (file present and readable, columns, frame count and
+    indices, finite state and actions, decodable frames of the right size); a bad one raises
+    :class:`EpisodeError` naming the file and the episode, so training never starts on partial
+    data. ``skip_bad_episodes=True`` leaves such episodes out instead, logs each, and lists them
+    in ``skipped`` (``(episode, problem)``). Dataset-wide problems (``meta/`` files) always raise.
     """
 
     def __init__(
@@ -412,6 +431,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
         horizon: int,
         cameras: Sequence[str] | None = None,
         load_depth: bool = True,
+        skip_bad_episodes: bool = False,
     ) -> None:
         if horizon < 1:
             raise ValueError(f"horizon must be >= 1; got {horizon}")
@@ -435,18 +455,44 @@ class LeRobotDataset(torch.utils.data.Dataset):
         self.episode_ranges: list[tuple[int, int]] = [(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
         self._allocate(int(starts[-1]), load_depth)
         task_index = np.empty(int(starts[-1]), dtype=np.int64)
+        self.skipped: list[tuple[int, str]] = []
         with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
             progress = tqdm(episodes, desc=f"loading {self.root.name}", unit="episode")
             for episode, (start, end) in zip(progress, self.episode_ranges):
                 index = int(episode["episode_index"])
                 path = self.root / episode_path(index, info["data_path"], int(info["chunks_size"]))
-                task_index[start:end] = self._load_episode(path, index, start, end, pool)
+                try:
+                    task_index[start:end] = self._load_episode(path, index, start, end, pool)
+                except EpisodeError as err:
+                    if not skip_bad_episodes:
+                        raise
+                    logger.warning("skipping %s", err)
+                    self.skipped.append((index, err.problem))
+        if self.skipped:
+            kept = [i for i, e in enumerate(episodes) if int(e["episode_index"]) not in {b for b, _ in self.skipped}]
+            if not kept:
+                raise ValueError(f"{self.root}: every episode is bad (skip_bad_episodes left nothing to train on)")
+            task_index = self._drop_episodes(kept, task_index)
+            lengths = [lengths[i] for i in kept]
+            starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+            self.episode_ranges = [(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
+            logger.warning("%s: skipped %d of %d episodes (%d frames kept)", self.root, len(self.skipped),
+                           len(episodes), int(starts[-1]))
         unknown = sorted(set(np.unique(task_index).tolist()) - set(tasks))
         if unknown:
             raise ValueError(f"{self.root / TASKS_FILE}: task_index {unknown} used by the episodes is not listed")
         self.tasks: list[str] = [tasks[i] for i in sorted(tasks)]
         self._task_of = [tasks[int(i)] for i in task_index]
         self._episode_end = torch.from_numpy(np.repeat(starts[1:], lengths))
+
+    def _drop_episodes(self, kept: Sequence[int], task_index: np.ndarray) -> np.ndarray:
+        """Keep only the frames of episodes ``kept`` (positions in ``episode_ranges``)."""
+        frames = torch.cat([torch.arange(*self.episode_ranges[i]) for i in kept])
+        for name in ("_images", "_state", "_actions", "_depth", "_intrinsics", "_cam_to_world"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, tensor[frames])
+        return task_index[frames.numpy()]
 
     def _check_info(self, info: Mapping[str, Any]) -> None:
         path = self.root / INFO_FILE
@@ -508,9 +554,19 @@ class LeRobotDataset(torch.utils.data.Dataset):
         self._cam_to_world = torch.empty(frames, n, 4, 4) if self._present("cam_to_world") else None
 
     def _load_episode(self, path: Path, episode: int, start: int, end: int, pool: ThreadPoolExecutor) -> np.ndarray:
-        """Fill frames ``[start, end)`` from one parquet file; returns its task indices."""
+        """Fill frames ``[start, end)`` from one parquet file; returns its task indices.
+
+        Raises:
+            EpisodeError: the file is missing, unreadable (not parquet, truncated) or inconsistent.
+        """
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing (episode {episode} of {self.root / EPISODES_FILE})")
+            raise EpisodeError(path, episode, f"missing (listed in {self.root / EPISODES_FILE})")
+        try:
+            return self._read_episode(path, episode, start, end, pool)
+        except (ValueError, OSError, pa.ArrowException) as err:
+            raise EpisodeError(path, episode, str(err)) from None
+
+    def _read_episode(self, path: Path, episode: int, start: int, end: int, pool: ThreadPoolExecutor) -> np.ndarray:
         loaded = {"image": True, "depth": self._depth is not None, "intrinsics": self._intrinsics is not None,
                   "cam_to_world": self._cam_to_world is not None}
         columns = [STATE, ACTION, *INDEX_COLUMNS]
@@ -518,43 +574,41 @@ class LeRobotDataset(torch.utils.data.Dataset):
         present = pq.read_schema(path).names
         missing = [c for c in columns if c not in present]
         if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; the file has {present}")
+            raise ValueError(f"missing column(s) {missing}; the file has {present}")
         table = pq.read_table(path, columns=columns)
         if table.num_rows != end - start:
-            raise ValueError(
-                f"{path}: {table.num_rows} frames, but {self.root / EPISODES_FILE} says episode {episode} "
-                f"has length {end - start}"
-            )
+            raise ValueError(f"{table.num_rows} frames, but {self.root / EPISODES_FILE} says the episode has length {end - start}")
         if (table.column("episode_index").to_numpy() != episode).any():
-            raise ValueError(f"{path}: episode_index column is not {episode} on every row")
+            raise ValueError(f"the episode_index column is not {episode} on every row")
         if (table.column("frame_index").to_numpy() != np.arange(end - start)).any():
-            raise ValueError(f"{path}: frame_index must run 0..{end - start - 1} in order")
+            raise ValueError(f"frame_index must run 0..{end - start - 1} in order")
         for name, target, dim in ((STATE, self._state, self.state_dim), (ACTION, self._actions, self.action_dim)):
-            values = _vectors(table, name, dim, path)
+            values = _vectors(table, name, dim)
             bad = np.flatnonzero(~np.isfinite(values).all(1))
             if bad.size:
-                raise ValueError(f"{path}: NaN or inf in {name!r} at frame(s) {bad[:10].tolist()}")
+                raise ValueError(f"NaN or inf in {name!r} at frame(s) {bad[:10].tolist()}")
             target[start:end] = torch.from_numpy(values)
         for slot, camera in enumerate(self.cameras):
             names = camera_columns(camera)
-            images = list(pool.map(decode_png, _png_bytes(table, names["image"], path)))
+            images = _png_frames(table, names["image"], pool)
             expected = (*self._images.shape[3:], 3)
             if any(image.shape != expected for image in images):
                 shapes = sorted({image.shape for image in images})
-                raise ValueError(f"{path}: {names['image']!r} frames must be {list(expected)} (info.json); got {shapes}")
+                raise ValueError(f"{names['image']!r} frames must be {list(expected)} (info.json); got {shapes}")
             self._images[start:end, slot] = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
             if self._depth is not None:
-                depth = list(pool.map(decode_png, _png_bytes(table, names["depth"], path)))
+                depth = _png_frames(table, names["depth"], pool)
                 if any(d.shape != expected[:2] or d.dtype != np.uint16 for d in depth):
                     got = sorted({(d.shape, str(d.dtype)) for d in depth})
-                    raise ValueError(f"{path}: {names['depth']!r} frames must be {list(expected[:2])} uint16; got {got}")
+                    raise ValueError(f"{names['depth']!r} frames must be {list(expected[:2])} uint16; got {got}")
                 self._depth[start:end, slot] = torch.from_numpy(np.stack(depth))
-            if self._intrinsics is not None:
-                intrinsics = _vectors(table, names["intrinsics"], 9, path).reshape(-1, 3, 3)
-                self._intrinsics[start:end, slot] = torch.from_numpy(intrinsics)
-            if self._cam_to_world is not None:
-                poses = _vectors(table, names["cam_to_world"], 16, path).reshape(-1, 4, 4)
-                self._cam_to_world[start:end, slot] = torch.from_numpy(poses)
+            for kind, target, dim in (("intrinsics", self._intrinsics, 3), ("cam_to_world", self._cam_to_world, 4)):
+                if target is not None:
+                    values = _vectors(table, names[kind], dim * dim)
+                    bad = np.flatnonzero(~np.isfinite(values).all(1))
+                    if bad.size:
+                        raise ValueError(f"NaN or inf in {names[kind]!r} at frame(s) {bad[:10].tolist()}")
+                    target[start:end, slot] = torch.from_numpy(values.reshape(-1, dim, dim))
         return table.column("task_index").to_numpy()
 
     @property

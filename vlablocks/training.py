@@ -86,11 +86,14 @@ def train_from_recipe(
     overrides: Sequence[str] = (),
     steps: int | None = None,
     resume: bool = False,
+    skip_bad_episodes: bool = False,
 ) -> RunResult:
     """Build a recipe, load a LeRobot-layout dataset, train, and return the run.
 
     The initial weights are drawn after ``torch.manual_seed(train.seed)``, so a run is
-    reproducible from its recipe and data (torch seeds a fresh process at random).
+    reproducible from its recipe and data (torch seeds a fresh process at random). A bad episode
+    stops the run before training (:class:`~vlablocks.dataset.EpisodeError`) unless
+    ``skip_bad_episodes``: then it is left out and listed in ``data.json``.
     """
     from vlablocks.dataset import LeRobotDataset
     from vlablocks.recipes.builder import build
@@ -102,13 +105,15 @@ def train_from_recipe(
     torch.manual_seed(config.seed)
     vla = build(loaded)
     data = Path(data)
-    dataset = LeRobotDataset(data, horizon=vla.config.horizon, load_depth=vla.geometry is not None)
+    dataset = LeRobotDataset(data, horizon=vla.config.horizon, load_depth=vla.geometry is not None,
+                             skip_bad_episodes=skip_bad_episodes)
     sample = dataset[0]
     check_data_fits(vla, sample, data)
     out_dir = Path(out) if out is not None else Path("runs") / loaded.name
     out_dir.mkdir(parents=True, exist_ok=True)
     info = {"data": str(data.resolve()), "cameras": list(dataset.cameras),
-            "image_size": int(sample["images"].shape[-1]), "depth": "depth" in sample}
+            "image_size": int(sample["images"].shape[-1]), "depth": "depth" in sample,
+            "skipped_episodes": [{"episode": e, "problem": problem} for e, problem in dataset.skipped]}
     with atomic_path(out_dir / DATA_INFO_FILE) as tmp:
         tmp.write_text(json.dumps(info, indent=2), encoding="utf-8")
     trainer = Trainer(vla, dataset, config, out_dir)
