@@ -4,11 +4,13 @@ As a script (``torchrun --nproc_per_node 2 tests/ddp_worker.py OUT_DIR [MODE]``)
 (the default): every process trains ``DDP_CONFIG`` and writes its averaged gradients before each
 optimizer step to ``OUT_DIR/grads_rank{r}_step{n}.safetensors``. MODE ``full`` / ``part`` /
 ``resume`` train ``RESUME_CONFIG`` without a stop / stopping in step 4 / resuming from the latest
-checkpoint.
+checkpoint; ``sigterm``: only rank 0 receives SIGTERM, in step 2 (both must stop after it).
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -83,6 +85,19 @@ def stop_in_step(trainer: Trainer, step: int, error: type[BaseException] = Keybo
     trainer.vla.head.loss = loss_or_stop
 
 
+def sigterm_in_step(trainer: Trainer, step: int) -> None:
+    """Send this process SIGTERM in the first micro-batch of (1-based) ``step``."""
+    loss, calls = trainer.vla.head.loss, []
+
+    def loss_and_signal(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == (step - 1) * trainer.config.grad_accumulation + 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss(*args, **kwargs)
+
+    trainer.vla.head.loss = loss_and_signal
+
+
 def main(out_dir: Path, mode: str) -> None:
     torch.set_num_threads(1)
     if mode == "grads":
@@ -94,6 +109,8 @@ def main(out_dir: Path, mode: str) -> None:
             stop_in_step(trainer, 4, SystemExit)
         elif mode == "resume":
             trainer.resume(latest_checkpoint(out_dir))
+        elif mode == "sigterm" and trainer.accelerator.process_index == 0:
+            sigterm_in_step(trainer, 2)
     assert trainer.accelerator.num_processes == 2, f"expected 2 processes; got {trainer.accelerator.num_processes}"
     try:
         trainer.train()

@@ -173,6 +173,7 @@ def evaluate_run(
     ``workers`` rollout processes each get a copy of the policy; the results do not depend on it.
     """
     from vlablocks.metaworld import evaluate
+    from vlablocks.trainer import EMA_FILE
 
     run = Path(run)
     policy, checkpoint = load_policy(run, use_ema)
@@ -186,7 +187,8 @@ def evaluate_run(
         act, tasks, episodes, image_size=image_size, camera=camera, depth=policy.geometry is not None,
         seed=seed, execute_steps=execute_steps, video_dir=eval_dir / "videos" if video else None, workers=workers,
     )
-    results = {**results, "checkpoint": str(checkpoint), "execute_steps": execute_steps, "ema": use_ema}
+    ema = use_ema and (checkpoint / EMA_FILE).is_file()  # what was evaluated, not what was asked for
+    results = {**results, "checkpoint": str(checkpoint), "execute_steps": execute_steps, "ema": ema}
     eval_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(eval_dir / "results.json") as tmp:
         tmp.write_text(json.dumps(results, indent=2), encoding="utf-8")
