@@ -27,6 +27,21 @@ def test_relative_links_exist():
             assert (path.parent / target).exists(), f"{path.name} links to missing {target}"
 
 
+#: top-level folders of the repository: a backticked path under one of them must exist
+TRACKED = ("blocks", "encoders", "heads", "recipes", "vlablocks", "tests", "benchmarks", "docs")
+FILE_REFERENCE = re.compile(r"`((?:%s)/[\w./-]*)`" % "|".join(TRACKED))
+
+
+def test_referenced_files_exist():
+    """Backticked repository paths (``recipes/pi0.yaml``, ``blocks/fusion.py``) name real files or folders."""
+    missing = []
+    for path in DOCS:
+        for target in FILE_REFERENCE.findall(path.read_text()):
+            if not (ROOT / target).exists():
+                missing.append(f"{path.name}: {target}")
+    assert not missing, missing
+
+
 def test_recipe_key_reference_is_generated_and_complete():
     from vlablocks.recipes.reference import BEGIN, END, UNDOCUMENTED, reference_markdown
 
@@ -39,3 +54,12 @@ def test_recipe_key_reference_is_generated_and_complete():
     for registry in REGISTRIES.values():  # every registered type has its own table
         for name in registry.names():
             assert f"`type: {name}`" in generated, name
+
+
+def test_mask_pictures_are_generated_from_the_recipes():
+    from vlablocks.recipes.mask_pictures import SECTION, mask_markdown
+
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    begin, end = f"<!-- {SECTION}:begin -->\n", f"<!-- {SECTION}:end -->"
+    current = text.split(begin, 1)[1].split(end, 1)[0]
+    assert current == mask_markdown(), "regenerate: python -m vlablocks.recipes.mask_pictures docs/architecture.md"

@@ -21,6 +21,7 @@ def cpu_only(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # 2000 steps: ~5 min per precision on 2 free cores
 @pytest.mark.parametrize("precision", ["no", "bf16"])
 def test_a_long_run_stays_finite_and_reports_the_guard(tmp_path, precision):
     config = TrainConfig(steps=STEPS, batch_size=8, lr=3e-4, warmup_steps=100, log_every=50, save_every=None,
