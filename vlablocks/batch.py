@@ -131,7 +131,9 @@ def _layout(key: str, value: Any, dims: Sequence[int | str | None], layout: str,
 
 def check_batch(batch: Mapping[str, Any], spec: BatchSpec, device: torch.device) -> None:
     """Check the keys a policy reads: presence, type, shape, batch size, dtype, device, finite
-    values, images in ``[0, 1]`` and depth ``>= 0``. Keys the policy does not read are ignored.
+    values and images in ``[0, 1]``. Keys the policy does not read are ignored. Per-pixel
+    geometry (``depth``, ``points``, rays) may hold NaN / inf / non-positive depth: that marks
+    invalid pixels (:func:`vlablocks.encoders.geometry.valid_depth_mask`), not an error.
 
     The value checks are reduced on the tensors' device and read back once.
 
@@ -143,7 +145,8 @@ def check_batch(batch: Mapping[str, Any], spec: BatchSpec, device: torch.device)
     sizes: dict[str, int] = {}
     floats: list[tuple[str, torch.Tensor]] = []
 
-    def read(key: str, dims: Sequence[int | str | None], layout: str, required: bool, floating: bool = True) -> None:
+    def read(key: str, dims: Sequence[int | str | None], layout: str, required: bool, floating: bool = True,
+             finite: bool = True) -> None:
         value = batch.get(key)
         if value is None:
             if required:
@@ -153,7 +156,7 @@ def check_batch(batch: Mapping[str, Any], spec: BatchSpec, device: torch.device)
         if value.device != device:
             raise BatchError(f"batch[{key!r}]: expected a tensor on {device} (the policy's device); got {value.device} "
                              "(vlablocks.batch.to_device moves a batch)")
-        if floating:
+        if floating and finite:
             floats.append((key, value))
 
     if spec.image_size is not None:
@@ -161,13 +164,14 @@ def check_batch(batch: Mapping[str, Any], spec: BatchSpec, device: torch.device)
         read(IMAGES, ("B", "N", 3, size, size), f"images [B, N, 3, {size}, {size}]", required=True)
         read(IMAGE_MASK, ("B", "N"), "image_mask [B, N]", required=False, floating=False)
         if spec.geometry:
-            read(DEPTH, ("B", "N", None, None), "depth [B, N, H, W]", required=False)
+            read(DEPTH, ("B", "N", None, None), "depth [B, N, H, W]", required=False, finite=False)
             read(INTRINSICS, ("B", "N", 3, 3), "intrinsics [B, N, 3, 3]", required=batch.get(DEPTH) is not None)
             read(CAM_TO_WORLD, ("B", "N", 4, 4), "cam_to_world [B, N, 4, 4]", required=False)
-            read(POINTS, ("B", "N", None, None, 3), "points [B, N, H, W, 3]", required=False)
-            read(RAY_DIRECTIONS, ("B", "N", None, None, 3), "ray_directions [B, N, H, W, 3]", required=False)
+            read(POINTS, ("B", "N", None, None, 3), "points [B, N, H, W, 3]", required=False, finite=False)
+            read(RAY_DIRECTIONS, ("B", "N", None, None, 3), "ray_directions [B, N, H, W, 3]", required=False,
+                 finite=False)
             read(DEPTH_ALONG_RAY, ("B", "N", None, None), "depth_along_ray [B, N, H, W]",
-                 required=batch.get(RAY_DIRECTIONS) is not None)
+                 required=batch.get(RAY_DIRECTIONS) is not None, finite=False)
             if all(batch.get(k) is None for k in (DEPTH, POINTS, RAY_DIRECTIONS)):
                 raise BatchError("batch['depth'] is missing: this policy has a geometry encoder and reads depth + "
                                  "intrinsics (+ cam_to_world), points, or ray_directions + depth_along_ray")
@@ -196,8 +200,8 @@ def check_batch(batch: Mapping[str, Any], spec: BatchSpec, device: torch.device)
     if not floats:
         return
     flags = [torch.isfinite(v).all() for _, v in floats]
-    bounds = [(k, v) for k, v in floats if k in (IMAGES, DEPTH, DEPTH_ALONG_RAY)]
-    flags += [((v >= 0) & (v <= 1)).all() if k == IMAGES else (v >= 0).all() for k, v in bounds]
+    bounds = [(k, v) for k, v in floats if k == IMAGES]
+    flags += [((v >= 0) & (v <= 1)).all() for _, v in bounds]
     ok = torch.stack([f.to(device) for f in flags]).tolist()  # one read-back for all checks
     if all(ok):
         return
@@ -207,6 +211,5 @@ def check_batch(batch: Mapping[str, Any], spec: BatchSpec, device: torch.device)
             raise BatchError(f"batch[{key!r}]: expected finite values; got {bad} NaN / inf of {value.numel()}")
     for (key, value), fine in zip(bounds, ok[len(floats):]):
         if not fine:
-            expected = "values in [0, 1]" if key == IMAGES else "values >= 0"
-            raise BatchError(f"batch[{key!r}]: expected {expected}; got min {value.min().item():.4g}, "
+            raise BatchError(f"batch[{key!r}]: expected values in [0, 1]; got min {value.min().item():.4g}, "
                              f"max {value.max().item():.4g}")
