@@ -14,7 +14,7 @@ link blocks are derived here, once, and setting them in a recipe is an error):
 | ``suffix`` | :class:`~vlablocks.encoders.suffix.SuffixEncoder` (``time_fusion: {type: ...}``) | ``action_dim``, ``horizon``, ``state_dim``, ``time_fusion.width``; ``width`` for deep-fusion denoisers (the expert's) |
 | ``denoiser`` (``type:``, default ``deep_fusion``) | a denoiser over the backbone and the suffix encoder | ``stack``, ``suffix_encoder`` |
 | ``head`` | :class:`~vlablocks.heads.flow_matching.FlowMatchingHead` (``time_sampler: {type: ...}``) | ``denoiser``, ``horizon``, ``action_dim`` |
-| ``pretrained`` | weights to load: ``{llm: DIR, layout: transformers \\| llava}`` | |
+| ``pretrained`` | weights to load: ``{llm: DIR, layout: transformers \\| llava \\| paligemma}`` | |
 | ``train`` | :class:`~vlablocks.trainer.TrainConfig` defaults for ``vlablocks train`` (validated here) | |
 """
 

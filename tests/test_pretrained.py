@@ -121,3 +121,63 @@ def test_siglip_and_llava_layout_checkpoints_reproduce_the_transformers_models(t
 def test_missing_checkpoint_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"recipe\.yaml not found: not a vlablocks checkpoint directory"):
         VLA.from_pretrained(tmp_path)
+
+
+def paligemma_checkpoint(tmp_path):
+    """A tiny PaliGemmaForConditionalGeneration (SigLIP 32 px / 8, Gemma 64 x 2) saved as safetensors."""
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+
+    torch.manual_seed(2)
+    config = PaliGemmaConfig(
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "patch_size": 8, "image_size": 32},
+        text_config={"model_type": "gemma", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 16, "vocab_size": 300,
+                     "attn_implementation": "eager"},
+        projection_dim=64,
+    )
+    model = PaliGemmaForConditionalGeneration(config).eval()
+    model.save_pretrained(tmp_path / "paligemma", safe_serialization=True)
+    return str(tmp_path / "paligemma"), model
+
+
+def test_paligemma_layout_loads_tower_projector_decoder_and_embedding(tmp_path, no_pickle):
+    path, paligemma = paligemma_checkpoint(tmp_path)
+    recipe = {
+        "policy": {"horizon": 4, "action_dim": 4, "state_dim": 3},
+        "vision": {"type": "siglip", "config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                                "num_attention_heads": 2, "patch_size": 8, "image_size": 32}},
+        "projector": {"type": "linear"},
+        "text": {"tokenizer": {"type": "byte", "max_length": 16}, "vocab_size": 300, "embed_scale": 8.0},
+        "backbone": {"type": "deep_fusion", "num_layers": 2, "experts": [
+            {"name": "vlm", "width": 64, "mlp_dim": 128, "activation": "gelu_tanh", "norm": "gemma",
+             "head_space": {"num_heads": 4, "num_kv_heads": 1, "head_dim": 16}},
+            {"name": "action", "width": 32, "mlp_dim": 64, "activation": "gelu_tanh", "norm": "gemma",
+             "head_space": {"num_heads": 4, "num_kv_heads": 1, "head_dim": 16}}]},
+        "suffix": {"time_fusion": {"type": "concat_mlp"}},
+        "pretrained": {"llm": path, "layout": "paligemma"},
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    vla = build(load_recipe(tmp_path / "recipe.yaml")).eval()
+    inner = paligemma.model
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        tower = inner.vision_tower(pixel_values=(images - 0.5) / 0.5).last_hidden_state
+        assert (vla.vision(images) - tower).abs().max() <= 1e-5
+        assert torch.equal(vla.projector.weight, inner.multi_modal_projector.linear.weight)
+        ids = torch.tensor([[2, 5, 7, 9, 11]])
+        assert torch.equal(vla.text.embedding.weight, inner.language_model.embed_tokens.weight)
+        embeds = vla.text.embed(ids)  # the recipe's embed_scale 8 = sqrt(width), as Gemma scales before layer 0
+        assert inner.language_model.config.use_bidirectional_attention  # PaliGemma: a prefix-LM, like pi0's prefix
+        full = torch.ones(1, 5, 5, dtype=torch.bool)
+        ours = vla.head.denoiser.stack([embeds, None], full, torch.arange(5)[None]).hidden_states[0]
+        reference = inner.language_model(input_ids=ids).last_hidden_state
+        assert (ours - reference).abs().max() <= 1e-5
+
+
+def test_a_checkpoint_that_is_not_paligemma_is_refused(tmp_path):
+    llava_path, _, _ = llava_checkpoint(tmp_path)
+    from vlablocks.recipes.pretrained import load_pretrained
+
+    with pytest.raises(ValueError, match=r"is not a PaliGemma checkpoint: expected keys under .*model\.language_model\."):
+        load_pretrained(build("tiny_pi0"), llava_path, layout="paligemma")
