@@ -13,11 +13,11 @@ import sys
 from dataclasses import dataclass
 
 import torch
-
 from vlablocks.blocks.masks import block_causal_mask
+from vlablocks.recipes.builder import build
+
 from vlablocks.checks import random_batch
 from vlablocks.io import replace_section
-from vlablocks.recipes.builder import build
 
 SECTION = "masks"
 #: (recipe, what it stands for)
