@@ -4,10 +4,15 @@
 :class:`~vlablocks.blocks.fusion.PrefixCache`, together with the suffix's attention mask and
 positions (they do not depend on ``x_t``). ``velocity`` runs only the expert stream over the
 suffix tokens, attending ``[cached prefix ; suffix]``.
+
+With ``state_expert``, the suffix's state token goes to an expert of its own (a third stream:
+VLM, state, action) and the action and time tokens to the action expert; the two streams
+attend jointly under the suffix mask, exactly as one stream would.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +20,7 @@ from torch import nn
 
 from vlablocks.blocks.fusion import DeepFusionStack, PrefixCache
 from vlablocks.blocks.masks import block_causal_mask, positions_from_pad, suffix_mask_and_positions
-from vlablocks.encoders.suffix import SuffixEncoder
+from vlablocks.encoders.suffix import SuffixEncoder, SuffixTokens
 from vlablocks.heads.denoiser import Prefix
 
 
@@ -45,15 +50,22 @@ class DeepFusionDenoiser(nn.Module):
         stack: the fusion stack; expert 0 takes the prefix.
         suffix_encoder: builds the suffix tokens; its width must be the expert's.
         expert: index of the action expert in ``stack.experts``.
+        state_expert: index of an expert that takes the suffix's state token (``None``: the
+            action expert takes it). It must come before the action expert (the streams form
+            the sequence in expert order), have the action expert's width and no AdaRMS.
     """
 
     #: the suffix encoder's width is the action expert's (recipes derive it).
     suffix_width_from_expert = True
 
-    def __init__(self, stack: DeepFusionStack, suffix_encoder: SuffixEncoder, expert: int = 1) -> None:
+    def __init__(
+        self, stack: DeepFusionStack, suffix_encoder: SuffixEncoder, expert: int = 1, state_expert: int | None = None
+    ) -> None:
         super().__init__()
         if not 1 <= expert < len(stack.experts):
             raise ValueError(f"expert must index a non-base expert (1..{len(stack.experts) - 1}); got {expert}")
+        if state_expert is not None:
+            _check_state_expert(stack, suffix_encoder, expert, state_expert)
         spec = stack.experts[expert]
         if suffix_encoder.width != spec.width:
             raise ValueError(
@@ -69,6 +81,7 @@ class DeepFusionDenoiser(nn.Module):
         self.stack = stack
         self.suffix_encoder = suffix_encoder
         self.expert = expert
+        self.state_expert = state_expert
 
     def prepare(self, prefix: Prefix, prefix_output: bool = False) -> DeepFusionContext:
         """Run the prefix once: ``embeds [B, P, D_base]`` -> cache + suffix mask/positions.
@@ -111,12 +124,10 @@ class DeepFusionDenoiser(nn.Module):
         suffix_pad, suffix_ar = self.suffix_encoder.layout(prefix.embeds.shape[0])
         pad = torch.cat([prefix.pad, suffix_pad.to(prefix.pad.device)], dim=1)
         ar = torch.cat([prefix.ar, suffix_ar.to(prefix.ar.device)], dim=1)
-        streams: list[torch.Tensor | None] = [None] * len(self.stack.experts)
-        conds: list[torch.Tensor | None] = [None] * len(self.stack.experts)
+        streams, conds = self._suffix_streams(suffix)
         streams[0] = prefix.embeds
-        streams[self.expert], conds[self.expert] = suffix.tokens, suffix.cond
         out = self.stack(streams, block_causal_mask(pad, ar), positions_from_pad(pad), conds=conds)
-        return self.suffix_encoder.decode(out.hidden_states[self.expert])
+        return self.suffix_encoder.decode(self._suffix_hidden(out.hidden_states))
 
     def expert_hidden(
         self,
@@ -126,9 +137,40 @@ class DeepFusionDenoiser(nn.Module):
         state: torch.Tensor | None,
     ) -> torch.Tensor:
         """The expert's final-normed suffix output ``[B, S, W]`` (before the velocity projection)."""
-        suffix = self.suffix_encoder(x_t, t, state)
+        streams, conds = self._suffix_streams(self.suffix_encoder(x_t, t, state))
+        out = self.stack(streams, context.suffix_mask, context.suffix_positions, cache=context.cache, conds=conds)
+        return self._suffix_hidden(out.hidden_states)
+
+    def _suffix_streams(self, suffix: SuffixTokens) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
+        """Per-expert streams and AdaRMS conditions of the suffix tokens ``[B, S, W]``."""
         streams: list[torch.Tensor | None] = [None] * len(self.stack.experts)
         conds: list[torch.Tensor | None] = [None] * len(self.stack.experts)
-        streams[self.expert], conds[self.expert] = suffix.tokens, suffix.cond
-        out = self.stack(streams, context.suffix_mask, context.suffix_positions, cache=context.cache, conds=conds)
-        return out.hidden_states[self.expert]
+        if self.state_expert is None:
+            streams[self.expert] = suffix.tokens
+        else:  # the state token first, as in the suffix layout and the expert order
+            streams[self.state_expert], streams[self.expert] = suffix.tokens[:, :1], suffix.tokens[:, 1:]
+        conds[self.expert] = suffix.cond
+        return streams, conds
+
+    def _suffix_hidden(self, hidden_states: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """The suffix's final-normed output ``[B, S, W]``, in suffix order."""
+        if self.state_expert is None:
+            return hidden_states[self.expert]
+        return torch.cat([hidden_states[self.state_expert], hidden_states[self.expert]], dim=1)
+
+
+def _check_state_expert(stack: DeepFusionStack, suffix_encoder: SuffixEncoder, expert: int, state_expert: int) -> None:
+    """ValueError unless ``state_expert`` can take the suffix's state token (see DeepFusionDenoiser)."""
+    if not 1 <= state_expert < expert:
+        raise ValueError(f"state_expert must index an expert after the base and before the action expert "
+                         f"(1..{expert - 1}); got {state_expert}")
+    if suffix_encoder.state_proj is None:
+        raise ValueError("state_expert needs a state token in the suffix: give the suffix encoder a state_dim "
+                         "(policy.state_mode: suffix)")
+    spec = stack.experts[state_expert]
+    if spec.width != suffix_encoder.width:
+        raise ValueError(f"the state expert {spec.name!r} must have the action expert's width "
+                         f"{suffix_encoder.width} (the state token comes from the suffix encoder); got {spec.width}")
+    if spec.adarms_cond_dim is not None:
+        raise ValueError(f"the state expert {spec.name!r} must not be an AdaRMS expert: the time condition is the "
+                         "action expert's")

@@ -148,3 +148,87 @@ def test_bf16_autocast_matches_fp32_closely():
     assert loss16.dtype == torch.float32 and torch.isfinite(grad16).all()
     assert (loss16 - loss32).abs() <= 0.02 * loss32
     assert torch.nn.functional.cosine_similarity(grad16, grad32, dim=0) > 0.99
+
+
+# ------------------------------------------------------------------------------------ a state expert
+
+
+def three_expert_head(state_layers=None, seed: int = 0) -> FlowMatchingHead:
+    """VLM 64 x 4, a state expert 32 wide (``state_layers``) and the action expert 32 wide at layers 0, 2."""
+    from helpers import SPACE
+    from vlablocks.blocks.fusion import DeepFusionStack, ExpertSpec
+
+    torch.manual_seed(seed)
+    stack = DeepFusionStack([
+        ExpertSpec("vlm", 64, 128, SPACE),
+        ExpertSpec("state", 32, 64, SPACE, layers=state_layers),
+        ExpertSpec("action", 32, 64, SPACE, layers=every_kth_layer(4, 2)),
+    ], 4)
+    suffix = SuffixEncoder(A, 32, H, ConcatMlpTimeFusion(32), state_dim=S)
+    return FlowMatchingHead(DeepFusionDenoiser(stack, suffix, expert=2, state_expert=1), horizon=H, action_dim=A)
+
+
+def test_a_state_expert_with_the_action_experts_weights_is_the_two_expert_model():
+    """Routing the state token to a third expert changes nothing when that expert IS the action
+    expert's twin: the joint attention over both streams is the one-stream computation."""
+    import re
+
+    two, three = make_head(seed=3), three_expert_head(state_layers=every_kth_layer(4, 2), seed=4)
+    state_dict = {}
+    for key, value in two.state_dict().items():
+        match = re.search(r"(input_norms|attention\.experts|post_attention_norms|mlps|final_norms)\.1\.", key)
+        if match:  # the action expert's weights go to both non-base experts of the 3-expert stack
+            for expert in ("1", "2"):
+                state_dict[key[:match.end() - 2] + expert + key[match.end() - 1:]] = value
+        else:
+            state_dict[key] = value
+    three.load_state_dict(state_dict)
+    prefix, state, _ = make_batch()
+    x_t = torch.randn(8, H, A, generator=torch.Generator().manual_seed(5))
+    t = torch.rand(8, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = two.denoiser.velocity(two.denoiser.prepare(prefix), x_t, t, state)
+        got = three.denoiser.velocity(three.denoiser.prepare(prefix), x_t, t, state)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+def test_a_state_expert_caches_exactly_and_gets_gradients():
+    head = three_expert_head()  # the state expert at every layer, the action expert at 0 and 2
+    denoiser = head.denoiser
+    prefix, state, actions = make_batch()
+    x_t = torch.randn(8, H, A, generator=torch.Generator().manual_seed(5))
+    t = torch.rand(8, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        cached = denoiser.velocity(denoiser.prepare(prefix), x_t, t, state)
+        joint = denoiser.joint_velocity(prefix, x_t, t, state)
+    torch.testing.assert_close(cached, joint, atol=1e-5, rtol=0)
+    head.loss(prefix, actions, state, generator=torch.Generator().manual_seed(1)).loss.backward()
+    stack = denoiser.stack
+    # The action expert reads the state token's keys/values at layers 0 and 2 (its layer map):
+    # everything of the state expert below layer 2, and its layer-2 input norm and k/v, get a
+    # gradient; its layer-2 query, output and MLP, layer 3 and its final norm feed nothing read.
+    for name, param in stack.expert_named_parameters(1):
+        layer = int(name.split(".")[1]) if name.startswith("layers.") else None
+        reached = layer is not None and (layer < 2 or layer == 2 and any(k in name for k in ("input_norms", "k_proj", "v_proj")))
+        has_grad = param.grad is not None and bool(param.grad.abs().sum() > 0)
+        assert has_grad == reached, f"state expert {name}: gradient {has_grad}, expected {reached}"
+    # the state changes the velocity only through the state expert's stream
+    with torch.no_grad():
+        other = denoiser.velocity(denoiser.prepare(prefix), x_t, t, state + 1.0)
+    assert not torch.allclose(other, cached)
+
+
+def test_state_expert_errors():
+    from helpers import SPACE
+    from vlablocks.blocks.fusion import DeepFusionStack, ExpertSpec
+
+    stack = DeepFusionStack([ExpertSpec("vlm", 64, 128, SPACE), ExpertSpec("state", 16, 32, SPACE),
+                             ExpertSpec("action", 32, 64, SPACE)], 2)
+    suffix = SuffixEncoder(A, 32, H, ConcatMlpTimeFusion(32), state_dim=S)
+    with pytest.raises(ValueError, match=r"state_expert must index an expert after the base and before the action expert \(1\.\.1\); got 2"):
+        DeepFusionDenoiser(stack, suffix, expert=2, state_expert=2)
+    with pytest.raises(ValueError, match=r"the state expert 'state' must have the action expert's width 32 .*; got 16"):
+        DeepFusionDenoiser(stack, suffix, expert=2, state_expert=1)
+    no_state = SuffixEncoder(A, 32, H, ConcatMlpTimeFusion(32), state_dim=None)
+    with pytest.raises(ValueError, match=r"state_expert needs a state token in the suffix"):
+        DeepFusionDenoiser(stack, no_state, expert=2, state_expert=1)

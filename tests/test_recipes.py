@@ -14,7 +14,8 @@ ALL = sorted(bundled_recipes())
 TINY = [name for name in ALL if name.startswith("tiny_")]
 MID = [name for name in ALL if name.startswith("mid_")]  # benchmark sizes between tiny and full
 MT10 = [name for name in ALL if name.startswith("mt10_")]  # the docs/results.md comparison (CPU-trainable)
-FULL = [name for name in ALL if not name.startswith(("tiny_", "mid_", "mt10_"))]
+TUTORIAL = [name for name in ALL if name.startswith("tutorial_")]  # docs/tutorial.md
+FULL = [name for name in ALL if not name.startswith(("tiny_", "mid_", "mt10_", "tutorial_"))]
 
 
 def count(params) -> int:
@@ -38,7 +39,7 @@ def test_full_size_recipe_builds_on_meta(name):
     assert all(p.device.type == "meta" for p in vla.parameters())
 
 
-@pytest.mark.parametrize("name", TINY + MID + MT10)
+@pytest.mark.parametrize("name", TINY + MID + MT10 + TUTORIAL)
 def test_tiny_recipe_runs_forward_backward_and_predict(name):
     torch.manual_seed(0)
     vla = build(name)
@@ -49,11 +50,12 @@ def test_tiny_recipe_runs_forward_backward_and_predict(name):
     report = smoke_check(vla, batch_size=2)
     assert math.isfinite(report.loss) and report.loss > 0
     assert report.action_shape == (2, vla.config.horizon, vla.config.action_dim)
-    # every trainable parameter of the action path gets a gradient; only base weights that
-    # nothing downstream of the expert reads may get none
+    # every trainable parameter of the action path gets a gradient; only weights of the streams
+    # the action expert reads (the base, a state expert) may get none, above its last layer
     stack = vla.head.denoiser.stack
-    base = {f"head.denoiser.stack.{n}" for n, _ in stack.expert_named_parameters(0)}
-    assert set(report.parameters_without_grad) <= base, set(report.parameters_without_grad) - base
+    read = [0] + ([vla.head.denoiser.state_expert] if getattr(vla.head.denoiser, "state_expert", None) else [])
+    allowed = {f"head.denoiser.stack.{n}" for e in read for n, _ in stack.expert_named_parameters(e)}
+    assert set(report.parameters_without_grad) <= allowed, set(report.parameters_without_grad) - allowed
 
 
 def expert_count(vla, index: int) -> int:

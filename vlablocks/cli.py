@@ -113,7 +113,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     _out(f"predict_action  {list(report.action_shape)} in {report.predict_ms:.1f} ms")
     if report.parameters_without_grad:
         _out(f"note: {len(report.parameters_without_grad)} trainable tensors get no gradient from the action loss "
-             f"(e.g. {report.parameters_without_grad[0]}): base weights after the last layer the expert reads")
+             f"(e.g. {report.parameters_without_grad[0]}): weights of the prefix or state streams above the last layer the action expert reads")
     _out("ok")
     return 0
 
