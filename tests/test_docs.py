@@ -63,3 +63,16 @@ def test_mask_pictures_are_generated_from_the_recipes():
     begin, end = f"<!-- {SECTION}:begin -->\n", f"<!-- {SECTION}:end -->"
     current = text.split(begin, 1)[1].split(end, 1)[0]
     assert current == mask_markdown(), "regenerate: python -m vlablocks.recipes.mask_pictures docs/architecture.md"
+
+
+def test_every_exported_block_is_in_blocks_md():
+    import inspect
+
+    import vlablocks.blocks
+    import vlablocks.encoders
+    import vlablocks.heads
+
+    text = (ROOT / "docs" / "blocks.md").read_text()
+    missing = [f"{module.__name__}.{name}" for module in (vlablocks.blocks, vlablocks.encoders, vlablocks.heads)
+               for name in module.__all__ if inspect.isclass(getattr(module, name)) and not re.search(rf"\b{name}\b", text)]
+    assert not missing, f"document these in docs/blocks.md: {missing}"
