@@ -12,7 +12,12 @@ their checkpoints are not). A (recipe, seed) with a record is skipped and finish
 redone, so an interrupted comparison resumes where it stopped (a half-trained run resumes from
 its latest checkpoint), also across machines that share the records. ``--jobs`` runs that many (train, eval) sequences side by side with
 ``cores / jobs`` threads each: on a 2-core machine two single-threaded runs finish sooner than two
-two-threaded runs in turn. ``--collect`` only tabulates the records.
+two-threaded runs in turn. ``--collect`` only tabulates the records. ``--recipes`` also takes
+recipe files (the ablations of ``benchmarks/ablations/``, each one change to E1): their runs
+and records are named by the file's stem::
+
+    python benchmarks/mt10.py --recipes mt10_deepfusion benchmarks/ablations/*.yaml --seeds 0 \
+        --update docs/results.md --section mt10-ablations
 """
 
 from __future__ import annotations
@@ -45,9 +50,14 @@ LABELS = {
 }
 
 
+def recipe_label(recipe: str) -> str:
+    """A bundled recipe's name, or a recipe file's stem (``benchmarks/ablations/x.yaml`` -> ``x``)."""
+    return Path(recipe).stem if recipe.endswith((".yaml", ".yml")) else recipe
+
+
 def run_name(recipe: str, seed: int, steps: int) -> str:
     """The name of one (recipe, seed) run of a ``steps`` budget: its directory and record."""
-    return f"{recipe}_s{seed}_{steps}"
+    return f"{recipe_label(recipe)}_s{seed}_{steps}"
 
 
 def read_metrics(run: Path) -> list[dict[str, float]]:
@@ -129,7 +139,7 @@ def collect(records: Path, recipes: Sequence[str], seeds: Sequence[int], steps: 
         if not runs:
             continue
         success = [r["eval"]["mean"] for r in runs.values()]
-        table["recipes"][recipe] = {
+        table["recipes"][recipe_label(recipe)] = {
             "seeds": sorted(runs),
             "success": success,
             "success_mean": statistics.fmean(success),
@@ -176,7 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side (threads each: cores / jobs)")
     parser.add_argument("--override", nargs="*", default=[], help="recipe / train overrides for every run")
     parser.add_argument("--collect", action="store_true", help="only tabulate the records")
-    parser.add_argument("--update", default=None, help="write the table into this markdown file's mt10-STEPS section")
+    parser.add_argument("--update", default=None, help="write the table into this markdown file's --section")
+    parser.add_argument("--section", default=None, help="the markdown section to write (default: mt10-STEPS)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.jobs < 1:
@@ -193,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = markdown(table)
     sys.stdout.write(text + "\n")
     if args.update:
-        replace_section(args.update, f"mt10-{args.steps}", text)
+        replace_section(args.update, args.section or f"mt10-{args.steps}", text)
     return 0
 
 

@@ -99,3 +99,36 @@ def test_the_driver_refuses_a_missing_dataset(tmp_path, capsys):
     with pytest.raises(SystemExit):
         mt10.main(["--data", str(tmp_path / "nope"), "--runs", str(tmp_path), "--records", str(tmp_path)])
     assert "is not a dataset (no meta/info.json)" in capsys.readouterr().err
+
+
+#: each ablation of benchmarks/ablations/ and the recipe leaves it changes (besides its description)
+ABLATIONS = {
+    "mt10_e1_uniform_time": {"head.time_sampler.type"},
+    "mt10_e1_quantile_norm": {"policy.state_norm", "policy.action_norm"},
+    "mt10_e1_chunk8": {"policy.horizon"},
+    "mt10_e1_expert64": {"backbone.experts.1.width", "backbone.experts.1.mlp_dim"},
+    "mt10_e1_state_in_prefix": {"policy.state_mode"},
+}
+
+
+def _leaves(node, prefix=""):
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _leaves(value, f"{prefix}{key}.").items()}
+    if isinstance(node, list):
+        return {k: v for i, value in enumerate(node) for k, v in _leaves(value, f"{prefix}{i}.").items()}
+    return {prefix[:-1]: node}
+
+
+def test_each_ablation_changes_one_thing_of_e1_and_builds():
+    from vlablocks.recipes.builder import build
+    from vlablocks.recipes.loader import load_recipe
+
+    files = sorted((ROOT / "benchmarks" / "ablations").glob("*.yaml"))
+    assert {f.stem for f in files} == set(ABLATIONS)
+    base = _leaves(load_recipe("mt10_deepfusion").data)
+    for path in files:
+        leaves = _leaves(load_recipe(path).data)
+        changed = {k for k in base.keys() | leaves.keys() if base.get(k) != leaves.get(k)} - {"description"}
+        assert changed == ABLATIONS[path.stem], path.name
+        assert build(str(path), device="meta").config.horizon == leaves["policy.horizon"]
+        assert mt10.run_name(str(path), 0, 1500) == f"{path.stem}_s0_1500"
