@@ -301,7 +301,8 @@ def test_sigterm_writes_a_checkpoint_and_resume_loses_no_step(demo_data, tmp_pat
     common = ["tiny_pi0", "--data", str(demo_data), "policy.action_dim=4", "policy.state_dim=4", "train.batch_size=4",
               "train.schedule=constant", "train.log_every=1", "train.save_every=100000", "train.ema_decay=0.9"]
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # the same thread count as the in-process runs below: bitwise equality needs the same reductions
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     child = subprocess.Popen([sys.executable, "-m", "vlablocks.cli", "train", *common, "--out", str(run), "--steps", "100000"],
                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
