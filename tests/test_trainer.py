@@ -125,30 +125,27 @@ def test_ddp_gradients_match_single_process(tmp_path):
         assert float(a["samples_per_s"]) > 0
 
 
-@pytest.mark.slow
-def test_ddp_resume_continues_bitwise(tmp_path):
+def assert_ddp_stop_and_resume_is_bitwise(tmp_path: Path, stop_mode: str, stopped_at: str) -> None:
+    """A 2-process run stopped by ``stop_mode`` and resumed equals the uninterrupted one, bit for bit."""
     launch_two_cpu_processes(tmp_path / "full", "full")
-    launch_two_cpu_processes(tmp_path / "split", "part")
-    assert latest_checkpoint(tmp_path / "split").name == "step_0000003"
+    launch_two_cpu_processes(tmp_path / "split", stop_mode)
+    assert latest_checkpoint(tmp_path / "split").name == stopped_at
     launch_two_cpu_processes(tmp_path / "split", "resume")
     for key in ("step", "loss", "grad_total_norm", "lr_other"):
         assert [r[key] for r in metrics(tmp_path / "split")] == [r[key] for r in metrics(tmp_path / "full")], key
     for name in ("model.safetensors", "ema.safetensors"):
         a, b = (load_file(tmp_path / run / "checkpoints/step_0000005" / name) for run in ("full", "split"))
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+@pytest.mark.slow
+def test_ddp_resume_continues_bitwise(tmp_path):
+    assert_ddp_stop_and_resume_is_bitwise(tmp_path, "part", "step_0000003")
 
 
 @pytest.mark.slow
 def test_ddp_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
-    launch_two_cpu_processes(tmp_path / "full", "full")
-    launch_two_cpu_processes(tmp_path / "split", "sigterm")
-    assert latest_checkpoint(tmp_path / "split").name == "step_0000002"
-    launch_two_cpu_processes(tmp_path / "split", "resume")
-    for key in ("step", "loss", "grad_total_norm", "lr_other"):
-        assert [r[key] for r in metrics(tmp_path / "split")] == [r[key] for r in metrics(tmp_path / "full")], key
-    for name in ("model.safetensors", "ema.safetensors"):
-        a, b = (load_file(tmp_path / run / "checkpoints/step_0000005" / name) for run in ("full", "split"))
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert_ddp_stop_and_resume_is_bitwise(tmp_path, "sigterm", "step_0000002")
 
 
 # ------------------------------------------------------------------------------------ groups
