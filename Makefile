@@ -19,7 +19,7 @@ demo: $(STAMP)
 	MUJOCO_GL=$${MUJOCO_GL:-egl} $(PY) -m vlablocks.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=10
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
