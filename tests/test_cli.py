@@ -38,7 +38,8 @@ def test_show_tree_and_overrides(capsys):
     assert code == 0 and "num_steps: 3" in out and "# modules" in out and "DeepFusionStack" in out
 
 
-@pytest.mark.parametrize("name, shape", [("tiny_llava3d_deepfusion", "[2, 16, 4]"), ("tiny_gr00t", "[2, 4, 6]")])
+@pytest.mark.parametrize("name, shape", [("tiny_llava3d_deepfusion", "[2, 16, 4]"), ("tiny_gr00t", "[2, 4, 6]"),
+                                         ("tutorial_state_expert", "[2, 16, 4]")])
 def test_check_tiny_recipe(capsys, name, shape):
     code, out, _ = run(capsys, "check", name)
     assert code == 0 and out.strip().endswith("ok")
