@@ -20,7 +20,7 @@ import hashlib
 import json
 import logging
 import mmap
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -64,32 +64,33 @@ def _safetensors_header(path: Path, size: int) -> tuple[int, dict[str, Any]]:
     return length, header
 
 
-def _tensor_digests(path: Path, size: int) -> Iterator[tuple[str, str]]:
-    """``(tensor name, sha256 of its bytes)`` for every tensor of a safetensors file."""
+def _safetensors_digests(path: Path, size: int) -> tuple[str, dict[str, str]]:
+    """``(sha256 of the header, {tensor name: sha256 of its bytes})`` of a safetensors file, in one read."""
     length, header = _safetensors_header(path, size)
     start = 8 + length
+    digests: dict[str, str] = {}
     with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
         view = memoryview(data)
         try:
+            header_sha = hashlib.sha256(view[:start]).hexdigest()
             for name, info in header.items():
                 if name == "__metadata__":
                     continue
                 begin, end = (start + offset for offset in info["data_offsets"])
                 if end > size:
                     raise CheckpointError(f"{path}: tensor {name!r} ends at byte {end} but the file has {size} (truncated?)")
-                yield name, hashlib.sha256(view[begin:end]).hexdigest()
+                digests[name] = hashlib.sha256(view[begin:end]).hexdigest()
         finally:
             view.release()
+    return header_sha, digests
 
 
 def _describe(path: Path) -> dict[str, Any]:
     size = path.stat().st_size
     if path.suffix != ".safetensors":
         return {"bytes": size, "sha256": _sha256_file(path)}
-    length, _ = _safetensors_header(path, size)
-    with open(path, "rb") as handle:
-        header_sha = hashlib.sha256(handle.read(8 + length)).hexdigest()
-    return {"bytes": size, "header_sha256": header_sha, "tensors": dict(_tensor_digests(path, size))}
+    header_sha, digests = _safetensors_digests(path, size)
+    return {"bytes": size, "header_sha256": header_sha, "tensors": digests}
 
 
 def write_manifest(directory: str | Path) -> Path:
@@ -152,15 +153,13 @@ def verify_manifest(directory: str | Path, required: tuple[str, ...] = ()) -> bo
                 raise CheckpointError(f"{path}: checksum mismatch (the file is corrupted)")
             continue
         expected: dict[str, str] = entry["tensors"]
-        digests = dict(_tensor_digests(path, size))
+        header_sha, digests = _safetensors_digests(path, size)
         bad = sorted(n for n in expected.keys() | digests.keys() if expected.get(n) != digests.get(n))
         if bad:
             shown = ", ".join(repr(n) for n in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
             raise CheckpointError(f"{path}: checksum mismatch in tensor(s) {shown} (the file is corrupted)")
-        length, _ = _safetensors_header(path, size)
-        with open(path, "rb") as handle:
-            if hashlib.sha256(handle.read(8 + length)).hexdigest() != entry["header_sha256"]:
-                raise CheckpointError(f"{path}: the safetensors header differs from the manifest (dtype / shape changed)")
+        if header_sha != entry["header_sha256"]:
+            raise CheckpointError(f"{path}: the safetensors header differs from the manifest (dtype / shape changed)")
     return True
 
 
