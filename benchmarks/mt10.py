@@ -47,6 +47,7 @@ LABELS = {
     "mt10_dit_layerwise": "E2 layerwise DiT",
     "mt10_hybrid": "E3 hybrid",
     "mt10_late_fusion": "late fusion (last-layer DiT)",
+    "mt10_deepfusion_goal": "E1 + goal xyz in the state",
 }
 
 

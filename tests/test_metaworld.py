@@ -24,12 +24,14 @@ from vlablocks.metaworld import (  # noqa: E402
     INSTRUCTIONS,
     MT10,
     RAW_STATE,
+    STATE_LAYOUTS,
     MetaWorldEnv,
     _eval_episodes,
     evaluate,
     expert_policy,
     generate_demos,
     layout_seed,
+    state_layout,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:Constant\\(s\\) may be too high:UserWarning")
@@ -126,6 +128,43 @@ def test_generate_demos_writes_a_readable_dataset(tmp_path, env):
         assert success == (t == end - start - 1), t
 
 
+def test_goal_state_layout_holds_the_goal_and_is_found_from_its_names():
+    with MetaWorldEnv("reach-v3", image_size=32, state="proprio_goal") as env:
+        first, second = env.reset(0), env.reset(1)
+        for obs in (first, second):
+            assert obs["state"].shape == (7,) and obs["state"].dtype == np.float32
+            np.testing.assert_array_equal(obs["state"], obs[RAW_STATE][[0, 1, 2, 3, 36, 37, 38]].astype(np.float32))
+        assert np.abs(first["state"][4:] - second["state"][4:]).max() > 0.01  # the goal moves with the layout
+        # the goal is what the scripted reach expert steers to (Meta-World observes it in MT benchmarks)
+        np.testing.assert_allclose(second["state"][4:], env._env._target_pos, atol=1e-6)  # the last reset
+    assert {layout: state_layout(names) for layout, (_, names) in STATE_LAYOUTS.items()} == {
+        "proprio": "proprio", "proprio_goal": "proprio_goal"}
+    assert state_layout(None) == "proprio"  # datasets written before the names were recorded
+    with pytest.raises(ValueError, match=r"state feature names \['x', 'y'\] match no Meta-World state layout"):
+        state_layout(["x", "y"])
+    with pytest.raises(ValueError, match=r"state must be one of \['proprio', 'proprio_goal'\]; got 'goal'"):
+        MetaWorldEnv("reach-v3", image_size=32, state="goal")
+    with pytest.raises(ValueError, match=r"state must be one of .*; got 'goal'"):
+        evaluate(lambda batch: torch.zeros(1, 4, 4), ["reach-v3"], episodes=1, state="goal")
+
+
+def test_goal_state_demos_name_their_state_and_evaluate_feeds_the_same_layout(tmp_path):
+    root = generate_demos(["reach-v3"], 1, tmp_path / "demos", image_size=32, state="proprio_goal")
+    names = json.loads((root / "meta/info.json").read_text())["features"]["observation.state"]["names"]
+    assert names == list(STATE_LAYOUTS["proprio_goal"][1]) and state_layout(names) == "proprio_goal"
+    dataset = LeRobotDataset(root, horizon=4)
+    assert dataset[0][keys.STATE].shape == (7,)
+    seen = []
+
+    def policy(batch):
+        seen.append(batch[keys.STATE][0].clone())
+        np.testing.assert_array_equal(batch[keys.STATE][0].numpy(), batch[RAW_STATE][0, [0, 1, 2, 3, 36, 37, 38]].numpy())
+        return torch.zeros(1, 4, 4)
+
+    evaluate(policy, ["reach-v3"], episodes=1, image_size=32, max_steps=4, state="proprio_goal")
+    assert len(seen) == 1 and seen[0].shape == (7,)
+
+
 def expert_chunk_policy(task: str, horizon: int = 4):
     """A policy callable backed by the scripted expert (reads the privileged raw state)."""
     expert = expert_policy(task)
@@ -184,7 +223,7 @@ def test_an_episode_draws_the_same_noise_wherever_it_runs():
         draws.append((len(draws), torch.rand(()).item()))
         return torch.zeros(1, 8, 4)
 
-    args = (SIZE, "corner", False, 3, 8, 16, None)  # image_size, camera, depth, seed, execute, max_steps, videos
+    args = (SIZE, "corner", False, 3, 8, 16, None, "proprio")  # size, camera, depth, seed, execute, max_steps, videos, state
     before = torch.get_rng_state()
     list(_eval_episodes(policy, "reach-v3", range(0, 2), *args))
     assert torch.equal(torch.get_rng_state(), before)  # the caller's random stream is left alone

@@ -26,6 +26,8 @@ def test_train_resume_and_eval_through_the_cli(data_dir, tmp_path, capsys):
     rows = (run / "metrics.csv").read_text().strip().splitlines()
     assert rows[0].startswith("step") and rows[-1].split(",")[0] == "3"
     assert (run / "curves.png").is_file() and (run / "data.json").is_file()
+    # the eval finds the state layout from the names the dataset recorded
+    assert json.loads((run / "data.json").read_text())["state_names"] == ["hand_x", "hand_y", "hand_z", "gripper"]
     # 2 rollout processes: each loads the checkpoint itself (CheckpointPolicy ships only the path)
     assert main(["eval", str(run), "--tasks", TASK, "--episodes", "2", "--execute-steps", "4", "--workers", "2"]) == 0
     out = capsys.readouterr().out

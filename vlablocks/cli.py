@@ -124,6 +124,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     out = generate_demos(
         [t.strip() for t in args.tasks.split(",") if t.strip()], args.episodes, args.out, image_size=args.image_size,
         camera=args.camera, depth=args.depth, seed=args.seed, overwrite=args.overwrite, workers=args.workers,
+        state=args.state,
     )
     _out(f"dataset written to {out}")
     return 0
@@ -213,6 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     mw.add_argument("--image-size", type=int, default=128)
     mw.add_argument("--camera", default="corner")
     mw.add_argument("--depth", action="store_true", help="also record depth (with intrinsics and pose)")
+    mw.add_argument("--state", default="proprio", choices=["proprio", "proprio_goal"],
+                    help="the state vector: hand xyz + gripper opening, or that + the goal xyz "
+                         "(as Meta-World's MT benchmarks observe it)")
     mw.add_argument("--seed", type=int, default=0)
     mw.add_argument("--overwrite", action="store_true")
     mw.add_argument("--workers", type=int, default=os.cpu_count() or 1,

@@ -140,11 +140,14 @@ class DatasetWriter:
         cam_to_world: bool = False,
         robot_type: str = "unknown",
         overwrite: bool = False,
+        state_names: Sequence[str] | None = None,
     ) -> None:
         if fps <= 0:
             raise ValueError(f"fps must be > 0; got {fps}")
         if min(state_dim, action_dim) < 1:
             raise ValueError(f"state_dim and action_dim must be >= 1; got {state_dim} and {action_dim}")
+        if state_names is not None and len(state_names) != state_dim:
+            raise ValueError(f"state_names must name each of the {state_dim} state dims; got {list(state_names)}")
         if not cameras or len(set(cameras)) != len(cameras) or not all(_CAMERA_NAME.match(c) for c in cameras):
             raise ValueError(f"cameras must be distinct non-empty names of letters, digits, '_' or '-'; got {list(cameras)}")
         self.root = Path(root)
@@ -159,6 +162,7 @@ class DatasetWriter:
         self.root.mkdir(parents=True, exist_ok=True)
         self.fps, self.cameras, self.robot_type = float(fps), list(cameras), robot_type
         self.state_dim, self.action_dim = state_dim, action_dim
+        self.state_names = list(state_names) if state_names is not None else None
         self.depth, self.cam_to_world = depth, cam_to_world
         self._expected = {STATE: (state_dim,), ACTION: (action_dim,)}
         for camera in self.cameras:
@@ -265,7 +269,7 @@ class DatasetWriter:
         def vector(dim: int, names: list[str] | None = None) -> dict[str, Any]:
             return {"dtype": "float32", "shape": [dim], "names": names}
 
-        features: dict[str, Any] = {STATE: vector(self.state_dim), ACTION: vector(self.action_dim)}
+        features: dict[str, Any] = {STATE: vector(self.state_dim, self.state_names), ACTION: vector(self.action_dim)}
         for camera in self.cameras:
             names, (height, width) = camera_columns(camera), self._image_sizes[camera]
             features[names["image"]] = {

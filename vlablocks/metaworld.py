@@ -64,7 +64,16 @@ logger = logging.getLogger(__name__)
 FPS = 80  # 5 physics steps of 2.5 ms per action (Meta-World's render_fps)
 MAX_STEPS = 500  # Meta-World's episode cap (max_path_length)
 NUM_LAYOUTS = 50  # layouts per MT1 seed
-STATE_DIM = ACTION_DIM = 4  # hand xyz + gripper opening; dx, dy, dz, gripper effort
+STATE_DIM = ACTION_DIM = 4  # the default state (hand xyz + gripper opening); dx, dy, dz, gripper effort
+# What a policy's ``state`` holds, by name: the raw-observation indices and the feature names written
+# into the dataset (``meta/info.json``), from which an evaluation finds the layout a run was trained on.
+# ``proprio_goal`` adds the goal position, which Meta-World's own MT benchmarks put in the observation
+# (``partially_observable=False``) and which the camera shows as a 1-2 px marker for reach, push and
+# pick-place.
+STATE_LAYOUTS: dict[str, tuple[tuple[int, ...], tuple[str, ...]]] = {
+    "proprio": ((0, 1, 2, 3), ("hand_x", "hand_y", "hand_z", "gripper")),
+    "proprio_goal": ((0, 1, 2, 3, 36, 37, 38), ("hand_x", "hand_y", "hand_z", "gripper", "goal_x", "goal_y", "goal_z")),
+}
 CAMERAS = ("topview", "corner", "corner2", "corner3", "corner4", "behindGripper", "gripperPOV")
 MAX_DEPTH_M = 10.0  # farther pixels are the skybox (rendered at ~70-110 m): reported as 0 (no depth)
 RAW_STATE = "raw_state"  # evaluate(): the privileged 39-d observation [1, 39], for scripted/state baselines
@@ -155,6 +164,24 @@ def _check_tasks(tasks: Sequence[str]) -> list[str]:
     if unknown or not tasks:
         raise ValueError(f"unknown Meta-World task(s) {unknown or list(tasks)}; valid names: {sorted(INSTRUCTIONS)}")
     return list(tasks)
+
+
+def _check_state(state: str) -> tuple[int, ...]:
+    if state not in STATE_LAYOUTS:
+        raise ValueError(f"state must be one of {list(STATE_LAYOUTS)}; got {state!r}")
+    return STATE_LAYOUTS[state][0]
+
+
+def state_layout(names: Sequence[str] | None) -> str:
+    """The :data:`STATE_LAYOUTS` entry whose feature names are ``names`` (``None``, as in datasets
+    written before names were recorded: ``proprio``)."""
+    if names is None:
+        return "proprio"
+    for layout, (_, layout_names) in STATE_LAYOUTS.items():
+        if tuple(names) == layout_names:
+            return layout
+    known = {layout: list(layout_names) for layout, (_, layout_names) in STATE_LAYOUTS.items()}
+    raise ValueError(f"state feature names {list(names)} match no Meta-World state layout; expected one of {known}")
 
 
 def layout_seed(seed: int, train: bool) -> int:
@@ -271,8 +298,9 @@ class MetaWorldEnv:
     """One Meta-World v3 task seen through one camera, on the training or held-out layouts.
 
     Observations (dicts): ``image [H, W, 3]`` uint8, ``depth [H, W]`` float32 metres (with
-    ``depth``; 0 = skybox), ``intrinsics [3, 3]``, ``cam_to_world [4, 4]``, ``state [4]`` (hand
-    xyz + gripper opening, float32) and ``raw_state [39]`` (Meta-World's full observation,
+    ``depth``; 0 = skybox), ``intrinsics [3, 3]``, ``cam_to_world [4, 4]``, ``state [S]`` (float32,
+    the :data:`STATE_LAYOUTS` entry ``state``: hand xyz + gripper opening, with ``proprio_goal``
+    also the goal xyz) and ``raw_state [39]`` (Meta-World's full observation,
     float64, privileged: object and goal positions). An episode is done on success or after
     ``max_steps`` steps (Meta-World's cap is 500). Use as a context manager or call :meth:`close`.
     """
@@ -286,8 +314,10 @@ class MetaWorldEnv:
         seed: int = 0,
         train: bool = True,
         max_steps: int = MAX_STEPS,
+        state: str = "proprio",
     ) -> None:
         _check_tasks([task])
+        self._state_indices = list(_check_state(state))
         if camera not in CAMERAS:
             raise ValueError(f"camera must be one of {list(CAMERAS)}; got {camera!r}")
         if not 1 <= max_steps <= MAX_STEPS:
@@ -335,7 +365,7 @@ class MetaWorldEnv:
             "image": image,
             "intrinsics": self._intrinsics.copy(),
             "cam_to_world": self._camera.cam_to_world(self._env.data),
-            "state": raw[:STATE_DIM].astype(np.float32),
+            "state": raw[self._state_indices].astype(np.float32),
             RAW_STATE: raw,
         }
         if depth is not None:
@@ -435,12 +465,12 @@ def _run_episode_jobs(
 # Scripted demonstrations
 # --------------------------------------------------------------------------------------------
 def _demo_episodes(
-    task: str, layouts: range, image_size: int, camera: str, depth: bool, seed: int, max_steps: int
+    task: str, layouts: range, image_size: int, camera: str, depth: bool, seed: int, max_steps: int, state: str
 ) -> Iterator[tuple[dict[str, np.ndarray] | None, str]]:
     """The scripted expert on ``layouts`` of ``task``: ``(frames or None if it failed, instruction)`` each."""
     expert = expert_policy(task)
     columns = camera_columns(camera)
-    with MetaWorldEnv(task, image_size, camera, depth, seed, train=True, max_steps=max_steps) as env:
+    with MetaWorldEnv(task, image_size, camera, depth, seed, train=True, max_steps=max_steps, state=state) as env:
         for layout in layouts:
             steps: list[tuple[dict[str, np.ndarray], np.ndarray]] = []
             obs, success, done = env.reset(layout), False, False
@@ -476,25 +506,28 @@ def generate_demos(
     max_steps: int = MAX_STEPS,
     overwrite: bool = False,
     workers: int = 1,
+    state: str = "proprio",
 ) -> Path:
     """Scripted-expert demos on training layouts ``0 .. episodes_per_task - 1`` of each task -> a LeRobot dataset.
 
     Only successful episodes are kept (failures are logged). Each frame holds the observation
     and the expert's action taken from it; an episode ends with the action that reached success.
-    Features: ``observation.state [4]``, ``action [4]``, the camera's image, intrinsics, pose and
-    (with ``depth``) depth; fps 80, robot_type ``sawyer``, the task's instruction as its task.
+    Features: ``observation.state [S]`` (the :data:`STATE_LAYOUTS` entry ``state``, its names in
+    ``meta/info.json``), ``action [4]``, the camera's image, intrinsics, pose and (with ``depth``)
+    depth; fps 80, robot_type ``sawyer``, the task's instruction as its task.
     ``workers`` processes simulate in parallel; the dataset is the same for any number.
     """
     tasks = _check_tasks(tasks)
+    state_indices = _check_state(state)
     if not 1 <= episodes_per_task <= NUM_LAYOUTS:
         raise ValueError(
             f"episodes_per_task must be in [1, {NUM_LAYOUTS}] (the layouts of one MT1 seed); got {episodes_per_task}"
         )
     writer = DatasetWriter(
-        out, fps=FPS, cameras=[camera], state_dim=STATE_DIM, action_dim=ACTION_DIM, depth=depth,
-        cam_to_world=True, robot_type="sawyer", overwrite=overwrite,
+        out, fps=FPS, cameras=[camera], state_dim=len(state_indices), action_dim=ACTION_DIM, depth=depth,
+        cam_to_world=True, robot_type="sawyer", overwrite=overwrite, state_names=STATE_LAYOUTS[state][1],
     )
-    jobs = [(task, layouts, image_size, camera, depth, seed, max_steps)
+    jobs = [(task, layouts, image_size, camera, depth, seed, max_steps, state)
             for task, layouts in _layout_chunks(tasks, episodes_per_task, workers)]
     failures: dict[str, int] = {}
     with tqdm(total=len(tasks) * episodes_per_task, desc="expert demos", unit="episode") as bar:
@@ -517,7 +550,7 @@ def generate_demos(
 def observation_batch(obs: Mapping[str, np.ndarray], instruction: str, depth: bool) -> dict[str, Any]:
     """One observation -> a policy batch of size 1 (keys of :mod:`vlablocks.batch` + ``raw_state``).
 
-    ``images [1, 1, 3, H, W]`` in [0, 1], ``task [instruction]``, ``state [1, 4]``,
+    ``images [1, 1, 3, H, W]`` in [0, 1], ``task [instruction]``, ``state [1, S]``,
     ``raw_state [1, 39]`` (privileged; image policies ignore it) and, with ``depth``,
     ``depth [1, 1, H, W]``, ``intrinsics [1, 1, 3, 3]`` and ``cam_to_world [1, 1, 4, 4]``.
     """
@@ -546,11 +579,13 @@ def evaluate(
     max_steps: int = MAX_STEPS,
     video_dir: str | Path | None = None,
     workers: int = 1,
+    state: str = "proprio",
 ) -> dict[str, Any]:
     """Closed-loop success rates on held-out layouts ``0 .. episodes - 1`` of each task.
 
     ``policy(batch) -> actions [1, H, 4]`` gets :func:`observation_batch`'s batch; the first
-    ``min(execute_steps, H)`` actions of each chunk are executed, then it re-plans. Each episode
+    ``min(execute_steps, H)`` actions of each chunk are executed, then it re-plans. ``state``
+    is the :data:`STATE_LAYOUTS` entry the policy was trained on. Each episode
     starts from torch's global seed ``seed * 1000 + layout`` (restored afterwards), so its outcome
     depends only on the policy, the task, the layout and ``seed``; ``workers`` processes give the
     same results (the policy must then be picklable: a module-level callable, or
@@ -560,6 +595,7 @@ def evaluate(
     episode, ``<task>_<episode>_<success|failure>.mp4`` (``.gif`` without imageio-ffmpeg).
     """
     tasks = _check_tasks(tasks)
+    _check_state(state)
     if not 1 <= episodes <= NUM_LAYOUTS:
         raise ValueError(f"episodes must be in [1, {NUM_LAYOUTS}] (the held-out layouts); got {episodes}")
     if execute_steps < 1:
@@ -574,7 +610,7 @@ def evaluate(
             ) from error
     if video_dir is not None:
         Path(video_dir).mkdir(parents=True, exist_ok=True)
-    jobs = [(policy, task, layouts, image_size, camera, depth, seed, execute_steps, max_steps, video_dir)
+    jobs = [(policy, task, layouts, image_size, camera, depth, seed, execute_steps, max_steps, video_dir, state)
             for task, layouts in _layout_chunks(tasks, episodes, workers)]
     successes = {task: 0 for task in tasks}
     with tqdm(total=len(tasks) * episodes, desc="evaluate", unit="episode") as bar:
@@ -602,9 +638,10 @@ def _eval_episodes(
     execute_steps: int,
     max_steps: int,
     video_dir: str | Path | None,
+    state: str,
 ) -> Iterator[bool]:
     """Closed-loop episodes on held-out ``layouts`` of ``task``: success of each (videos written here)."""
-    with MetaWorldEnv(task, image_size, camera, depth, seed, train=False, max_steps=max_steps) as env:
+    with MetaWorldEnv(task, image_size, camera, depth, seed, train=False, max_steps=max_steps, state=state) as env:
         for layout in layouts:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed * 1000 + layout)

@@ -95,7 +95,7 @@ def train_from_recipe(
     stops the run before training (:class:`~vlablocks.dataset.EpisodeError`) unless
     ``skip_bad_episodes``: then it is left out and listed in ``data.json``.
     """
-    from vlablocks.dataset import LeRobotDataset
+    from vlablocks.dataset import STATE as STATE_FEATURE, LeRobotDataset
     from vlablocks.recipes.builder import build
     from vlablocks.trainer import Trainer, latest_checkpoint
 
@@ -113,6 +113,7 @@ def train_from_recipe(
     out_dir.mkdir(parents=True, exist_ok=True)
     info = {"data": str(data.resolve()), "cameras": list(dataset.cameras),
             "image_size": int(sample["images"].shape[-1]), "depth": "depth" in sample,
+            "state_names": dataset.features[STATE_FEATURE].get("names"),
             "skipped_episodes": [{"episode": e, "problem": problem} for e, problem in dataset.skipped]}
     with atomic_path(out_dir / DATA_INFO_FILE) as tmp:
         tmp.write_text(json.dumps(info, indent=2), encoding="utf-8")
@@ -171,8 +172,10 @@ def evaluate_run(
     """Closed-loop Meta-World evaluation of a run; writes ``eval/results.json`` (and videos).
 
     ``workers`` rollout processes each get a copy of the policy; the results do not depend on it.
+    The camera, image size and state layout (:data:`vlablocks.metaworld.STATE_LAYOUTS`, found from
+    the state names the training data recorded) come from the run's ``data.json``.
     """
-    from vlablocks.metaworld import evaluate
+    from vlablocks.metaworld import evaluate, state_layout
     from vlablocks.trainer import EMA_FILE
 
     run = Path(run)
@@ -181,11 +184,13 @@ def evaluate_run(
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     camera = (info.get("cameras") or ["corner"])[0]
     image_size = policy.vision.image_size if policy.vision is not None else int(info.get("image_size", 128))
+    state = state_layout(info.get("state_names"))  # what the run's dataset held as the state
     eval_dir = run / "eval"
     act = policy.predict_action if workers == 1 else CheckpointPolicy(checkpoint, use_ema)
     results = evaluate(
         act, tasks, episodes, image_size=image_size, camera=camera, depth=policy.geometry is not None,
         seed=seed, execute_steps=execute_steps, video_dir=eval_dir / "videos" if video else None, workers=workers,
+        state=state,
     )
     ema = use_ema and (checkpoint / EMA_FILE).is_file()  # what was evaluated, not what was asked for
     results = {**results, "checkpoint": str(checkpoint), "execute_steps": execute_steps, "ema": ema}
