@@ -11,7 +11,8 @@ gradient-guard hits. From its checkpoint, on a fixed random sample of its traini
   that treats action elements as independent could reach; below it at small ``t``, the network
   uses the chunk's structure to tell noise from action; above it, look at the time conditioning);
 - **action error** of ``predict_action`` against the recorded chunk, per action dimension and
-  per chunk step, in the model's normalised units (the loss's) and in raw units.
+  per chunk step, in the model's normalised units (the loss's) and in raw units, and per task
+  (which tasks of a multi-task run hold the loss up).
 
 Written to ``RUN/report/``: ``report.md``, ``report.json`` and ``report.png``.
 """
@@ -59,6 +60,8 @@ class RunReport:
     error_by_dim: list[float]
     raw_error_by_dim: list[float]
     error_by_step: list[float]
+    error_by_task: dict[str, float]
+    samples_by_task: dict[str, int]
 
 
 def training_summary(metrics_path: Path) -> dict[str, Any]:
@@ -100,6 +103,9 @@ def diagnose(
     action_dim = vla.normalizer["action"].width
     sq_err, raw_abs, counts = np.zeros(action_dim), np.zeros(action_dim), 0.0
     step_sq, step_counts = np.zeros(vla.config.horizon), np.zeros(vla.config.horizon)
+    task_sq: dict[str, float] = {}
+    task_counts: dict[str, float] = {}
+    task_samples: dict[str, int] = {}
     device = next(vla.parameters()).device
     batches = [indices[i: i + batch_size] for i in range(0, len(indices), batch_size)]
     for chunk in tqdm(batches, desc="report", unit="batch", leave=False):
@@ -122,6 +128,12 @@ def diagnose(
         counts += float(valid.sum())
         step_sq += (err**2 * weight).mean(dim=2).sum(dim=0).cpu().numpy()
         step_counts += valid.sum(dim=0).double().cpu().numpy()
+        per_sample = (err**2 * weight).sum(dim=(1, 2)).cpu().tolist()  # [B]
+        per_sample_count = (valid.sum(dim=1) * err.shape[-1]).cpu().tolist()
+        for task, sq, count in zip(batch[keys.TASK], per_sample, per_sample_count):
+            task_sq[task] = task_sq.get(task, 0.0) + sq
+            task_counts[task] = task_counts.get(task, 0.0) + count
+            task_samples[task] = task_samples.get(task, 0) + 1
     total = len(indices)
     loss_by_t = (loss_sums / total).tolist()
     residual_var = residual_var_at(centres[-1], loss_by_t[-1])
@@ -137,6 +149,8 @@ def diagnose(
         "error_by_dim": (sq_err / max(counts, 1.0)).tolist(),
         "raw_error_by_dim": (raw_abs / max(counts, 1.0)).tolist(),
         "error_by_step": (step_sq / np.maximum(step_counts, 1.0)).tolist(),
+        "error_by_task": {task: task_sq[task] / max(task_counts[task], 1.0) for task in sorted(task_sq)},
+        "samples_by_task": {task: task_samples[task] for task in sorted(task_samples)},
     }
 
 
@@ -209,6 +223,14 @@ def format_report(report: RunReport) -> str:
     steps = report.error_by_step
     lines += ["", f"MSE (normalised) along the chunk: step 0 {steps[0]:.4f}, middle {steps[len(steps) // 2]:.4f}, "
                   f"last {steps[-1]:.4f}.", ""]
+    if len(report.error_by_task) > 1:
+        lines += ["## Action error by task", "",
+                  "MSE (normalised, all dims and chunk steps) of predict_action per task, largest first: in a "
+                  "multi-task run this shows which tasks hold the loss up (a few samples per task: a rough guide).",
+                  "", "| task | samples | MSE (normalised) |", "| --- | ---: | ---: |"]
+        for task, mse in sorted(report.error_by_task.items(), key=lambda item: -item[1]):
+            lines.append(f"| {task} | {report.samples_by_task[task]} | {mse:.4f} |")
+        lines.append("")
     return "\n".join(lines)
 
 
