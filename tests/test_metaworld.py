@@ -248,3 +248,13 @@ def test_evaluate_reports_failures_and_checks_the_policy_output():
     assert report == {"per_task": {"reach-v3": 0.0}, "per_bucket": {"easy": 0.0}, "mean": 0.0, "episodes": 1}
     with pytest.raises(ValueError, match=r"the policy must return actions \[1, H, 4\]; got \[1, 8\]"):
         evaluate(lambda batch: torch.zeros(1, 8), ["reach-v3"], episodes=1, image_size=SIZE, max_steps=4)
+
+
+def test_the_cli_offers_exactly_the_state_layouts(tmp_path, capsys):
+    from vlablocks.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["data", "metaworld", "--tasks", TASK, "--episodes", "1", "--out", str(tmp_path / "d"), "--state", "goal"])
+    error = capsys.readouterr().err
+    offered = error.split("choose from ")[1].split(")")[0]
+    assert sorted(name.strip(" '") for name in offered.split(",")) == sorted(STATE_LAYOUTS)
