@@ -95,7 +95,8 @@ def train_from_recipe(
     stops the run before training (:class:`~vlablocks.dataset.EpisodeError`) unless
     ``skip_bad_episodes``: then it is left out and listed in ``data.json``.
     """
-    from vlablocks.dataset import STATE as STATE_FEATURE, LeRobotDataset
+    from vlablocks.dataset import LeRobotDataset
+    from vlablocks.dataset import STATE as STATE_FEATURE
     from vlablocks.recipes.builder import build
     from vlablocks.trainer import Trainer, latest_checkpoint
 
