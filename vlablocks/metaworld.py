@@ -64,7 +64,7 @@ logger = logging.getLogger(__name__)
 FPS = 80  # 5 physics steps of 2.5 ms per action (Meta-World's render_fps)
 MAX_STEPS = 500  # Meta-World's episode cap (max_path_length)
 NUM_LAYOUTS = 50  # layouts per MT1 seed
-STATE_DIM = ACTION_DIM = 4  # the default state (hand xyz + gripper opening); dx, dy, dz, gripper effort
+ACTION_DIM = 4  # dx, dy, dz, gripper effort
 # What a policy's ``state`` holds, by name: the raw-observation indices and the feature names written
 # into the dataset (``meta/info.json``), from which an evaluation finds the layout a run was trained on.
 # ``proprio_goal`` adds the goal position, which Meta-World's own MT benchmarks put in the observation
