@@ -48,6 +48,11 @@ LABELS = {
     "mt10_hybrid": "E3 hybrid",
     "mt10_late_fusion": "late fusion (last-layer DiT)",
     "mt10_deepfusion_goal": "E1 + goal xyz in the state",
+    "mt10_e1_uniform_time": "E1, uniform flow times",
+    "mt10_e1_quantile_norm": "E1, quantile normalisation",
+    "mt10_e1_chunk8": "E1, chunks of 8",
+    "mt10_e1_expert64": "E1, 64-wide expert",
+    "mt10_e1_state_in_prefix": "E1, state in the prefix",
 }
 
 
