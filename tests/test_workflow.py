@@ -34,6 +34,7 @@ def test_train_resume_and_eval_through_the_cli(data_dir, tmp_path, capsys):
     assert TASK in out and "mean over tasks" in out
     results = json.loads((run / "eval" / "results.json").read_text())
     assert set(results["per_task"]) == {TASK} and 0.0 <= results["mean"] <= 1.0 and results["ema"] is True
+    assert results["state"] == "proprio"
     # the diagnostic report, on the data the run trained on (found through data.json)
     assert main(["report", str(run), "--samples", "8", "--batch", "4", "--t-bins", "4"]) == 0
     out = capsys.readouterr().out
@@ -105,3 +106,16 @@ def test_the_tutorial_recipe_trains_on_demo_format_data(tmp_path):
     policy = VLA.from_pretrained(run / "checkpoints" / "step_0000003")
     assert [spec.name for spec in policy.head.denoiser.stack.experts] == ["llm", "state", "action"]
     assert policy.head.denoiser.state_expert == 1
+
+
+def test_a_goal_state_run_is_evaluated_with_the_goal_state(tmp_path):
+    """The eval must feed the 7-number state the run trained on (a 4-number one would pass the
+    state <= state_dim check silently): the layout comes from the names in data.json."""
+    data, run = tmp_path / "goal", tmp_path / "run"
+    assert main(["data", "metaworld", "--tasks", "reach-v3", "--episodes", "1", "--image-size", "32", "--state",
+                 "proprio_goal", "--out", str(data)]) == 0
+    assert main(["train", "tiny_pi0", "--data", str(data), "--out", str(run), "--steps", "1", "policy.action_dim=4",
+                 "policy.state_dim=7", "train.batch_size=2"]) == 0
+    assert json.loads((run / "data.json").read_text())["state_names"][4:] == ["goal_x", "goal_y", "goal_z"]
+    assert main(["eval", str(run), "--tasks", "reach-v3", "--episodes", "1", "--execute-steps", "16"]) == 0
+    assert json.loads((run / "eval" / "results.json").read_text())["state"] == "proprio_goal"

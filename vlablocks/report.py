@@ -123,12 +123,13 @@ def diagnose(
         normalizer = vla.normalizer["action"]
         err = (normalizer.normalize(predicted) - normalizer.normalize(actions)).double()  # [B, H, A]
         weight = valid[..., None].double()
-        sq_err += (err**2 * weight).sum(dim=(0, 1)).cpu().numpy()
+        sq = err**2 * weight  # [B, H, A]
+        sq_err += sq.sum(dim=(0, 1)).cpu().numpy()
         raw_abs += ((predicted - actions).abs().double() * weight).sum(dim=(0, 1)).cpu().numpy()
         counts += float(valid.sum())
-        step_sq += (err**2 * weight).mean(dim=2).sum(dim=0).cpu().numpy()
+        step_sq += sq.mean(dim=2).sum(dim=0).cpu().numpy()
         step_counts += valid.sum(dim=0).double().cpu().numpy()
-        per_sample = (err**2 * weight).sum(dim=(1, 2)).cpu().tolist()  # [B]
+        per_sample = sq.sum(dim=(1, 2)).cpu().tolist()  # [B]
         per_sample_count = (valid.sum(dim=1) * err.shape[-1]).cpu().tolist()
         for task, sq, count in zip(batch[keys.TASK], per_sample, per_sample_count):
             task_sq[task] = task_sq.get(task, 0.0) + sq

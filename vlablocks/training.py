@@ -194,7 +194,7 @@ def evaluate_run(
         state=state,
     )
     ema = use_ema and (checkpoint / EMA_FILE).is_file()  # what was evaluated, not what was asked for
-    results = {**results, "checkpoint": str(checkpoint), "execute_steps": execute_steps, "ema": ema}
+    results = {**results, "checkpoint": str(checkpoint), "execute_steps": execute_steps, "ema": ema, "state": state}
     eval_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(eval_dir / "results.json") as tmp:
         tmp.write_text(json.dumps(results, indent=2), encoding="utf-8")
