@@ -131,8 +131,8 @@ def diagnose(
         step_counts += valid.sum(dim=0).double().cpu().numpy()
         per_sample = sq.sum(dim=(1, 2)).cpu().tolist()  # [B]
         per_sample_count = (valid.sum(dim=1) * err.shape[-1]).cpu().tolist()
-        for task, sq, count in zip(batch[keys.TASK], per_sample, per_sample_count):
-            task_sq[task] = task_sq.get(task, 0.0) + sq
+        for task, sample_sq, count in zip(batch[keys.TASK], per_sample, per_sample_count):
+            task_sq[task] = task_sq.get(task, 0.0) + sample_sq
             task_counts[task] = task_counts.get(task, 0.0) + count
             task_samples[task] = task_samples.get(task, 0) + 1
     total = len(indices)
