@@ -35,9 +35,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from vlablocks.bench import machine_description
-from vlablocks.io import atomic_path, replace_section
-from vlablocks.metaworld import MT10
+from vlablocks.tools.bench import machine_description
+from vlablocks.io.atomic import replace_section, write_json
+from vlablocks.envs.metaworld.legacy import MT10
 
 log = logging.getLogger("mt10")
 
@@ -128,8 +128,7 @@ def train_and_eval(recipe: str, seed: int, args: argparse.Namespace, threads: in
         _call([*cli, "eval", str(run), "--tasks", ",".join(MT10), "--episodes", str(args.episodes),
                "--execute-steps", str(args.execute_steps), "--seed", str(args.eval_seed)], run / "eval.log", threads)
     record.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(record) as tmp:
-        tmp.write_text(json.dumps(make_record(run, recipe, seed, args.steps, threads), indent=1))
+    write_json(record, make_record(run, recipe, seed, args.steps, threads))
     return record
 
 

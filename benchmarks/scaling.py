@@ -5,7 +5,7 @@ the markdown tables of docs/benchmarks.md.
     python benchmarks/scaling.py                                   # mid_llava3d_deepfusion, CPU fp32
     python benchmarks/scaling.py --out docs/benchmarks --update docs/benchmarks.md
 
-Every figure is the median of ``--repeats`` interleaved runs (see ``vlablocks.bench.median_ms``)
+Every figure is the median of ``--repeats`` interleaved runs (see ``vlablocks.tools.bench.median_ms``)
 at batch 1 (training: the batch sizes listed), eager fp32 on the device given.
 """
 
@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlablocks.batch import to_device
-from vlablocks.bench import (
+from vlablocks.policy.batch import to_device
+from vlablocks.tools.bench import (
     BenchSettings,
     build_for_bench,
     chunk_functions,
@@ -32,8 +32,8 @@ from vlablocks.bench import (
     make_train_step,
     median_ms,
 )
-from vlablocks.checks import random_batch
-from vlablocks.io import atomic_path, replace_section
+from vlablocks.policy.checks import random_batch
+from vlablocks.io.atomic import atomic_path, replace_section, write_json
 
 logger = logging.getLogger("scaling")
 
@@ -48,7 +48,7 @@ def inputs(vla: Any, device: str, seed: int = 0) -> tuple[Any, Any, torch.Tensor
     """``(prefix, state, noise)`` of one random observation."""
     batch = to_device(random_batch(vla, 1, seed=seed), device)
     with torch.inference_mode():
-        prefix, state = vla.embed_prefix(batch), vla._suffix_state(batch)
+        prefix, state = vla.encode(batch)
     noise = torch.randn(1, vla.config.horizon, vla.config.action_dim, generator=torch.Generator().manual_seed(seed))
     return prefix, state, noise.to(device)
 
@@ -66,7 +66,7 @@ def linear_fit(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
 def sweep_ode_steps(recipe: str, overrides: list[str], device: str, repeats: int) -> dict[str, Any]:
     vla = build_for_bench(recipe, overrides, 0, device).eval()
     prefix, state, noise = inputs(vla, device)
-    denoiser = vla.head.denoiser
+    denoiser = vla.denoiser
     fns = {}
     for n in ODE_STEPS:
         for name, fn in chunk_functions(denoiser, n).items():
@@ -88,7 +88,7 @@ def _variant_timings(recipe: str, variants: dict[Any, list[str]], device: str, r
     for key, overrides in variants.items():
         vla = build_for_bench(recipe, overrides, 0, device).eval()
         prefix, state, noise = inputs(vla, device)
-        denoiser = vla.head.denoiser
+        denoiser = vla.denoiser
         chunks = chunk_functions(denoiser, 10)
         t = torch.full((1,), 0.5, device=device)
         with torch.inference_mode():
@@ -277,8 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             start = time.perf_counter()
             results[name] = sweep(args.recipe, args.overrides, args.device, args.repeats)
             logger.info("%s done in %.0f s", name, time.perf_counter() - start)
-        with atomic_path(out / "scaling.json") as tmp:
-            tmp.write_text(json.dumps(results, indent=2, default=float) + "\n", encoding="utf-8")
+        write_json(out / "scaling.json", results, allow_nan=True)
     for path in plot(results, out):
         logger.info("wrote %s", path)
     text = markdown(results)

@@ -1,11 +1,11 @@
-"""Build a :class:`~vlablocks.vla.VLA` from a recipe.
+"""Build a :class:`~vlablocks.policy.vla.VLA` from a recipe.
 
 Sections (every key of each is a constructor argument of the block it names; sizes that
 link blocks are derived here, once, and setting them in a recipe is an error):
 
 | section | builds | derived by the builder |
 | --- | --- | --- |
-| ``policy`` | :class:`~vlablocks.vla.PolicyConfig` | |
+| ``policy`` | :class:`~vlablocks.policy.vla.PolicyConfig` | |
 | ``backbone`` (``type: deep_fusion``) | :class:`~vlablocks.blocks.fusion.DeepFusionStack`; ``experts`` items via :func:`~vlablocks.recipes.components.expert` | ``experts[i].num_layers`` |
 | ``vision`` (``type:``) | a vision backbone | |
 | ``geometry`` | :class:`~vlablocks.encoders.geometry.GeometryEncoder` (``encoding: {type: ...}``) | ``vision_dim``, ``encoding.dim`` |
@@ -15,11 +15,17 @@ link blocks are derived here, once, and setting them in a recipe is an error):
 | ``denoiser`` (``type:``, default ``deep_fusion``) | a denoiser over the backbone and the suffix encoder | ``stack``, ``suffix_encoder`` |
 | ``head`` | :class:`~vlablocks.heads.flow_matching.FlowMatchingHead` (``time_sampler: {type: ...}``) | ``denoiser``, ``horizon``, ``action_dim`` |
 | ``pretrained`` | weights to load: ``{llm: DIR, layout: transformers \\| llava \\| paligemma}`` | |
-| ``train`` | :class:`~vlablocks.trainer.TrainConfig` defaults for ``vlablocks train`` (validated here) | |
+| ``train`` | training defaults for ``vlablocks train``, validated by :mod:`vlablocks.train` (not here) | |
+
+Scales written ``sqrt_width`` (``text.embed_scale``, ``policy.image_embed_scale``) are derived
+here as ``sqrt`` of the base expert's width (Gemma, pi0 and SmolVLA scale their embeddings so).
+
+:func:`from_pretrained` rebuilds a policy saved by ``VLA.save_pretrained`` (or a trainer checkpoint).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from pathlib import Path
@@ -33,11 +39,14 @@ from vlablocks.encoders.geometry import GeometryEncoder
 from vlablocks.encoders.suffix import SuffixEncoder
 from vlablocks.encoders.text import TextEncoder
 from vlablocks.heads.flow_matching import FlowMatchingHead
+from vlablocks.io.manifest import load_weights as load_state, read_safetensors, verify_manifest
+from vlablocks.policy.config import PolicyConfig
+from vlablocks.policy.vla import RECIPE_FILE, VLA, WEIGHTS_FILE
 from vlablocks.recipes.components import expert
-from vlablocks.recipes.loader import Recipe, load_recipe
+from vlablocks.recipes.loader import Recipe, load_recipe, parse_yaml, recipe_from_dict
+from vlablocks.recipes.pretrained import load_pretrained
 from vlablocks.recipes.registry import REGISTRIES
-from vlablocks.recipes.schema import MAX_SETTING_INT, call_with, check_value
-from vlablocks.vla import VLA, PolicyConfig
+from vlablocks.recipes.schema import call_with, check_value
 
 SECTIONS = (
     "description", "policy", "backbone", "vision", "geometry", "projector", "text", "suffix", "denoiser", "head", "pretrained",
@@ -45,6 +54,8 @@ SECTIONS = (
 )
 REQUIRED_SECTIONS = ("policy", "backbone", "text", "suffix")
 PATH_KEYS = ("path", "weights_path")
+#: a scale written so in a recipe is ``sqrt(base width)``, derived by the builder.
+SQRT_WIDTH = "sqrt_width"
 
 
 def build(
@@ -82,19 +93,16 @@ class _Builder:
         for key in REQUIRED_SECTIONS:
             if self.data.get(key) is None:
                 raise self.recipe.error(f"missing required section {key!r}", key)
-        if self.data.get("train") is not None:  # used by `vlablocks train`; checked here so errors surface early
-            from vlablocks.trainer import TrainConfig
-
-            call_with(TrainConfig, self.data["train"], "train", self.recipe, max_int=MAX_SETTING_INT)
         with torch.device(self.device) if self.device is not None else nullcontext():
             return self._build()
 
     def _build(self) -> VLA:
-        config = call_with(PolicyConfig, self.data["policy"], "policy", self.recipe)
         stack = self.typed("backbone", self.data["backbone"], "backbone", converters={
             "experts": lambda value, path: self.experts(value, path, self.data["backbone"].get("num_layers")),
         })
         base_width = stack.experts[0].width
+        config = call_with(PolicyConfig, self.data["policy"], "policy", self.recipe,
+                           converters={"image_embed_scale": self.scale(base_width, float)})
         denoiser_node = self.data.get("denoiser") or {"type": "deep_fusion"}
         denoiser_cls = self.lookup("denoiser", denoiser_node, "denoiser")
         suffix_width = self.suffix_width(denoiser_cls, denoiser_node, stack)
@@ -116,7 +124,8 @@ class _Builder:
             raise self.recipe.error("a projector needs a vision section", "projector")
 
         text = call_with(TextEncoder, self.data["text"], "text", self.recipe, derived={"width": base_width},
-                         converters={"tokenizer": lambda value, path: self.typed("tokenizer", value, path)})
+                         converters={"tokenizer": lambda value, path: self.typed("tokenizer", value, path),
+                                     "embed_scale": self.scale(base_width, float | None)})
         suffix_derived = {
             "action_dim": config.action_dim,
             "horizon": config.horizon,
@@ -133,8 +142,6 @@ class _Builder:
         }, converters={"time_sampler": lambda value, path: self.typed("time_sampler", value, path)})
         vla = VLA(config, head, text, vision=vision, projector=projector, geometry=geometry, recipe=self.data)
         if self.load_weights and self.data.get("pretrained"):
-            from vlablocks.recipes.pretrained import load_pretrained
-
             call_with(load_pretrained, self.data["pretrained"], "pretrained", self.recipe,
                       derived={"vla": vla}, converters={"llm": lambda value, path: self.path(value, path)})
         return vla
@@ -154,6 +161,19 @@ class _Builder:
         if not isinstance(expert, int) or isinstance(expert, bool) or not 1 <= expert < len(stack.experts):
             raise self.recipe.error(f"expected an expert index in 1..{len(stack.experts) - 1}; got {expert!r}", "denoiser.expert")
         return stack.experts[expert].width
+
+    def scale(self, width: int, annotation: Any) -> Callable[[Any, str], Any]:
+        """A converter for a scale key: ``sqrt_width`` -> ``sqrt(width)``; other values are
+        checked against ``annotation``."""
+
+        def convert(value: Any, key_path: str) -> Any:
+            if value == SQRT_WIDTH:
+                return math.sqrt(width)
+            if isinstance(value, str):
+                raise self.recipe.error(f"expected a number or {SQRT_WIDTH!r}; got {value!r}", key_path)
+            return check_value(value, annotation, key_path, self.recipe)
+
+        return convert
 
     def lookup(self, family: str, node: Any, key_path: str) -> Any:
         """The class a ``{type: NAME}`` node names."""
@@ -203,3 +223,30 @@ class _Builder:
         if not path.is_absolute() and self.base_dir is not None:
             path = self.base_dir / path
         return str(path)
+
+
+def from_pretrained(directory: str | Path, map_location: str | torch.device = "cpu") -> VLA:
+    """Rebuild a policy from ``recipe.yaml`` and load ``model.safetensors`` (a directory written
+    by ``VLA.save_pretrained`` or a trainer checkpoint).
+
+    The files are checked against ``manifest.json`` first (when there is one); the recipe is
+    parsed by the recipe loader (plain YAML values only) and the weights are safetensors, so
+    loading executes nothing from the directory.
+
+    Raises:
+        FileNotFoundError: ``recipe.yaml`` or ``model.safetensors`` is missing.
+        CheckpointError: a file listed in the manifest is missing, truncated or corrupted, or the
+            weights do not fit the recipe.
+        RecipeError: ``recipe.yaml`` is not a valid recipe.
+    """
+    directory = Path(directory)
+    recipe_path, weights_path = directory / RECIPE_FILE, directory / WEIGHTS_FILE
+    for path in (recipe_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: not a vlablocks checkpoint directory")
+    verify_manifest(directory, required=(RECIPE_FILE, WEIGHTS_FILE))
+    data = parse_yaml(recipe_path.read_text(encoding="utf-8"), source=str(recipe_path))
+    recipe = recipe_from_dict(data, name=directory.name, source=str(recipe_path))
+    model = build(recipe, load_weights=False, base_dir=directory)
+    load_state(model, read_safetensors(weights_path, map_location), weights_path)
+    return model.to(map_location)

@@ -29,8 +29,8 @@ import torch
 from vlablocks.blocks.transformers_import import load_base_from_transformers
 from vlablocks.encoders.vision import llava_projector_state_dict
 
-from vlablocks.checkpoint import read_safetensors
-from vlablocks.vla import VLA
+from vlablocks.io.manifest import read_safetensors
+from vlablocks.policy.vla import VLA
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def load_pretrained(vla: VLA, llm: str, layout: Literal["transformers", "llava",
         layout: ``transformers``, ``llava`` or ``paligemma``.
     """
     tensors = read_weights(llm)
-    stack = vla.head.denoiser.stack
+    stack = vla.backbone
     tower: dict[str, torch.Tensor] = {}
     projector: dict[str, torch.Tensor] = {}
     if layout == "paligemma":

@@ -19,10 +19,10 @@ import torch
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
-from vlablocks.checks import random_batch
+from vlablocks.policy.checks import random_batch
 from vlablocks.recipes.builder import build
-from vlablocks.trainer import Trainer, TrainConfig, latest_checkpoint
-from vlablocks.vla import VLA
+from vlablocks.train.trainer import Trainer, TrainConfig, latest_checkpoint
+from vlablocks.policy.vla import VLA
 
 RECIPE = "tiny_llava3d_deepfusion"
 #: one process with accumulation 2 sees the same global micro-batches (and noise) as 2 processes without.

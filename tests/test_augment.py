@@ -2,7 +2,7 @@
 
 import torch
 
-from vlablocks.augment import random_shift
+from vlablocks.policy.augment import random_shift
 from vlablocks.encoders.geometry import unproject_depth
 
 

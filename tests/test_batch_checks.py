@@ -9,8 +9,8 @@ import pytest
 import torch
 from vlablocks.recipes.builder import build
 
-from vlablocks.batch import BatchError
-from vlablocks.checks import random_batch
+from vlablocks.policy.batch import BatchError
+from vlablocks.policy.checks import random_batch
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def test_dtypes(pi0):
 
 def test_devices(pi0):
     expect(pi0, changed(pi0, state=lambda s: s.to("meta")),
-           re.escape("batch['state']: expected a tensor on cpu (the policy's device); got meta (vlablocks.batch.to_device moves a batch)"),
+           re.escape("batch['state']: expected a tensor on cpu (the policy's device); got meta (vlablocks.policy.batch.to_device moves a batch)"),
            actions=False)
 
 

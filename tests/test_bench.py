@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from vlablocks.bench import BenchSettings, counted_flops, format_table, measure_memory, run_bench, token_work_ratio
-from vlablocks.checks import random_batch
+from vlablocks.tools.bench import BenchSettings, counted_flops, format_table, measure_memory, run_bench, token_work_ratio
+from vlablocks.policy.checks import random_batch
 from vlablocks.cli import main
 from vlablocks.recipes.builder import build
 
@@ -42,7 +42,7 @@ def test_run_bench_reports_consistent_figures_for_a_deep_fusion_recipe():
     overrides = ["policy.horizon=20"]
     result = run_bench("tiny_llava3d_deepfusion", overrides, BenchSettings(memory=False, steps=4, **QUICK))
     vla = build("tiny_llava3d_deepfusion", overrides)
-    assert result.prefix_tokens == vla.embed_prefix(random_batch(vla, 1)).embeds.shape[1]
+    assert result.prefix_tokens == vla.encode(random_batch(vla, 1)).prefix.embeds.shape[1]
     assert result.suffix_tokens == 20 + 2  # state token, 20 action tokens, time token
     assert result.parameters == sum(p.numel() for p in vla.parameters())
     for name in ("encode_ms", "input_checks_ms", "prefix_ms", "step_ms", "chunk_cached_ms", "chunk_recompute_ms",
@@ -99,7 +99,7 @@ def test_cli_bench_rejects_bad_settings(capsys):
 
 
 def test_replace_section_rewrites_only_between_its_markers(tmp_path):
-    from vlablocks.io import replace_section
+    from vlablocks.io.atomic import replace_section
 
     doc = tmp_path / "doc.md"
     doc.write_text("intro\n<!-- t:begin -->\nold\nrows\n<!-- t:end -->\noutro\n<!-- u:begin -->\nkeep\n<!-- u:end -->\n")

@@ -24,12 +24,12 @@ from safetensors.torch import load_file
 from vlablocks.recipes.builder import build
 from vlablocks.recipes.loader import RecipeError
 
-from vlablocks.checkpoint import CheckpointError, read_manifest, verify_manifest, write_manifest
-from vlablocks.checks import random_batch
+from vlablocks.io.manifest import CheckpointError, read_manifest, verify_manifest, write_manifest
+from vlablocks.policy.checks import random_batch
 from vlablocks.cli import EXIT_TERMINATED, main
-from vlablocks.dataset import DatasetWriter
-from vlablocks.trainer import TrainConfig, latest_checkpoint, recover_checkpoints
-from vlablocks.vla import VLA
+from vlablocks.data.lerobot import DatasetWriter
+from vlablocks.train.trainer import TrainConfig, latest_checkpoint, recover_checkpoints
+from vlablocks.recipes.builder import from_pretrained
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -91,7 +91,7 @@ def test_a_flipped_byte_is_reported_with_the_tensor_it_hit(saved, tmp_path):
     data[begin + 5] ^= 0x40
     weights.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=rf"model\.safetensors: checksum mismatch in tensor\(s\) '{name}' \(the file is corrupted\)"):
-        VLA.from_pretrained(policy)
+        from_pretrained(policy)
 
 
 def test_a_truncated_file_is_reported_with_both_sizes(saved, tmp_path):
@@ -100,11 +100,11 @@ def test_a_truncated_file_is_reported_with_both_sizes(saved, tmp_path):
     size = weights.stat().st_size
     weights.write_bytes(weights.read_bytes()[: size // 2])
     with pytest.raises(CheckpointError, match=rf"model\.safetensors: {size // 2} bytes, the manifest records {size} \(truncated"):
-        VLA.from_pretrained(policy)
+        from_pretrained(policy)
     # without a manifest the safetensors reader still refuses it, naming the file
     (policy / "manifest.json").unlink()
     with pytest.raises(CheckpointError, match=r"model\.safetensors: .*truncated"):
-        VLA.from_pretrained(policy)
+        from_pretrained(policy)
 
 
 def test_an_edited_recipe_and_a_missing_file_are_detected(saved, tmp_path):
@@ -113,25 +113,25 @@ def test_an_edited_recipe_and_a_missing_file_are_detected(saved, tmp_path):
     (policy / "recipe.yaml").write_text(text.replace("horizon: 4", "horizon: 5"))
     assert text != (policy / "recipe.yaml").read_text()
     with pytest.raises(CheckpointError, match=r"recipe\.yaml: (checksum mismatch|\d+ bytes, the manifest)"):
-        VLA.from_pretrained(policy)
+        from_pretrained(policy)
     manifest = json.loads((policy / "manifest.json").read_text())
     manifest["files"]["tokenizer.json"] = {"bytes": 3, "sha256": "0" * 64}
     (policy / "recipe.yaml").write_text(text)
     (policy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match=r"tokenizer\.json is missing \(listed in manifest\.json\)"):
-        VLA.from_pretrained(policy)
+        from_pretrained(policy)
     (policy / "manifest.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"manifest\.json is not valid JSON"):
-        VLA.from_pretrained(policy)
+        from_pretrained(policy)
 
 
 def test_without_a_manifest_loading_warns_and_works(saved, tmp_path, caplog):
     policy = copy_of(saved, tmp_path)
     (policy / "manifest.json").unlink()
-    with caplog.at_level(logging.WARNING, logger="vlablocks.checkpoint"):
-        loaded = VLA.from_pretrained(policy)
+    with caplog.at_level(logging.WARNING, logger="vlablocks.io.manifest"):
+        loaded = from_pretrained(policy)
     assert "has no manifest.json: its files are not checked for corruption" in caplog.text
-    reference = VLA.from_pretrained(saved)
+    reference = from_pretrained(saved)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), reference.state_dict().values()))
 
 
@@ -143,7 +143,7 @@ def test_weights_that_do_not_fit_the_recipe_are_named(saved, tmp_path):
     write_manifest(policy)  # a consistent manifest: the mismatch is between recipe and weights
     with pytest.raises(CheckpointError, match=r"model\.safetensors does not fit the model: .*shape mismatch: "
                                               r"head\.denoiser\.suffix_encoder\.action_in_proj\.weight \[32, 6\] \(expected \[32, 7\]\)"):
-        VLA.from_pretrained(policy)
+        from_pretrained(policy)
 
 
 def test_a_recipe_file_with_a_python_tag_constructs_nothing(saved, tmp_path):
@@ -154,7 +154,7 @@ def test_a_recipe_file_with_a_python_tag_constructs_nothing(saved, tmp_path):
         text + f"extra: !!python/object/apply:os.system ['touch {marker}']\n")
     (policy / "manifest.json").unlink()
     with pytest.raises(RecipeError, match=r"extra: YAML tag '!!python/object/apply:os.system' is not allowed"):
-        VLA.from_pretrained(policy)
+        from_pretrained(policy)
     assert not marker.exists()
 
 
@@ -225,9 +225,9 @@ KILL_WORKER = textwrap.dedent("""
     from pathlib import Path
     sys.path.insert(0, sys.argv[2])
     import torch
-    import vlablocks.trainer as trainer_module
+    import vlablocks.train.trainer as trainer_module
     from ddp_worker import make_trainer
-    from vlablocks.trainer import TrainConfig
+    from vlablocks.train.trainer import TrainConfig
 
     torch.set_num_threads(1)
     out = Path(sys.argv[1])
@@ -266,7 +266,7 @@ def test_a_writer_killed_mid_write_leaves_the_previous_checkpoint_intact(tmp_pat
     assert latest_checkpoint(out) == root / "step_0000002"
     assert not (root / "step_0000004").exists()
     assert verify_manifest(root / "step_0000002") is True
-    policy = VLA.from_pretrained(root / "step_0000002")
+    policy = from_pretrained(root / "step_0000002")
     assert torch.isfinite(policy.predict_action(random_batch(policy, 2))).all()
 
     config = TrainConfig(steps=4, batch_size=2, log_every=1, save_every=2, ema_decay=0.9)

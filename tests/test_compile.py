@@ -3,14 +3,14 @@
 import torch
 import torch._dynamo
 
-from vlablocks.checks import random_batch
+from vlablocks.policy.checks import random_batch
 from vlablocks.recipes.builder import build
 
 
 def test_denoise_step_has_no_graph_break_and_compiles_once():
     torch.manual_seed(0)
     vla = build("tiny_llava3d_deepfusion").eval()
-    denoiser = vla.head.denoiser
+    denoiser = vla.denoiser
     graphs = []
 
     def counting_backend(gm, example_inputs):
@@ -22,8 +22,8 @@ def test_denoise_step_has_no_graph_break_and_compiles_once():
     with torch.no_grad():
         for seed in (0, 1):  # two observations (same shapes), three ODE times each
             batch = random_batch(vla, 2, seed=seed)
-            context = denoiser.prepare(vla.embed_prefix(batch))
-            state = vla._suffix_state(batch)
+            prefix, state = vla.encode(batch)
+            context = denoiser.prepare(prefix)
             x_t = torch.randn(2, vla.config.horizon, vla.config.action_dim)
             if seed == 0:
                 explained = torch._dynamo.explain(denoiser.velocity)(context, x_t, torch.ones(2), state)

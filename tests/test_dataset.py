@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from vlablocks import batch as keys
-from vlablocks.dataset import (
+from vlablocks.policy import batch as keys
+from vlablocks.data.lerobot import (
     DatasetWriter,
     EpisodeError,
     LeRobotDataset,
@@ -258,7 +258,7 @@ def test_bad_episodes_can_be_skipped_explicitly_and_are_counted(tmp_path, caplog
     broken.write_bytes(broken.read_bytes()[:100])
     with pytest.raises(EpisodeError, match=r"episode_000001.parquet \(episode 1\): missing"):
         LeRobotDataset(root, horizon=2)  # the default: refuse rather than train on part of the data
-    with caplog.at_level("WARNING", logger="vlablocks.dataset"):
+    with caplog.at_level("WARNING", logger="vlablocks.data.lerobot"):
         dataset = LeRobotDataset(root, horizon=3, skip_bad_episodes=True)
     assert [e for e, _ in dataset.skipped] == [1, 2]
     assert "missing" in dataset.skipped[0][1]

@@ -153,7 +153,7 @@ DIT_RECIPES = ["tiny_llava3d_dit_layerwise", "tiny_gr00t", "tiny_llava3d_hybrid"
 
 @pytest.mark.parametrize("name", DIT_RECIPES)
 def test_dit_recipes_train_every_parameter_and_run_the_backbone_once(name):
-    from vlablocks.checks import random_batch, smoke_check
+    from vlablocks.policy.checks import random_batch, smoke_check
     from vlablocks.recipes.builder import build
 
     torch.manual_seed(0)
@@ -161,7 +161,7 @@ def test_dit_recipes_train_every_parameter_and_run_the_backbone_once(name):
     report = smoke_check(vla)
     assert report.parameters_without_grad == ()  # the class of bug that leaves a state encoder untrained
     calls = []
-    vla.head.denoiser.stack.register_forward_hook(
+    vla.backbone.register_forward_hook(
         lambda module, args, out: calls.append(1) if args[0][0] is not None else None)
     vla.predict_action(random_batch(vla, 2), num_steps=10)
     assert len(calls) == 1

@@ -43,11 +43,11 @@ def test_referenced_files_exist():
 
 
 def test_recipe_key_reference_is_generated_and_complete():
-    from vlablocks.recipes.reference import BEGIN, END, UNDOCUMENTED, reference_markdown
+    from vlablocks.tools.recipe_reference import BEGIN, END, UNDOCUMENTED, reference_markdown
 
     text = (ROOT / "docs" / "recipes.md").read_text()
     generated = BEGIN + text.split(BEGIN, 1)[1].split(END, 1)[0] + END
-    assert generated + "\n" == reference_markdown(), "regenerate: python -m vlablocks.recipes.reference docs/recipes.md"
+    assert generated + "\n" == reference_markdown(), "regenerate: python -m vlablocks.tools.recipe_reference docs/recipes.md"
     assert UNDOCUMENTED not in generated
     from vlablocks.recipes.registry import REGISTRIES
 
@@ -57,12 +57,12 @@ def test_recipe_key_reference_is_generated_and_complete():
 
 
 def test_mask_pictures_are_generated_from_the_recipes():
-    from vlablocks.recipes.mask_pictures import SECTION, mask_markdown
+    from vlablocks.tools.mask_pictures import SECTION, mask_markdown
 
     text = (ROOT / "docs" / "architecture.md").read_text()
     begin, end = f"<!-- {SECTION}:begin -->\n", f"<!-- {SECTION}:end -->"
     current = text.split(begin, 1)[1].split(end, 1)[0]
-    assert current == mask_markdown(), "regenerate: python -m vlablocks.recipes.mask_pictures docs/architecture.md"
+    assert current == mask_markdown(), "regenerate: python -m vlablocks.tools.mask_pictures docs/architecture.md"
 
 
 def test_every_exported_block_is_in_blocks_md():

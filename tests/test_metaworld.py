@@ -16,10 +16,10 @@ import metaworld  # noqa: E402
 import metaworld.env_dict  # noqa: E402
 from metaworld.policies import ENV_POLICY_MAP  # noqa: E402
 
-from vlablocks import batch as keys  # noqa: E402
-from vlablocks.dataset import LeRobotDataset  # noqa: E402
+from vlablocks.policy import batch as keys  # noqa: E402
+from vlablocks.data.lerobot import LeRobotDataset  # noqa: E402
 from vlablocks.encoders.geometry import unproject_depth  # noqa: E402
-from vlablocks.metaworld import (  # noqa: E402
+from vlablocks.envs.metaworld.legacy import (  # noqa: E402
     DIFFICULTY,
     INSTRUCTIONS,
     MT10,

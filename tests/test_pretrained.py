@@ -9,10 +9,10 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from helpers import save_tiny_siglip, save_tiny_tokenizer
-from vlablocks.checks import random_batch
+from vlablocks.policy.checks import random_batch
 from vlablocks.recipes.builder import build
 from vlablocks.recipes.loader import load_recipe
-from vlablocks.vla import VLA
+from vlablocks.recipes.builder import from_pretrained
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def test_save_and_load_give_bitwise_identical_actions(name, tmp_path, no_pickle)
 
     vla.save_pretrained(tmp_path / "ckpt")
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["manifest.json", "model.safetensors", "recipe.yaml"]
-    loaded = VLA.from_pretrained(tmp_path / "ckpt").eval()
+    loaded = from_pretrained(tmp_path / "ckpt").eval()
     actual = loaded.predict_action(batch, generator=torch.Generator().manual_seed(3))
     assert torch.equal(actual, expected)
     assert loaded.normalizer["action"].width == 3
@@ -101,7 +101,7 @@ def test_siglip_and_llava_layout_checkpoints_reproduce_the_transformers_models(t
         ids = torch.tensor([[2, 5, 7, 9, 11]])
         embeds = vla.text.embed(ids)
         assert torch.equal(embeds, llama.model.embed_tokens(ids))
-        stack = vla.head.denoiser.stack
+        stack = vla.backbone
         causal = torch.ones(1, 5, 5, dtype=torch.bool).tril()
         ours = stack([embeds, None], causal, torch.arange(5)[None]).hidden_states[0]
         reference = llama.model(input_ids=ids).last_hidden_state
@@ -112,7 +112,7 @@ def test_siglip_and_llava_layout_checkpoints_reproduce_the_transformers_models(t
     saved = yaml.safe_load((tmp_path / "ckpt" / "recipe.yaml").read_text())
     assert "pretrained" not in saved and "path" not in saved["vision"] and saved["vision"]["config"]["num_hidden_layers"] == 2
     assert saved["text"]["tokenizer"]["path"] == "tokenizer" and (tmp_path / "ckpt" / "tokenizer").is_dir()
-    loaded = VLA.from_pretrained(tmp_path / "ckpt").eval()
+    loaded = from_pretrained(tmp_path / "ckpt").eval()
     batch = random_batch(vla, 2)
     torch.testing.assert_close(loaded.predict_action(batch, generator=torch.Generator().manual_seed(0)),
                                vla.predict_action(batch, generator=torch.Generator().manual_seed(0)), rtol=0, atol=0)
@@ -120,7 +120,7 @@ def test_siglip_and_llava_layout_checkpoints_reproduce_the_transformers_models(t
 
 def test_missing_checkpoint_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"recipe\.yaml not found: not a vlablocks checkpoint directory"):
-        VLA.from_pretrained(tmp_path)
+        from_pretrained(tmp_path)
 
 
 def paligemma_checkpoint(tmp_path):
@@ -170,7 +170,7 @@ def test_paligemma_layout_loads_tower_projector_decoder_and_embedding(tmp_path, 
         embeds = vla.text.embed(ids)  # the recipe's embed_scale 8 = sqrt(width), as Gemma scales before layer 0
         assert inner.language_model.config.use_bidirectional_attention  # PaliGemma: a prefix-LM, like pi0's prefix
         full = torch.ones(1, 5, 5, dtype=torch.bool)
-        ours = vla.head.denoiser.stack([embeds, None], full, torch.arange(5)[None]).hidden_states[0]
+        ours = vla.backbone([embeds, None], full, torch.arange(5)[None]).hidden_states[0]
         reference = inner.language_model(input_ids=ids).last_hidden_state
         assert (ours - reference).abs().max() <= 1e-5
 

@@ -25,7 +25,7 @@ from test_recipe_errors import (  # one list of tags, shared with the tag tests
 from vlablocks.recipes.builder import build
 from vlablocks.recipes.loader import RecipeError, load_recipe
 
-from vlablocks.vla import VLA
+from vlablocks.policy.vla import VLA
 
 BASES = ["tiny_pi0", "tiny_llava3d_deepfusion", "tiny_gr00t", "tiny_llava3d_dit_layerwise"]
 BASE_DATA = {name: load_recipe(name).data for name in BASES}

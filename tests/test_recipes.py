@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import GemmaConfig, GemmaModel, LlamaConfig, LlamaForCausalLM, LlamaModel
 
-from vlablocks.checks import smoke_check
+from vlablocks.policy.checks import smoke_check
 from vlablocks.recipes.builder import build
 from vlablocks.recipes.loader import bundled_recipes
 
@@ -52,14 +52,14 @@ def test_tiny_recipe_runs_forward_backward_and_predict(name):
     assert report.action_shape == (2, vla.config.horizon, vla.config.action_dim)
     # every trainable parameter of the action path gets a gradient; only weights of the streams
     # the action expert reads (the base, a state expert) may get none, above its last layer
-    stack = vla.head.denoiser.stack
+    stack = vla.backbone
     read = [0] + ([vla.head.denoiser.state_expert] if getattr(vla.head.denoiser, "state_expert", None) else [])
     allowed = {f"head.denoiser.stack.{n}" for e in read for n, _ in stack.expert_named_parameters(e)}
     assert set(report.parameters_without_grad) <= allowed, set(report.parameters_without_grad) - allowed
 
 
 def expert_count(vla, index: int) -> int:
-    return count(p for _, p in vla.head.denoiser.stack.expert_named_parameters(index))
+    return count(p for _, p in vla.backbone.expert_named_parameters(index))
 
 
 def test_llava3d_parameter_counts_match_llama_7b():
@@ -96,5 +96,5 @@ def test_smolvla_uses_the_first_half_of_smolvlm2_and_a_075x_expert():
     smol = LlamaConfig(hidden_size=960, intermediate_size=2560, num_hidden_layers=16, num_attention_heads=15,
                        num_key_value_heads=5, head_dim=64, vocab_size=49280, tie_word_embeddings=True)
     assert expert_count(vla, 0) + count(vla.text.parameters()) == meta_count(LlamaModel, smol)
-    stack = vla.head.denoiser.stack
+    stack = vla.backbone
     assert stack.experts[1].width == 720 and stack.cross_attention_layers == tuple(range(1, 16, 2))

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from vlablocks import batch as keys
-from vlablocks.checks import random_batch
+from vlablocks.policy import batch as keys
+from vlablocks.policy.checks import random_batch
 from vlablocks.recipes.builder import build
-from vlablocks.report import diagnose, training_summary
+from vlablocks.tools.report import diagnose, training_summary
 
 
 def test_training_summary_reads_the_tail_of_metrics_csv(tmp_path):

@@ -18,21 +18,20 @@ import torch
 from ddp_worker import DDP_CONFIG, RECIPE, TinyDataset, capture_gradients, make_trainer, stop_in_step
 from safetensors.torch import load_file
 
-from vlablocks.checks import random_batch
+from vlablocks.policy.checks import random_batch
 from vlablocks.recipes.builder import build
-from vlablocks.trainer import (
+from vlablocks.train.trainer import (
     ShardedEpochSampler,
     Trainer,
     TrainConfig,
     collate,
-    fusion_stack,
-    has_normalization_stats,
     latest_checkpoint,
     load_ema_policy,
     lr_factor,
     parameter_groups,
 )
-from vlablocks.vla import VLA
+from vlablocks.policy.vla import VLA
+from vlablocks.recipes.builder import from_pretrained
 
 TESTS = Path(__file__).resolve().parent
 DOCS = TESTS.parent / "docs" / "accelerate"
@@ -156,7 +155,7 @@ def test_freezing_groups_and_top_k_unfreeze(tmp_path):
                          freeze_backbone=True, backbone_unfreeze_layers=2, backbone_lr_scale=0.1,
                          expert_lr_scale=0.5, weight_decay=0.1, **FAST)
     trainer = make_trainer(tmp_path, config)
-    vla, stack = trainer.vla, fusion_stack(trainer.vla)
+    vla, stack = trainer.vla, trainer.vla.backbone
     before = weights(vla)
     trainer.train()
 
@@ -250,7 +249,7 @@ def test_checkpoints_are_pickle_free_and_reload(tmp_path, monkeypatch):
 
     for target, name in ((pickle, "load"), (pickle, "loads"), (torch, "load"), (torch.serialization, "load")):
         monkeypatch.setattr(target, name, no_pickle)
-    policy = VLA.from_pretrained(checkpoint)
+    policy = from_pretrained(checkpoint)
     batch = random_batch(trainer.vla, 2, seed=5)
     live, loaded = (m.eval().predict_action(batch, generator=torch.Generator().manual_seed(1))
                     for m in (trainer.vla, policy))
@@ -280,7 +279,7 @@ def test_gradient_checkpointing_gives_the_same_loss(tmp_path, monkeypatch):
     rows = []
     for flag in (False, True):
         trainer = make_trainer(tmp_path / str(flag), TrainConfig(steps=1, gradient_checkpointing=flag, **FAST))
-        assert fusion_stack(trainer.vla).gradient_checkpointing is flag
+        assert trainer.vla.backbone.gradient_checkpointing is flag
         trainer.train()
         rows.append(metrics(tmp_path / str(flag))[0])
         assert bool(calls) is flag
@@ -311,7 +310,7 @@ def test_normalization_is_set_from_dataset_stats_once(tmp_path):
     torch.manual_seed(0)
     vla = build(RECIPE)
     dataset = TinyDataset(vla)
-    assert not has_normalization_stats(vla)
+    assert not vla.has_normalization_stats()
     Trainer(vla, dataset, TrainConfig(steps=1, **FAST), tmp_path)
     assert torch.equal(vla.normalizer["action"].mean, dataset.stats["action"]["mean"])
     assert torch.equal(vla.normalizer["state"].std, dataset.stats["observation.state"]["std"])

@@ -57,7 +57,7 @@ def test_a_run_is_reproducible_from_its_recipe_and_seed(data_dir, tmp_path):
     """Initial weights come from train.seed, not from whatever the process's random stream holds."""
     from safetensors.torch import load_file
 
-    from vlablocks.training import train_from_recipe
+    from vlablocks.train.workflow import train_from_recipe
 
     def weights(name, *overrides):
         common = ["policy.action_dim=4", "policy.state_dim=4", "train.batch_size=2", "train.warmup_steps=0", *overrides]
@@ -73,7 +73,7 @@ def test_a_run_is_reproducible_from_its_recipe_and_seed(data_dir, tmp_path):
 def test_training_refuses_a_bad_episode_unless_told_to_skip_it(data_dir, tmp_path):
     import shutil
 
-    from vlablocks.dataset import EpisodeError, episode_path
+    from vlablocks.data.lerobot import EpisodeError, episode_path
 
     data = tmp_path / "data"
     shutil.copytree(data_dir, data)
@@ -94,7 +94,7 @@ def test_training_refuses_a_bad_episode_unless_told_to_skip_it(data_dir, tmp_pat
 def test_the_tutorial_recipe_trains_on_demo_format_data(tmp_path):
     """docs/tutorial.md: the three-expert variant trains through `vlablocks train` on data made
     like `make demo`'s (96 px RGB + depth), and its checkpoint reloads."""
-    from vlablocks.vla import VLA
+    from vlablocks.recipes.builder import from_pretrained
 
     data = tmp_path / "data"
     assert main(["data", "metaworld", "--tasks", TASK, "--episodes", "1", "--image-size", "96", "--depth", "--out", str(data)]) == 0
@@ -103,8 +103,8 @@ def test_the_tutorial_recipe_trains_on_demo_format_data(tmp_path):
                  "train.batch_size=4", "train.log_every=1", "train.warmup_steps=0"]) == 0
     rows = [line.split(",") for line in (run / "metrics.csv").read_text().strip().splitlines()[1:]]
     assert [int(r[0]) for r in rows] == [1, 2, 3] and all(float(r[1]) > 0 for r in rows)
-    policy = VLA.from_pretrained(run / "checkpoints" / "step_0000003")
-    assert [spec.name for spec in policy.head.denoiser.stack.experts] == ["llm", "state", "action"]
+    policy = from_pretrained(run / "checkpoints" / "step_0000003")
+    assert [spec.name for spec in policy.backbone.experts] == ["llm", "state", "action"]
     assert policy.head.denoiser.state_expert == 1
 
 

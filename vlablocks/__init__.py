@@ -27,7 +27,7 @@ _EXPORTS = {
     "FlowMatchingHead": "vlablocks.heads",
     "DeepFusionDenoiser": "vlablocks.heads",
     "Prefix": "vlablocks.heads",
-    "VLA": "vlablocks.vla",
+    "VLA": "vlablocks.policy.vla",
     "build": "vlablocks.recipes.builder",
     "load_recipe": "vlablocks.recipes.loader",
 }

@@ -8,7 +8,7 @@
     vlablocks bench RECIPE [--device cpu|cuda] [--dtype fp32|bf16] [--compile [step|chunk]] [--batch B] [--steps N] [--json FILE]
 
 RECIPE is a bundled recipe name or a path to a YAML file; ``key.path=value`` arguments override
-recipe keys, and ``train.FIELD=value`` overrides a training setting (``vlablocks.trainer.TrainConfig``).
+recipe keys, and ``train.FIELD=value`` overrides a training setting (``vlablocks.train.trainer.TrainConfig``).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import sys
 from collections.abc import Sequence
 
 import yaml
-from torch import nn
 
+from vlablocks.policy.vla import VLA
 from vlablocks.recipes.loader import RecipeError, bundled_recipes, load_recipe
 
 logger = logging.getLogger("vlablocks")
@@ -36,33 +36,20 @@ def _out(text: str = "") -> None:
     sys.stdout.write(text + "\n")
 
 
-def _count(params: Sequence[nn.Parameter]) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in params if p.requires_grad)
-    return trainable, sum(p.numel() for p in params) - trainable
-
-
-def parameter_table(vla: nn.Module) -> list[tuple[str, int, int]]:
-    """``(block, trainable, frozen)`` rows: encoders, each backbone expert, suffix, DiT head and the rest."""
-    stack = vla.head.denoiser.stack
-    seen: set[int] = set()
-    rows = []
-
-    def add(name: str, params: list[nn.Parameter]) -> None:
-        fresh = [p for p in params if id(p) not in seen]
-        seen.update(id(p) for p in fresh)
-        if fresh:
-            rows.append((name, *_count(fresh)))
-
-    for name in ("vision", "geometry", "projector", "text", "state_proj"):
-        module = getattr(vla, name, None)
-        if module is not None:
-            add(name, list(module.parameters()))
-    for index, spec in enumerate(stack.experts):
-        add(f"backbone.{spec.name}", [p for _, p in stack.expert_named_parameters(index)])
-    add("suffix", list(vla.head.denoiser.suffix_encoder.parameters()))
-    add("denoiser head", list(vla.head.denoiser.parameters()))  # the DiT and its projections, if any
-    add("other", list(vla.parameters()))
-    return rows
+def parameter_table(vla: VLA) -> list[tuple[str, int, int]]:
+    """``(block, trainable, frozen)`` rows from the policy's declared groups
+    (:meth:`~vlablocks.policy.vla.VLA.param_groups`), the base's layers summed as ``backbone.<name>``."""
+    base = vla.backbone.experts[0].name
+    totals: dict[str, list[int]] = {}
+    for group, params in vla.param_groups().items():
+        if group.startswith("backbone."):
+            group = f"backbone.{base}"
+        elif group.startswith("experts."):
+            group = "backbone." + group.removeprefix("experts.")
+        row = totals.setdefault(group, [0, 0])
+        for p in params.values():
+            row[0 if p.requires_grad else 1] += p.numel()
+    return [(name, trainable, frozen) for name, (trainable, frozen) in totals.items()]
 
 
 def cmd_recipes(_: argparse.Namespace) -> int:
@@ -94,7 +81,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from vlablocks.checks import smoke_check
+    from vlablocks.policy.checks import smoke_check
     from vlablocks.recipes.builder import build
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -119,7 +106,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from vlablocks.metaworld import generate_demos
+    from vlablocks.envs.metaworld.legacy import generate_demos
 
     out = generate_demos(
         [t.strip() for t in args.tasks.split(",") if t.strip()], args.episodes, args.out, image_size=args.image_size,
@@ -131,7 +118,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from vlablocks.training import train_from_recipe
+    from vlablocks.train.workflow import train_from_recipe
 
     run = train_from_recipe(
         args.recipe, args.data, out=args.out, overrides=args.overrides, steps=args.steps, resume=args.resume,
@@ -148,7 +135,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from vlablocks.training import evaluate_run, format_results
+    from vlablocks.train.workflow import evaluate_run, format_results
 
     results = evaluate_run(
         args.run, tasks=[t.strip() for t in args.tasks.split(",") if t.strip()], episodes=args.episodes,
@@ -160,7 +147,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from vlablocks.report import build_report, format_report, write_report
+    from vlablocks.tools.report import build_report, format_report, write_report
 
     report = build_report(args.run, data=args.data, samples=args.samples, batch_size=args.batch,
                           t_bins=args.t_bins, use_ema=args.ema, seed=args.seed)
@@ -171,7 +158,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from vlablocks.bench import BenchSettings, format_table, run_bench, write_json
+    from vlablocks.tools.bench import BenchSettings, format_table, run_bench, write_result
 
     try:
         settings = BenchSettings(
@@ -184,7 +171,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = run_bench(args.recipe, args.overrides, settings, progress=lambda m: sys.stderr.write(f"bench: {m}\n"))
     _out(format_table(result))
     if args.json:
-        write_json(result, args.json)
+        write_result(result, args.json)
         _out(f"\nwritten to {args.json}")
     return 0
 

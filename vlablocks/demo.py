@@ -53,10 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     workers = args.workers
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    from vlablocks.metaworld import generate_demos
+    from vlablocks.envs.metaworld.legacy import generate_demos
     from vlablocks.recipes.builder import build
-    from vlablocks.trainer import EMA_FILE
-    from vlablocks.training import evaluate_run, format_results, train_from_recipe
+    from vlablocks.train.trainer import EMA_FILE
+    from vlablocks.train.workflow import evaluate_run, format_results, train_from_recipe
 
     out = Path(args.out)
     image_size = build(RECIPE, device="meta").vision.image_size

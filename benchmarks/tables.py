@@ -1,6 +1,6 @@
 """The cache and memory tables of docs/benchmarks.md, from the `vlablocks bench --json` files.
 
-    python benchmarks/report.py docs/benchmarks --update docs/benchmarks.md
+    python benchmarks/tables.py docs/benchmarks --update docs/benchmarks.md
 
 Rows are the JSON files of the folder, in name order; a table leaves out files without its
 figures (a ``--no-train`` run has no memory row).
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vlablocks.io import replace_section
+from vlablocks.io.atomic import replace_section
 
 
 def _machine(result: dict[str, Any]) -> str:

@@ -8,82 +8,46 @@
     state (pi0: a suffix token), x_t, t ── suffix encoder ── action expert ── velocity ── FlowMatchingHead
 
 The policy contract: ``forward(batch)`` -> loss and metrics (training), ``predict_action(batch)``
--> an un-normalised action chunk ``[B, H, A]``, ``save_pretrained`` / ``from_pretrained``
-(safetensors weights + the resolved recipe; normalisation statistics are buffers inside the
-weights). Batch keys: :mod:`vlablocks.batch`.
+-> an un-normalised action chunk ``[B, H, A]``, ``save_pretrained`` (safetensors weights + the
+resolved recipe; normalisation statistics are buffers inside the weights; read back by
+:func:`vlablocks.recipes.from_pretrained`, the factory side). Its structure, for the trainer,
+the benchmarks and the converters: :attr:`VLA.backbone`, :meth:`VLA.encode` and
+:meth:`VLA.param_groups`. Batch keys: :mod:`vlablocks.policy.batch`.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, NamedTuple
 
 import torch
 import yaml
 from safetensors.torch import save_file
 from torch import nn
 
-from vlablocks import batch as keys
-from vlablocks.augment import random_shift
-from vlablocks.checkpoint import load_weights, read_safetensors, verify_manifest, write_manifest
+from vlablocks.blocks.dit import DiT
+from vlablocks.blocks.fusion import DeepFusionStack
 from vlablocks.heads.denoiser import Prefix
 from vlablocks.heads.flow_matching import FlowMatchingHead, FlowMatchingOutput
-from vlablocks.io import atomic_path
-from vlablocks.normalize import FeatureNormalizer, NormMode
+from vlablocks.io.atomic import atomic_path
+from vlablocks.io.manifest import write_manifest
+from vlablocks.policy import batch as keys
+from vlablocks.policy.augment import random_shift
+from vlablocks.policy.config import PolicyConfig, discretize_state_prompts
+from vlablocks.policy.normalize import FeatureNormalizer
 
 WEIGHTS_FILE = "model.safetensors"
 RECIPE_FILE = "recipe.yaml"
 
 
-@dataclass(frozen=True)
-class PolicyConfig:
-    """The ``policy:`` section of a recipe.
+class Encoded(NamedTuple):
+    """What :meth:`VLA.encode` returns: the prefix, and the normalised state the suffix takes
+    (``[B, state_dim]`` for pi0-style policies; ``None`` when the state is in the prefix or absent)."""
 
-    Attributes:
-        horizon: actions per chunk ``H``.
-        action_dim: model action width ``A`` (data with fewer dims is zero-padded and masked).
-        state_dim: model state width (``None``: no state).
-        state_mode: where the state enters: ``"suffix"`` (pi0: a suffix token), ``"prefix"``
-            (SmolVLA: a token at the end of the prefix), ``"text"`` (pi0.5: binned into the
-            prompt) or ``"none"``.
-        state_bins: number of bins for ``state_mode="text"`` (normalised state in [-1, 1]).
-        state_norm, action_norm: normalisation modes (``mean_std``, ``quantile``, ``identity``).
-        image_embed_scale: multiplies the projected image tokens (SmolVLA: ``sqrt(width)``; pi0: 1).
-        image_shift: training-time augmentation: shift each sample's images (with its depth and
-            principal point) by up to this many pixels (DrQ); 0 turns it off.
-    """
-
-    horizon: int
-    action_dim: int
-    state_dim: int | None = None
-    state_mode: Literal["suffix", "prefix", "text", "none"] = "suffix"
-    state_bins: int = 256
-    state_norm: NormMode = "mean_std"
-    action_norm: NormMode = "mean_std"
-    image_embed_scale: float = 1.0
-    image_shift: int = 0
-
-    def __post_init__(self) -> None:
-        if (self.state_dim is None) != (self.state_mode == "none"):
-            raise ValueError(
-                f"state_mode={self.state_mode!r} with state_dim={self.state_dim}: give a state_dim "
-                "exactly when the state enters the model (state_mode 'none' means no state)"
-            )
-        for name in ("horizon", "action_dim", "state_bins"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
-
-
-def discretize_state_prompt(task: str, state: torch.Tensor, bins: int) -> str:
-    """pi0.5's prompt: ``"Task: {task}, State: {b_1 ... b_S};\\nAction: "`` with the normalised
-    state (``[S]`` in [-1, 1]) cut into ``bins`` equal bins."""
-    edges = torch.linspace(-1.0, 1.0, bins + 1, device=state.device)[1:-1]
-    digits = torch.bucketize(state.float().clamp(-1.0, 1.0), edges)
-    cleaned = task.strip().replace("_", " ").replace("\n", " ")
-    return f"Task: {cleaned}, State: {' '.join(str(int(d)) for d in digits)};\nAction: "
+    prefix: Prefix
+    state: torch.Tensor | None
 
 
 class VLA(nn.Module):
@@ -130,14 +94,71 @@ class VLA(nn.Module):
             self.normalizer["state"] = FeatureNormalizer(config.state_dim, config.state_norm)
         self.recipe: dict[str, Any] = copy.deepcopy(dict(recipe or {}))
 
+    # ------------------------------------------------------------------ structure
+
+    @property
+    def backbone(self) -> DeepFusionStack:
+        """The fusion stack: expert 0 is the base (the VLM's language model), the others the
+        action path's experts (deep fusion) or none (DiT heads read the base)."""
+        return self.head.denoiser.stack
+
+    @property
+    def denoiser(self) -> nn.Module:
+        """The head's denoiser (``prepare(prefix)`` once per observation, ``velocity`` per ODE step)."""
+        return self.head.denoiser
+
+    def param_groups(self) -> dict[str, dict[str, nn.Parameter]]:
+        """Every parameter in exactly one named group, as timm's ``group_matcher`` declares a
+        model's structure; the trainer maps these groups to learning rates and freezing.
+
+        Groups, in this order (absent parts left out; a parameter shared between parts belongs
+        to the first): ``vision``, ``projector``, ``geometry``, ``backbone.layers.{i}`` (the
+        base expert's weights in layer ``i``), ``backbone.final_norm``, ``text`` (the token
+        embedding), ``experts.{name}`` (each other expert of the stack), ``state_proj``,
+        ``suffix`` (the suffix encoder) and ``head`` (the rest: DiT blocks, feature projections).
+        Values map ``named_parameters()`` names to parameters.
+        """
+        names = {id(p): n for n, p in self.named_parameters()}
+        stack = self.backbone
+        members: list[tuple[str, list[nn.Parameter]]] = [
+            (name, list(module.parameters()))
+            for name, module in (("vision", self.vision), ("projector", self.projector), ("geometry", self.geometry))
+            if module is not None
+        ]
+        base: dict[str, list[nn.Parameter]] = {}
+        for name, param in stack.expert_named_parameters(0):
+            layer = name.split(".")[1] if name.startswith("layers.") else None
+            base.setdefault(f"backbone.layers.{layer}" if layer else "backbone.final_norm", []).append(param)
+        members += list(base.items())
+        members.append(("text", list(self.text.parameters())))
+        for index, spec in enumerate(stack.experts[1:], start=1):
+            members.append((f"experts.{spec.name}", [p for _, p in stack.expert_named_parameters(index)]))
+        if self.state_proj is not None:
+            members.append(("state_proj", list(self.state_proj.parameters())))
+        members.append(("suffix", list(self.head.denoiser.suffix_encoder.parameters())))
+        members.append(("head", list(self.parameters())))
+        claimed: set[int] = set()
+        groups: dict[str, dict[str, nn.Parameter]] = {}
+        for group, params in members:
+            fresh = {names[id(p)]: p for p in params if id(p) not in claimed}
+            claimed.update(id(p) for p in fresh.values())
+            if fresh:
+                groups[group] = fresh
+        return groups
+
+    def has_normalization_stats(self) -> bool:
+        """Whether any normaliser holds statistics (not the identity defaults)."""
+        return any(norm.has_stats for norm in self.normalizer.values())
+
     # ------------------------------------------------------------------ prefix
 
-    def embed_prefix(self, batch: Mapping[str, Any]) -> Prefix:
-        """Image (+ geometry), text and (SmolVLA) state tokens: ``-> Prefix [B, P, D]``."""
+    def encode(self, batch: Mapping[str, Any]) -> Encoded:
+        """The observation as the head takes it: ``Prefix [B, P, D]`` (image (+ geometry), text
+        and, SmolVLA-style, state tokens) and the suffix's state (normalised once here)."""
+        state = self._normalized_state(batch)
         tasks = list(batch[keys.TASK])
-        state = self._state(batch)
         if self.config.state_mode == "text":
-            tasks = [discretize_state_prompt(t, s, self.config.state_bins) for t, s in zip(tasks, state)]
+            tasks = discretize_state_prompts(tasks, state, self.config.state_bins)
         embeds, pads = [], []
         if self.vision is not None:
             image_tokens, image_pad = self._embed_images(batch)
@@ -154,7 +175,7 @@ class VLA(nn.Module):
         ar = torch.zeros_like(pad, dtype=torch.long)
         if self.state_proj is not None:
             ar[:, -1] = 1  # SmolVLA: the state token opens its own block at the end of the prefix
-        return Prefix(embeds_t, pad, ar)
+        return Encoded(Prefix(embeds_t, pad, ar), state if self.config.state_mode == "suffix" else None)
 
     def _embed_images(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         images = batch[keys.IMAGES]
@@ -184,7 +205,7 @@ class VLA(nn.Module):
             valid = valid & image_mask.reshape(b * n, 1).to(valid.device)
         return tokens.reshape(b, -1, tokens.shape[-1]), valid.reshape(b, -1)
 
-    def _state(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
+    def _normalized_state(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
         if self.config.state_dim is None:
             return None
         if batch.get(keys.STATE) is None:
@@ -209,7 +230,7 @@ class VLA(nn.Module):
                 batch[keys.IMAGES], self.config.image_shift, batch.get(keys.DEPTH), batch.get(keys.INTRINSICS), generator
             )
             batch = {**batch, keys.IMAGES: images, keys.DEPTH: depth, keys.INTRINSICS: intrinsics}
-        prefix = self.embed_prefix(batch)
+        prefix, state = self.encode(batch)
         actions_raw = batch[keys.ACTIONS]
         actions = self.normalizer["action"].normalize(actions_raw)
         dim_mask = torch.arange(self.config.action_dim, device=actions.device) < actions_raw.shape[-1]
@@ -217,7 +238,7 @@ class VLA(nn.Module):
         return self.head.loss(
             prefix,
             actions.to(prefix.embeds.device),
-            self._suffix_state(batch),
+            state,
             step_mask=None if step_mask is None else step_mask.bool(),
             dim_mask=dim_mask,
             generator=generator,
@@ -238,8 +259,8 @@ class VLA(nn.Module):
             BatchError: the batch does not fit the policy (:meth:`check_batch`).
         """
         self.check_batch(batch, actions=False)
-        prefix = self.embed_prefix(batch)
-        chunk = self.head.sample(prefix, self._suffix_state(batch), noise=noise, num_steps=num_steps, generator=generator)
+        prefix, state = self.encode(batch)
+        chunk = self.head.sample(prefix, state, noise=noise, num_steps=num_steps, generator=generator)
         return self.normalizer["action"].unnormalize(chunk)
 
     def batch_spec(self, actions: bool) -> keys.BatchSpec:
@@ -254,21 +275,15 @@ class VLA(nn.Module):
         )
 
     def check_batch(self, batch: Mapping[str, Any], actions: bool) -> None:
-        """Raise :class:`~vlablocks.batch.BatchError` unless ``batch`` fits this policy: keys,
+        """Raise :class:`~vlablocks.policy.batch.BatchError` unless ``batch`` fits this policy: keys,
         shapes, batch sizes, dtypes, the device, finite values, images in [0, 1] (see
-        :func:`vlablocks.batch.check_batch`)."""
+        :func:`vlablocks.policy.batch.check_batch`)."""
         device = next(self.parameters()).device
         keys.check_batch(batch, self.batch_spec(actions), device)
-
-    def _suffix_state(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
-        return self._state(batch) if self.config.state_mode == "suffix" else None
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute activations in the backward pass instead of keeping them: the layers of
         the fusion stack and of DiT heads, and the blocks of the vision backbone."""
-        from vlablocks.blocks.dit import DiT
-        from vlablocks.blocks.fusion import DeepFusionStack
-
         for module in self.modules():
             if isinstance(module, (DeepFusionStack, DiT)):
                 module.gradient_checkpointing = enabled
@@ -308,33 +323,3 @@ class VLA(nn.Module):
             if export is not None and isinstance(recipe.get(section), dict):
                 recipe[section] = export(recipe[section], directory)
         return recipe
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> VLA:
-        """Rebuild from ``recipe.yaml`` and load ``model.safetensors``.
-
-        The files are checked against ``manifest.json`` first (when there is one); the recipe is
-        parsed by the recipe loader (plain YAML values only) and the weights are safetensors, so
-        loading executes nothing from the directory.
-
-        Raises:
-            FileNotFoundError: ``recipe.yaml`` or ``model.safetensors`` is missing.
-            CheckpointError: a file listed in the manifest is missing, truncated or corrupted, or the weights do not
-                fit the recipe.
-            RecipeError: ``recipe.yaml`` is not a valid recipe.
-        """
-        from vlablocks.recipes.builder import build
-        from vlablocks.recipes.loader import parse_yaml, recipe_from_dict
-
-        directory = Path(directory)
-        recipe_path, weights_path = directory / RECIPE_FILE, directory / WEIGHTS_FILE
-        for path in (recipe_path, weights_path):
-            if not path.is_file():
-                raise FileNotFoundError(f"{path} not found: not a vlablocks checkpoint directory")
-        verify_manifest(directory, required=(RECIPE_FILE, WEIGHTS_FILE))
-        data = parse_yaml(recipe_path.read_text(encoding="utf-8"), source=str(recipe_path))
-        recipe = recipe_from_dict(data, name=directory.name, source=str(recipe_path))
-        model = build(recipe, load_weights=False, base_dir=directory)
-        load_weights(model, read_safetensors(weights_path, map_location), weights_path)
-        return model.to(map_location)
-

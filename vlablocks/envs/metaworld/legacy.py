@@ -5,7 +5,7 @@
 - :class:`MetaWorldEnv`: one task, one camera, rendered offscreen without shadows, reflections
   or multisampling (11-17 ms per step + render at 96 or 128 px on a 2-core CPU; ~110 ms by default).
 - :func:`generate_demos`: scripted-expert episodes written as a LeRobot dataset
-  (:mod:`vlablocks.dataset`).
+  (:mod:`vlablocks.data.lerobot`).
 - :func:`evaluate`: closed-loop rollouts of an action-chunk policy on held-out layouts.
 
 Layouts: ``metaworld.MT1(task, seed=s)`` gives 50 fixed object/goal layouts. The training
@@ -52,12 +52,12 @@ try:
     from metaworld.policies import ENV_POLICY_MAP
 except ImportError as error:  # pragma: no cover - depends on the installed extras
     raise ImportError(
-        "vlablocks.metaworld needs Meta-World: pip install 'vlablocks[sim]' (metaworld, mujoco, packaging, imageio)"
+        "vlablocks.envs.metaworld.legacy needs Meta-World: pip install 'vlablocks[sim]' (metaworld, mujoco, packaging, imageio)"
     ) from error
 
-from vlablocks import batch as keys  # noqa: E402
-from vlablocks.dataset import DatasetWriter, camera_columns  # noqa: E402
-from vlablocks.io import atomic_path  # noqa: E402
+from vlablocks.policy import batch as keys  # noqa: E402
+from vlablocks.data.lerobot import DatasetWriter, camera_columns  # noqa: E402
+from vlablocks.io.atomic import atomic_path  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -548,7 +548,7 @@ def generate_demos(
 
 
 def observation_batch(obs: Mapping[str, np.ndarray], instruction: str, depth: bool) -> dict[str, Any]:
-    """One observation -> a policy batch of size 1 (keys of :mod:`vlablocks.batch` + ``raw_state``).
+    """One observation -> a policy batch of size 1 (keys of :mod:`vlablocks.policy.batch` + ``raw_state``).
 
     ``images [1, 1, 3, H, W]`` in [0, 1], ``task [instruction]``, ``state [1, S]``,
     ``raw_state [1, 39]`` (privileged; image policies ignore it) and, with ``depth``,
@@ -589,7 +589,7 @@ def evaluate(
     starts from torch's global seed ``seed * 1000 + layout`` (restored afterwards), so its outcome
     depends only on the policy, the task, the layout and ``seed``; ``workers`` processes give the
     same results (the policy must then be picklable: a module-level callable, or
-    :class:`vlablocks.training.CheckpointPolicy`, which ships only a checkpoint path).
+    :class:`vlablocks.train.workflow.CheckpointPolicy`, which ships only a checkpoint path).
     Returns ``{"per_task": {task: rate}, "per_bucket": {bucket: mean rate of its evaluated
     tasks}, "mean": mean over tasks, "episodes": episodes}``. With ``video_dir``, one video per
     episode, ``<task>_<episode>_<success|failure>.mp4`` (``.gif`` without imageio-ffmpeg).
@@ -606,7 +606,7 @@ def evaluate(
         except (pickle.PicklingError, AttributeError, TypeError) as error:
             raise ValueError(
                 f"policy must be picklable with workers={workers} (got {policy!r}: {error}); pass a module-level "
-                "callable or vlablocks.training.CheckpointPolicy(checkpoint_dir), or use workers=1"
+                "callable or vlablocks.train.workflow.CheckpointPolicy(checkpoint_dir), or use workers=1"
             ) from error
     if video_dir is not None:
         Path(video_dir).mkdir(parents=True, exist_ok=True)

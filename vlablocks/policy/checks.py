@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from vlablocks import batch as keys
-from vlablocks.vla import VLA
+from vlablocks.policy import batch as keys
+from vlablocks.policy.vla import VLA
 
 TASKS = ("pick up the red block", "open the drawer", "push the button", "close the window")
 
@@ -70,7 +70,7 @@ def smoke_check(vla: VLA, batch_size: int = 2, seed: int = 0) -> CheckReport:
         loss=out.loss.item(),
         vel_cosine=out.vel_cosine.item(),
         action_shape=tuple(actions.shape),
-        prefix_length=vla.embed_prefix(batch).embeds.shape[1],
+        prefix_length=vla.encode(batch).prefix.embeds.shape[1],
         forward_ms=forward_ms,
         backward_ms=backward_ms,
         predict_ms=predict_ms,

@@ -2,7 +2,7 @@
 
 Every figure is the median of ``repeats`` timed rounds after ``warmup`` untimed ones, the
 functions interleaved within a round (CUDA work is synchronised before each clock reading).
-What is timed, for a batch of random observations (:func:`~vlablocks.checks.random_batch`):
+What is timed, for a batch of random observations (:func:`~vlablocks.policy.checks.random_batch`):
 
 ==========================  ==================================================================
 ``encode_ms``               observation -> prefix tokens (vision, geometry, text embedding)
@@ -50,13 +50,13 @@ from typing import Any, Literal
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vlablocks.batch import to_device
-from vlablocks.checks import random_batch
+from vlablocks.policy.batch import to_device
+from vlablocks.policy.checks import random_batch
 from vlablocks.heads.deep_fusion import DeepFusionDenoiser
 from vlablocks.heads.denoiser import Prefix
 from vlablocks.heads.flow_matching import integrate
-from vlablocks.io import atomic_path
-from vlablocks.vla import VLA
+from vlablocks.io.atomic import write_json
+from vlablocks.policy.vla import VLA
 
 logger = logging.getLogger(__name__)
 
@@ -265,7 +265,7 @@ def bench_inference(vla: VLA, settings: BenchSettings) -> dict[str, Any]:
     device, repeats, warmup, steps = settings.device, settings.repeats, settings.warmup, settings.steps
     vla = vla.eval().to(DTYPES[settings.dtype])
     batch = to_device(random_batch(vla, settings.batch, seed=settings.seed), device)
-    denoiser = vla.head.denoiser
+    denoiser = vla.denoiser
     gen = torch.Generator(device).manual_seed(settings.seed)
     noise = torch.randn((settings.batch, vla.config.horizon, vla.config.action_dim), generator=gen, device=device)
     eager = (denoiser.prepare, denoiser.velocity, getattr(denoiser, "joint_velocity", None))
@@ -276,8 +276,7 @@ def bench_inference(vla: VLA, settings: BenchSettings) -> dict[str, Any]:
     else:
         chunks = chunk_functions(denoiser, steps, *graphs)
     with torch.inference_mode(), _autocast(settings):
-        prefix = vla.embed_prefix(batch)
-        state = vla._suffix_state(batch)
+        prefix, state = vla.encode(batch)
         out: dict[str, Any] = {"prefix_tokens": prefix.embeds.shape[1],
                                "suffix_tokens": len(denoiser.suffix_encoder.layout(1)[0][0])}
         if settings.dtype == "fp32":  # FLOPs do not depend on the dtype: count them once, uncompiled
@@ -293,7 +292,7 @@ def bench_inference(vla: VLA, settings: BenchSettings) -> dict[str, Any]:
             out["compile_s"] = time.perf_counter() - start
         t = torch.full((settings.batch,), 0.5, device=device)
         timed = {
-            "encode_ms": lambda: vla.embed_prefix(batch),
+            "encode_ms": lambda: vla.encode(batch),
             "input_checks_ms": lambda: vla.check_batch(batch, actions=False),
             "prefix_ms": lambda: prepare(prefix),
             "step_ms": lambda: velocity(context, noise, t, state),
@@ -368,7 +367,7 @@ def measure_memory(kind: str, recipe: str, overrides: Sequence[str], settings: B
     The peak of one ``predict_action`` call or one training step (after one untimed call, so the
     optimizer state exists), counting the model, its gradients and optimizer state, and the
     work's transient tensors, not the interpreter and libraries. On CUDA in this process; on the
-    CPU in a fresh process (``python -m vlablocks.bench``) measuring its resident set, with
+    CPU in a fresh process (``python -m vlablocks.tools.bench``) measuring its resident set, with
     glibc told to return freed blocks to the system at once (``MALLOC_MMAP_THRESHOLD_``).
     """
     if kind not in MEMORY_KINDS:
@@ -378,7 +377,7 @@ def measure_memory(kind: str, recipe: str, overrides: Sequence[str], settings: B
         # glibc would keep freed tensors in its heap (its mmap threshold grows as blocks are
         # freed): a fixed threshold maps every large block, so the resident set follows the live tensors
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-        proc = subprocess.run([sys.executable, "-m", "vlablocks.bench", json.dumps(spec)],
+        proc = subprocess.run([sys.executable, "-m", "vlablocks.tools.bench", json.dumps(spec)],
                               capture_output=True, text=True, check=False, env=env)
         if proc.returncode:
             raise RuntimeError(f"memory probe ({kind}) failed:\n{proc.stderr[-3000:]}")
@@ -506,10 +505,9 @@ def format_table(result: BenchResult) -> str:
     return "\n".join(lines)
 
 
-def write_json(result: BenchResult, path: str | Path) -> None:
+def write_result(result: BenchResult, path: str | Path) -> None:
     """Write the result as JSON, atomically."""
-    with atomic_path(Path(path)) as tmp:
-        tmp.write_text(json.dumps(result.to_json(), indent=2) + "\n", encoding="utf-8")
+    write_json(path, result.to_json(), allow_nan=True)
 
 
 if __name__ == "__main__":  # the memory probe's fresh process (see measure_memory)

@@ -31,11 +31,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vlablocks import batch as keys
-from vlablocks.batch import collate, to_device
+from vlablocks.policy import batch as keys
+from vlablocks.policy.batch import collate, to_device
 from vlablocks.heads.flow_matching import gaussian_loss_curve, residual_var_at
-from vlablocks.io import atomic_path
-from vlablocks.vla import VLA
+from vlablocks.io.atomic import atomic_path, write_json, write_text
+from vlablocks.policy.vla import VLA
 
 logger = logging.getLogger(__name__)
 
@@ -158,9 +158,9 @@ def diagnose(
 def build_report(run: str | Path, data: str | Path | None = None, samples: int = 256, batch_size: int = 32,
                  t_bins: int = 10, use_ema: bool = True, seed: int = 0) -> RunReport:
     """Diagnose a training run (its latest checkpoint) on its training data (or ``data``)."""
-    from vlablocks.dataset import LeRobotDataset
-    from vlablocks.trainer import METRICS_FILE
-    from vlablocks.training import DATA_INFO_FILE, load_policy
+    from vlablocks.data.lerobot import LeRobotDataset
+    from vlablocks.train.trainer import METRICS_FILE
+    from vlablocks.train.workflow import DATA_INFO_FILE, load_policy
 
     run = Path(run)
     metrics = run / METRICS_FILE
@@ -266,9 +266,7 @@ def write_report(report: RunReport, out: str | Path | None = None) -> Path:
     """Write ``report.md``, ``report.json`` and ``report.png`` (default ``RUN/report/``)."""
     out = Path(out) if out is not None else Path(report.run) / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "report.md") as tmp:
-        tmp.write_text(format_report(report), encoding="utf-8")
-    with atomic_path(out / "report.json") as tmp:
-        tmp.write_text(json.dumps(asdict(report), indent=2) + "\n", encoding="utf-8")
+    write_text(out / "report.md", format_report(report))
+    write_json(out / "report.json", asdict(report), allow_nan=True)
     plot_report(report, out / "report.png")
     return out

@@ -4,7 +4,7 @@ Every recipe key is a constructor argument, so the reference is read off the sig
 default) and the ``Args:`` / ``Attributes:`` sections of the docstrings (description). A test
 checks that docs/recipes.md holds exactly this text and that no key lacks a description.
 
-    python -m vlablocks.recipes.reference docs/recipes.md   # rewrite the generated part
+    python -m vlablocks.tools.recipe_reference docs/recipes.md   # rewrite the generated part
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ from vlablocks.encoders.geometry import GeometryEncoder
 from vlablocks.encoders.suffix import SuffixEncoder
 from vlablocks.encoders.text import TextEncoder
 from vlablocks.heads.flow_matching import FlowMatchingHead
-from vlablocks.io import atomic_path
+from vlablocks.io.atomic import atomic_path
 from vlablocks.recipes import builder as builder_module
 from vlablocks.recipes.components import expert
 from vlablocks.recipes.pretrained import load_pretrained
 from vlablocks.recipes.registry import REGISTRIES
 from vlablocks.recipes.schema import annotations_of, describe, recipe_parameters
-from vlablocks.trainer import TrainConfig
-from vlablocks.vla import PolicyConfig
+from vlablocks.train.trainer import TrainConfig
+from vlablocks.policy.vla import PolicyConfig
 
 BEGIN, END = "<!-- BEGIN GENERATED REFERENCE -->", "<!-- END GENERATED REFERENCE -->"
 UNDOCUMENTED = "(undocumented)"

@@ -29,7 +29,7 @@ rounding), and a resumed run continues exactly where the interrupted one stopped
 Checkpoint ``out_dir/checkpoints/step_{N:07d}/`` (written into a hidden temporary directory,
 each file atomically, then renamed into place; never pickled)::
 
-    model.safetensors, recipe.yaml   the policy (``VLA.from_pretrained(dir)``), live weights
+    model.safetensors, recipe.yaml   the policy (``vlablocks.recipes.from_pretrained(dir)``), live weights
     ema.safetensors                  with ``ema_decay``: the policy's full state dict with the EMA
                                      weights (``load_ema_policy(dir)``); also the EMA state on resume
     trainer_state.safetensors        optimizer tensors (``optimizer.{param}.{key}``), torch RNG
@@ -38,7 +38,7 @@ each file atomically, then renamed into place; never pickled)::
                                      python / numpy RNG states per process, the config
     manifest.json                    sizes and sha256 checksums of the files above (per tensor for
                                      safetensors), written last; checked by ``resume`` and
-                                     ``VLA.from_pretrained`` (:mod:`vlablocks.checkpoint`)
+                                     ``from_pretrained`` (:mod:`vlablocks.io.manifest`)
 
 The EMA (of the trainable parameters, updated after every applied step) is what you deploy:
 ``load_ema_policy(checkpoint)`` or, on the live model, ``with trainer.ema_weights(): evaluate()``.
@@ -83,11 +83,11 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from tqdm.auto import tqdm
 
-from vlablocks.batch import collate
-from vlablocks.blocks.fusion import DeepFusionStack
-from vlablocks.checkpoint import load_weights, read_safetensors, verify_manifest, write_manifest
-from vlablocks.io import atomic_path
-from vlablocks.vla import RECIPE_FILE, VLA, WEIGHTS_FILE
+from vlablocks.policy.batch import collate
+from vlablocks.io.manifest import load_weights, read_safetensors, verify_manifest, write_manifest
+from vlablocks.io.atomic import atomic_path, write_json
+from vlablocks.policy.vla import RECIPE_FILE, VLA, WEIGHTS_FILE
+from vlablocks.recipes.builder import from_pretrained
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +103,6 @@ STATE_FORMAT = "vlablocks.trainer_state/1"
 
 #: ``dataset.stats`` feature name -> ``vla.normalizer`` key.
 STATS_FEATURES = {"observation.state": "state", "action": "action"}
-#: parameter groups, in the order parameters are claimed (a shared parameter goes to the first).
-GROUPS = ("vision", "backbone", "experts", "other")
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 _NOISE_STREAM, _EPOCH_STREAM, _LOADER_STREAM = 1, 2, 3
@@ -246,65 +244,39 @@ class ParameterGroup:
     params: dict[str, nn.Parameter]
 
 
-def fusion_stack(vla: VLA) -> DeepFusionStack:
-    """The policy's deep-fusion stack (the backbone; expert 0 is the base)."""
-    stacks = [m for m in vla.head.modules() if isinstance(m, DeepFusionStack)]
-    if len(stacks) != 1:
-        raise ValueError(f"expected exactly one DeepFusionStack in vla.head; found {len(stacks)}")
-    return stacks[0]
-
-
 def parameter_groups(vla: VLA, config: TrainConfig) -> list[ParameterGroup]:
-    """The trainable parameters by block, with their learning rates (empty groups left out).
+    """The trainable parameters by block, with their learning rates (empty groups left out),
+    from the groups the policy declares (:meth:`~vlablocks.policy.vla.VLA.param_groups`).
 
     ``vision``: vision encoder, projector, geometry encoder (``lr``). ``backbone``: the fusion
     stack's base expert and the text embedding (``lr * backbone_lr_scale``; with
     ``freeze_backbone`` only the top ``backbone_unfreeze_layers`` base layers and the base final
     norm). ``experts``: the stack's other experts (``lr * expert_lr_scale``). ``other``:
-    everything else, e.g. suffix encoder, DiT, ``state_proj`` (``lr``). Frozen parameters are in
-    no group.
+    everything else, e.g. suffix encoder, DiT, ``state_proj`` (``lr``), in the model's order.
+    Frozen parameters are in no group.
     """
-    stack = fusion_stack(vla)
+    declared = vla.param_groups()
+    layers = [name for name in declared if name.startswith("backbone.layers.")]
     k = config.backbone_unfreeze_layers
-    if k > stack.num_layers:
-        raise ValueError(
-            f"TrainConfig.backbone_unfreeze_layers={k} exceeds the base expert's {stack.num_layers} layers"
-        )
-    names = {id(p): n for n, p in vla.named_parameters()}
-    vision_modules = [m for m in (vla.vision, vla.projector, vla.geometry) if m is not None]
-    base = [p for _, p in stack.expert_named_parameters(0)] + list(vla.text.parameters())
-    top = tuple(f"layers.{i}." for i in range(stack.num_layers - k, stack.num_layers)) + ("final_norms.0.",)
-    unfrozen = {id(p) for n, p in stack.expert_named_parameters(0) if k and n.startswith(top)}
-    experts = [p for e in range(1, len(stack.experts)) for _, p in stack.expert_named_parameters(e)]
-    members = {
-        "vision": ([p for m in vision_modules for p in m.parameters()], config.freeze_vision, 1.0),
-        "backbone": (base, config.freeze_backbone, config.backbone_lr_scale),
-        "experts": (experts, False, config.expert_lr_scale),
-        "other": (list(vla.parameters()), False, 1.0),
-    }
-    claimed: set[int] = set()
-    groups = []
-    for name in GROUPS:
-        params, frozen, scale = members[name]
-        trainable = {}
-        for p in params:
-            if id(p) in claimed:
-                continue
-            claimed.add(id(p))
-            if not frozen or id(p) in unfrozen:
-                trainable[names[id(p)]] = p
+    num_layers = vla.backbone.num_layers
+    if k > num_layers:
+        raise ValueError(f"TrainConfig.backbone_unfreeze_layers={k} exceeds the base expert's {num_layers} layers")
+    top = {f"backbone.layers.{i}" for i in range(num_layers - k, num_layers)} | ({"backbone.final_norm"} if k else set())
+    kinds = {"vision": ("vision", "projector", "geometry"), "backbone": (*layers, "backbone.final_norm", "text"),
+             "experts": tuple(name for name in declared if name.startswith("experts."))}
+    frozen = {"vision": config.freeze_vision, "backbone": config.freeze_backbone, "experts": False}
+    scales = {"vision": 1.0, "backbone": config.backbone_lr_scale, "experts": config.expert_lr_scale}
+    groups, claimed = [], set()
+    for kind, members in kinds.items():
+        trainable = {n: p for name in members if name in declared and (not frozen[kind] or name in top)
+                     for n, p in declared[name].items()}
+        claimed.update(n for name in members for n in declared.get(name, {}))
         if trainable:
-            groups.append(ParameterGroup(name, config.lr * scale, trainable))
+            groups.append(ParameterGroup(kind, config.lr * scales[kind], trainable))
+    other = {n: p for n, p in vla.named_parameters() if n not in claimed}
+    if other:
+        groups.append(ParameterGroup("other", config.lr, other))
     return groups
-
-
-def has_normalization_stats(vla: VLA) -> bool:
-    """Whether any of the policy's normalisers holds statistics other than the defaults."""
-    defaults = {"mean": 0.0, "std": 1.0, "q01": -1.0, "q99": 1.0}
-    return any(
-        norm.width != norm.dim or any(bool((getattr(norm, name) != value).any()) for name, value in defaults.items())
-        for norm in vla.normalizer.values()
-    )
 
 
 def set_normalization(vla: VLA, stats: Mapping[str, Mapping[str, Any]]) -> None:
@@ -384,7 +356,7 @@ def load_ema_policy(checkpoint_dir: str | Path, map_location: str | torch.device
     path = checkpoint_dir / EMA_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the run had no ema_decay, or this is not a trainer checkpoint")
-    vla = VLA.from_pretrained(checkpoint_dir, map_location=map_location)
+    vla = from_pretrained(checkpoint_dir, map_location=map_location)
     load_weights(vla, read_safetensors(path, map_location), path)
     return vla
 
@@ -398,11 +370,6 @@ def _publish_directory(tmp: Path, final: Path) -> None:
     os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n", encoding="utf-8")
 
 
 def _save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -476,7 +443,7 @@ class _StepStats:
 
 
 class Trainer:
-    """Trains a :class:`~vlablocks.vla.VLA` on a map-style dataset (see the module docstring).
+    """Trains a :class:`~vlablocks.policy.vla.VLA` on a map-style dataset (see the module docstring).
 
     The trainer owns trainability: it sets ``requires_grad`` of every parameter from the
     config's freezing options, sets the policy's normalisation from ``dataset.stats`` (unless
@@ -485,7 +452,7 @@ class Trainer:
 
     Args:
         vla: the policy (moved to the accelerator's device; trained in place).
-        dataset: a map-style dataset of dicts with the batch keys (:mod:`vlablocks.batch`);
+        dataset: a map-style dataset of dicts with the batch keys (:mod:`vlablocks.policy.batch`);
             optional ``stats`` (LeRobot ``meta/stats``: feature -> {mean, std, q01, q99}) and
             ``collate`` (default :func:`collate`).
         config: the training settings.
@@ -504,9 +471,9 @@ class Trainer:
         set_seed(config.seed, device_specific=True)
 
         stats = getattr(dataset, "stats", None)
-        if stats is not None and not has_normalization_stats(vla):
+        if stats is not None and not vla.has_normalization_stats():
             set_normalization(vla, stats)
-        elif stats is None and not has_normalization_stats(vla):
+        elif stats is None and not vla.has_normalization_stats():
             logger.warning("neither the dataset nor the policy has normalisation statistics: training on raw units")
         if config.gradient_checkpointing:
             vla.set_gradient_checkpointing(True)
@@ -818,7 +785,7 @@ class Trainer:
             tensors, meta = self._trainer_state()
             if tmp is not None:
                 _save_tensors(tmp / STATE_TENSORS_FILE, tensors)
-                _write_json(tmp / STATE_JSON_FILE, meta)
+                write_json(tmp / STATE_JSON_FILE, meta)
                 write_manifest(tmp)
                 _publish_directory(tmp, final)
                 tmp = None
@@ -1041,8 +1008,6 @@ __all__ = [
     "Trainer",
     "collate",
     "derive_seed",
-    "fusion_stack",
-    "has_normalization_stats",
     "latest_checkpoint",
     "load_ema_policy",
     "lr_factor",

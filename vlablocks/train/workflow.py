@@ -1,7 +1,7 @@
 """The ``vlablocks train`` / ``vlablocks eval`` workflows: recipe + dataset -> run -> success rates.
 
 A run directory holds ``metrics.csv``, ``curves.png``, ``tensorboard/``, ``checkpoints/`` (see
-:mod:`vlablocks.trainer`), ``data.json`` (what the policy was trained on: dataset path, camera,
+:mod:`vlablocks.train.trainer`), ``data.json`` (what the policy was trained on: dataset path, camera,
 image size, depth) and, after evaluation, ``eval/results.json`` and ``eval/videos/``.
 """
 
@@ -18,10 +18,11 @@ from typing import Any
 import torch
 import yaml
 
-from vlablocks.io import atomic_path
+from vlablocks.io.atomic import write_json
 from vlablocks.recipes.loader import Recipe, RecipeError, load_recipe
 from vlablocks.recipes.schema import MAX_SETTING_INT, call_with
-from vlablocks.vla import VLA
+from vlablocks.policy.vla import VLA
+from vlablocks.recipes.builder import from_pretrained
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +47,8 @@ def split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def train_config(recipe: Recipe, train_overrides: Sequence[str] = (), steps: int | None = None) -> Any:
-    """The :class:`~vlablocks.trainer.TrainConfig` of a recipe's ``train:`` section plus overrides."""
-    from vlablocks.trainer import TrainConfig
+    """The :class:`~vlablocks.train.trainer.TrainConfig` of a recipe's ``train:`` section plus overrides."""
+    from vlablocks.train.trainer import TrainConfig
 
     node = dict(recipe.data.get("train") or {})
     for override in train_overrides:
@@ -92,13 +93,13 @@ def train_from_recipe(
 
     The initial weights are drawn after ``torch.manual_seed(train.seed)``, so a run is
     reproducible from its recipe and data (torch seeds a fresh process at random). A bad episode
-    stops the run before training (:class:`~vlablocks.dataset.EpisodeError`) unless
+    stops the run before training (:class:`~vlablocks.data.lerobot.EpisodeError`) unless
     ``skip_bad_episodes``: then it is left out and listed in ``data.json``.
     """
-    from vlablocks.dataset import LeRobotDataset
-    from vlablocks.dataset import STATE as STATE_FEATURE
+    from vlablocks.data.lerobot import LeRobotDataset
+    from vlablocks.data.lerobot import STATE as STATE_FEATURE
     from vlablocks.recipes.builder import build
-    from vlablocks.trainer import Trainer, latest_checkpoint
+    from vlablocks.train.trainer import Trainer, latest_checkpoint
 
     recipe_overrides, train_overrides = split_overrides(overrides)
     loaded = load_recipe(recipe, recipe_overrides)
@@ -116,8 +117,7 @@ def train_from_recipe(
             "image_size": int(sample["images"].shape[-1]), "depth": "depth" in sample,
             "state_names": dataset.features[STATE_FEATURE].get("names"),
             "skipped_episodes": [{"episode": e, "problem": problem} for e, problem in dataset.skipped]}
-    with atomic_path(out_dir / DATA_INFO_FILE) as tmp:
-        tmp.write_text(json.dumps(info, indent=2), encoding="utf-8")
+    write_json(out_dir / DATA_INFO_FILE, info)
     trainer = Trainer(vla, dataset, config, out_dir)
     if resume:
         checkpoint = latest_checkpoint(out_dir)
@@ -130,7 +130,7 @@ def train_from_recipe(
 
 def load_policy(run: str | Path, use_ema: bool = True) -> tuple[VLA, Path]:
     """The policy of a run (its latest checkpoint) or of a checkpoint directory; EMA weights when present."""
-    from vlablocks.trainer import EMA_FILE, latest_checkpoint, load_ema_policy
+    from vlablocks.train.trainer import EMA_FILE, latest_checkpoint, load_ema_policy
 
     run = Path(run)
     checkpoint = latest_checkpoint(run) or run
@@ -138,7 +138,7 @@ def load_policy(run: str | Path, use_ema: bool = True) -> tuple[VLA, Path]:
         return load_ema_policy(checkpoint).eval(), checkpoint
     if use_ema:
         logger.warning("%s has no EMA weights; evaluating the raw weights", checkpoint)
-    return VLA.from_pretrained(checkpoint).eval(), checkpoint
+    return from_pretrained(checkpoint).eval(), checkpoint
 
 
 @functools.lru_cache(maxsize=2)
@@ -173,11 +173,11 @@ def evaluate_run(
     """Closed-loop Meta-World evaluation of a run; writes ``eval/results.json`` (and videos).
 
     ``workers`` rollout processes each get a copy of the policy; the results do not depend on it.
-    The camera, image size and state layout (:data:`vlablocks.metaworld.STATE_LAYOUTS`, found from
+    The camera, image size and state layout (:data:`vlablocks.envs.metaworld.legacy.STATE_LAYOUTS`, found from
     the state names the training data recorded) come from the run's ``data.json``.
     """
-    from vlablocks.metaworld import evaluate, state_layout
-    from vlablocks.trainer import EMA_FILE
+    from vlablocks.envs.metaworld.legacy import evaluate, state_layout
+    from vlablocks.train.trainer import EMA_FILE
 
     run = Path(run)
     policy, checkpoint = load_policy(run, use_ema)
@@ -196,14 +196,13 @@ def evaluate_run(
     ema = use_ema and (checkpoint / EMA_FILE).is_file()  # what was evaluated, not what was asked for
     results = {**results, "checkpoint": str(checkpoint), "execute_steps": execute_steps, "ema": ema, "state": state}
     eval_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(eval_dir / "results.json") as tmp:
-        tmp.write_text(json.dumps(results, indent=2), encoding="utf-8")
+    write_json(eval_dir / "results.json", results)
     return results
 
 
 def format_results(results: dict[str, Any]) -> str:
     """A text table: success per task (with its difficulty bucket), per bucket, and the mean."""
-    from vlablocks.metaworld import DIFFICULTY
+    from vlablocks.envs.metaworld.legacy import DIFFICULTY
 
     lines = [f"{'task':34s} {'bucket':10s} {'success':>8s}"]
     for task, rate in results["per_task"].items():

@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from vlablocks.io import atomic_path
+from vlablocks.io.atomic import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -103,9 +103,7 @@ def write_manifest(directory: str | Path) -> Path:
     )
     manifest = {"format": MANIFEST_FORMAT, "files": {p.relative_to(directory).as_posix(): _describe(p) for p in files}}
     path = directory / MANIFEST_FILE
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-    return path
+    return write_json(path, manifest)
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any] | None:

@@ -155,7 +155,7 @@ def check_batch(batch: Mapping[str, Any], spec: BatchSpec, device: torch.device)
         _layout(key, value, dims, layout, sizes, floating)
         if value.device != device:
             raise BatchError(f"batch[{key!r}]: expected a tensor on {device} (the policy's device); got {value.device} "
-                             "(vlablocks.batch.to_device moves a batch)")
+                             "(vlablocks.policy.batch.to_device moves a batch)")
         if floating and finite:
             floats.append((key, value))
 

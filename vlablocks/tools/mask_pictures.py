@@ -1,6 +1,6 @@
 """Attention masks of real recipes drawn as text, for docs/architecture.md.
 
-``python -m vlablocks.recipes.mask_pictures docs/architecture.md`` rewrites the section between
+``python -m vlablocks.tools.mask_pictures docs/architecture.md`` rewrites the section between
 ``<!-- masks:begin -->`` and ``<!-- masks:end -->``; a test checks that it is current. Each
 picture is the mask the policy really builds (:func:`~vlablocks.blocks.masks.block_causal_mask`
 of the prefix and suffix layouts of a built recipe), with every run of interchangeable tokens
@@ -16,8 +16,8 @@ import torch
 from vlablocks.blocks.masks import block_causal_mask
 from vlablocks.recipes.builder import build
 
-from vlablocks.checks import random_batch
-from vlablocks.io import replace_section
+from vlablocks.policy.checks import random_batch
+from vlablocks.io.atomic import replace_section
 
 SECTION = "masks"
 #: (recipe, what it stands for)
@@ -49,12 +49,12 @@ def recipe_layout(name: str) -> Layout:
     vla = build(name).eval()
     batch = {**random_batch(vla, 2), "task": [TASK, LONGER_TASK]}
     with torch.no_grad():
-        prefix = vla.embed_prefix(batch)
+        prefix = vla.encode(batch).prefix
         images = vla._embed_images(batch)[0].shape[1] if vla.vision is not None else 0
     length = prefix.embeds.shape[1]
     state_in_prefix = vla.state_proj is not None
     labels = ["I"] * images + ["T"] * (length - images - state_in_prefix) + ["S"] * state_in_prefix
-    encoder = vla.head.denoiser.suffix_encoder
+    encoder = vla.denoiser.suffix_encoder
     suffix_pad, suffix_ar = encoder.layout(1)
     state_in_suffix = encoder.state_proj is not None
     horizon = vla.config.horizon
@@ -97,7 +97,7 @@ def picture(layout: Layout) -> tuple[str, str]:
 def mask_markdown() -> str:
     """The generated section: one picture per recipe of :data:`RECIPES`."""
     parts = [
-        "Generated from the built recipes (`python -m vlablocks.recipes.mask_pictures docs/architecture.md`).",
+        "Generated from the built recipes (`python -m vlablocks.tools.mask_pictures docs/architecture.md`).",
         f"`I` image, `T` text (instruction {TASK!r}), `_` padding, `S` state, `A` action, `t` time token;",
         "`#`: the query (row) attends to the key (column). `ar` = 1 opens a new block.",
         "",
@@ -111,7 +111,7 @@ def mask_markdown() -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        sys.stderr.write("usage: python -m vlablocks.recipes.mask_pictures docs/architecture.md\n")
+        sys.stderr.write("usage: python -m vlablocks.tools.mask_pictures docs/architecture.md\n")
         return 2
     replace_section(argv[0], SECTION, mask_markdown())
     return 0

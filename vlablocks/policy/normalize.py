@@ -17,6 +17,8 @@ from torch import nn
 NormMode = Literal["mean_std", "quantile", "identity"]
 NORM_MODES: tuple[str, ...] = ("mean_std", "quantile", "identity")
 EPS = 1e-6
+#: the statistics' values before :meth:`FeatureNormalizer.set_stats` (the identity map).
+DEFAULT_STATS = {"mean": 0.0, "std": 1.0, "q01": -1.0, "q99": 1.0}
 
 
 class FeatureNormalizer(nn.Module):
@@ -33,10 +35,8 @@ class FeatureNormalizer(nn.Module):
         if mode not in NORM_MODES:
             raise ValueError(f"normalisation mode must be one of {list(NORM_MODES)}; got {mode!r}")
         self.dim, self.mode = dim, mode
-        self.register_buffer("mean", torch.zeros(dim, device=device))
-        self.register_buffer("std", torch.ones(dim, device=device))
-        self.register_buffer("q01", -torch.ones(dim, device=device))
-        self.register_buffer("q99", torch.ones(dim, device=device))
+        for name, value in DEFAULT_STATS.items():
+            self.register_buffer(name, torch.full((dim,), value, device=device))
         self.register_buffer("data_dim", torch.tensor(dim, device=device))
         self._width = dim  # a Python copy of data_dim: no device sync on the hot path
         self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "_width", int(module.data_dim)))
@@ -64,6 +64,14 @@ class FeatureNormalizer(nn.Module):
             if sizes:
                 self._width = next(iter(sizes.values()))
                 self.data_dim.fill_(self._width)
+
+    @property
+    def has_stats(self) -> bool:
+        """Whether statistics were set (any buffer differs from :data:`DEFAULT_STATS`, or the
+        data is narrower than the model)."""
+        return self.width != self.dim or any(
+            bool((getattr(self, name) != value).any()) for name, value in DEFAULT_STATS.items()
+        )
 
     @property
     def width(self) -> int:

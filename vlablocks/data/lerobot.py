@@ -22,7 +22,7 @@ the whole dataset), ``task_index`` (int64) and, per camera ``<cam>``:
 - ``observation.cam_to_world.<cam>`` (optional): the camera pose, row-major 4 x 4 (16 floats).
 
 :class:`DatasetWriter` writes a dataset (every file atomically); :class:`LeRobotDataset` reads
-one into memory (PNGs decoded once) and serves the policy's batch keys (:mod:`vlablocks.batch`)
+one into memory (PNGs decoded once) and serves the policy's batch keys (:mod:`vlablocks.policy.batch`)
 with action chunks and their padding masks; :func:`collate` stacks samples into a batch.
 """
 
@@ -46,9 +46,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from vlablocks import batch as keys
-from vlablocks.batch import collate  # noqa: F401  (re-exported: the batch collate of this dataset)
-from vlablocks.io import atomic_path
+from vlablocks.policy import batch as keys
+from vlablocks.policy.batch import collate  # noqa: F401  (re-exported: the batch collate of this dataset)
+from vlablocks.io.atomic import atomic_path, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -260,8 +260,8 @@ class DatasetWriter:
         _write_jsonl(self.root / TASKS_FILE, [{"task_index": i, "task": t} for t, i in self._tasks.items()])
         _write_jsonl(self.root / EPISODES_FILE, self._episodes)
         stats = {STATE: feature_stats(np.concatenate(self._states)), ACTION: feature_stats(np.concatenate(self._actions))}
-        _write_json(self.root / STATS_FILE, {name: {k: v.tolist() for k, v in s.items()} for name, s in stats.items()})
-        _write_json(self.root / INFO_FILE, self._info())
+        write_json(self.root / STATS_FILE, {name: {k: v.tolist() for k, v in s.items()} for name, s in stats.items()})
+        write_json(self.root / INFO_FILE, self._info())
         self._finalized = True
         return self.root
 
@@ -331,14 +331,8 @@ def _image_column(encoded: list[bytes]) -> pa.Array:
     )
 
 
-def _write_json(path: Path, content: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(content, indent=2) + "\n")
-
-
 def _write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_text(path, "".join(json.dumps(row, allow_nan=False) + "\n" for row in rows))
 
 
 # ---------------------------------------------------------------------------- reading

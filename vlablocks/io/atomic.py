@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 @contextmanager
@@ -28,6 +30,23 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path: str | Path, data: Any, allow_nan: bool = False) -> Path:
+    """Write ``data`` as indented JSON with a final newline, atomically: the one JSON writer of
+    vlablocks (metadata, manifests, trainer state, results, reports).
+
+    ``allow_nan=False`` (strict JSON, readable by any parser) raises ValueError on NaN or
+    infinity; figures that may legitimately be NaN (a metric of an empty bin) pass ``True``.
+    """
+    return write_text(path, json.dumps(data, indent=2, allow_nan=allow_nan) + "\n")
 
 
 def replace_section(path: str | Path, name: str, text: str) -> None:

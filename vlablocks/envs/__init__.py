@@ -1,0 +1,1 @@
+"""Environments behind the evaluation protocol (:mod:`vlablocks.eval`); Meta-World is one."""

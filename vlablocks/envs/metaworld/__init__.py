@@ -1,0 +1,1 @@
+"""Meta-World (v3): tasks, rendering, the environment and scripted demos."""

@@ -1,0 +1,66 @@
+"""The ``policy:`` section of a recipe and pi0.5's discretised-state prompt."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from vlablocks.policy.normalize import NormMode
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """The ``policy:`` section of a recipe.
+
+    Attributes:
+        horizon: actions per chunk ``H``.
+        action_dim: model action width ``A`` (data with fewer dims is zero-padded and masked).
+        state_dim: model state width (``None``: no state).
+        state_mode: where the state enters: ``"suffix"`` (pi0: a suffix token), ``"prefix"``
+            (SmolVLA: a token at the end of the prefix), ``"text"`` (pi0.5: binned into the
+            prompt) or ``"none"``.
+        state_bins: number of bins for ``state_mode="text"`` (normalised state in [-1, 1]).
+        state_norm, action_norm: normalisation modes (``mean_std``, ``quantile``, ``identity``).
+        image_embed_scale: multiplies the projected image tokens (SmolVLA: ``sqrt(width)``, which
+            a recipe writes as ``sqrt_width``; pi0: 1).
+        image_shift: training-time augmentation: shift each sample's images (with its depth and
+            principal point) by up to this many pixels (DrQ); 0 turns it off.
+    """
+
+    horizon: int
+    action_dim: int
+    state_dim: int | None = None
+    state_mode: Literal["suffix", "prefix", "text", "none"] = "suffix"
+    state_bins: int = 256
+    state_norm: NormMode = "mean_std"
+    action_norm: NormMode = "mean_std"
+    image_embed_scale: float = 1.0
+    image_shift: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.state_dim is None) != (self.state_mode == "none"):
+            raise ValueError(
+                f"state_mode={self.state_mode!r} with state_dim={self.state_dim}: give a state_dim "
+                "exactly when the state enters the model (state_mode 'none' means no state)"
+            )
+        for name in ("horizon", "action_dim", "state_bins"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+
+
+def discretize_state_prompts(tasks: Sequence[str], state: torch.Tensor, bins: int) -> list[str]:
+    """pi0.5's prompts: ``"Task: {task}, State: {b_1 ... b_S};\\nAction: "`` per sample, with the
+    normalised state ``[B, S]`` (in [-1, 1]) cut into ``bins`` equal bins.
+
+    The bins are found on the state's device and read back once for the whole batch.
+    """
+    edges = torch.linspace(-1.0, 1.0, bins + 1, device=state.device)[1:-1]
+    digits = torch.bucketize(state.float().clamp(-1.0, 1.0), edges).tolist()
+    prompts = []
+    for task, row in zip(tasks, digits):
+        cleaned = task.strip().replace("_", " ").replace("\n", " ")
+        prompts.append(f"Task: {cleaned}, State: {' '.join(str(d) for d in row)};\nAction: ")
+    return prompts

@@ -1,0 +1,1 @@
+"""Tools around the library: benchmarks, run reports and the docs generators."""
