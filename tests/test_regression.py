@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from vlablocks.recipes import build, from_pretrained
-from vlablocks.train.trainer import load_ema_policy
+from vlablocks.train.checkpoint import load_ema_policy
 
 DATA = Path(__file__).parent / "data"
 RECIPES = ("tiny_pi0", "tiny_pi05", "tiny_smolvla", "tiny_llava3d_deepfusion", "tiny_gr00t")

@@ -135,7 +135,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from vlablocks.train.workflow import evaluate_run, format_results
+    from vlablocks.eval.run import evaluate_run, format_results
 
     results = evaluate_run(
         args.run, tasks=[t.strip() for t in args.tasks.split(",") if t.strip()], episodes=args.episodes,

@@ -55,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from vlablocks.envs.metaworld.legacy import generate_demos
     from vlablocks.recipes.builder import build
-    from vlablocks.train.trainer import EMA_FILE
-    from vlablocks.train.workflow import evaluate_run, format_results, train_from_recipe
+    from vlablocks.train.checkpoint import EMA_FILE
+    from vlablocks.eval.run import evaluate_run, format_results
+    from vlablocks.train.workflow import train_from_recipe
 
     out = Path(args.out)
     image_size = build(RECIPE, device="meta").vision.image_size

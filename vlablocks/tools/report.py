@@ -160,7 +160,8 @@ def build_report(run: str | Path, data: str | Path | None = None, samples: int =
     """Diagnose a training run (its latest checkpoint) on its training data (or ``data``)."""
     from vlablocks.data.lerobot import LeRobotDataset
     from vlablocks.train.trainer import METRICS_FILE
-    from vlablocks.train.workflow import DATA_INFO_FILE, load_policy
+    from vlablocks.train.checkpoint import load_policy
+    from vlablocks.train.workflow import DATA_INFO_FILE
 
     run = Path(run)
     metrics = run / METRICS_FILE

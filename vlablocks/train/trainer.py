@@ -71,7 +71,6 @@ import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, send_to_device, set_seed
-from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -84,22 +83,28 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from tqdm.auto import tqdm
 
 from vlablocks.policy.batch import collate
-from vlablocks.io.manifest import load_weights, read_safetensors, verify_manifest, write_manifest
+from vlablocks.io.manifest import read_safetensors, verify_manifest, write_manifest
 from vlablocks.io.atomic import atomic_path, write_json
 from vlablocks.policy.vla import RECIPE_FILE, VLA, WEIGHTS_FILE
-from vlablocks.recipes.builder import from_pretrained
+from vlablocks.train.checkpoint import (
+    CHECKPOINTS_DIR,
+    EMA_FILE,
+    LATEST_FILE,
+    STATE_FORMAT,
+    STATE_JSON_FILE,
+    STATE_TENSORS_FILE,
+    latest_checkpoint,
+    load_ema_policy,
+    publish_directory,
+    recover_checkpoints,
+    save_tensors,
+)
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS_DIR = "checkpoints"
-LATEST_FILE = "latest"
-EMA_FILE = "ema.safetensors"
-STATE_TENSORS_FILE = "trainer_state.safetensors"
-STATE_JSON_FILE = "trainer_state.json"
 METRICS_FILE = "metrics.csv"
 CURVES_FILE = "curves.png"
 TENSORBOARD_DIR = "tensorboard"
-STATE_FORMAT = "vlablocks.trainer_state/1"
 
 #: ``dataset.stats`` feature name -> ``vla.normalizer`` key.
 STATS_FEATURES = {"observation.state": "state", "action": "action"}
@@ -340,56 +345,6 @@ def derive_seed(seed: int, *keys: int) -> int:
 # ---------------------------------------------------------------------------------------------
 # Checkpoint helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The checkpoint named by ``out_dir/checkpoints/latest``, or ``None``."""
-    pointer = Path(out_dir) / CHECKPOINTS_DIR / LATEST_FILE
-    if not pointer.is_file():
-        return None
-    return pointer.parent / pointer.read_text(encoding="utf-8").strip()
-
-
-def load_ema_policy(checkpoint_dir: str | Path, map_location: str | torch.device = "cpu") -> VLA:
-    """The policy of a checkpoint with its EMA weights (``ema.safetensors``)."""
-    checkpoint_dir = Path(checkpoint_dir)
-    path = checkpoint_dir / EMA_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: the run had no ema_decay, or this is not a trainer checkpoint")
-    vla = from_pretrained(checkpoint_dir, map_location=map_location)
-    load_weights(vla, read_safetensors(path, map_location), path)
-    return vla
-
-
-def _publish_directory(tmp: Path, final: Path) -> None:
-    """Move the complete directory ``tmp`` to ``final`` (replacing an older one)."""
-    if not final.exists():
-        os.replace(tmp, final)
-        return
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old)
-
-
-def _save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-
-
-def recover_checkpoints(root: Path) -> None:
-    """Tidy ``root`` (a ``checkpoints/`` directory) after a writer was killed: remove half-written
-    ``.step_*.tmp`` directories, and put back a ``step_*`` directory that was being replaced."""
-    for path in sorted(root.glob(".step_*")):
-        if not path.is_dir():
-            continue
-        name, _, kind = path.name[1:].partition(".")
-        if kind.startswith("old-") and not (root / name).exists():
-            os.replace(path, root / name)
-            logger.warning("restored %s (its replacement was interrupted)", root / name)
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-            logger.warning("removed %s, left by an interrupted checkpoint write", path)
 
 
 class StopSignal:
@@ -784,10 +739,10 @@ class Trainer:
                     self._save_model_state(None if tmp is None else tmp / EMA_FILE)
             tensors, meta = self._trainer_state()
             if tmp is not None:
-                _save_tensors(tmp / STATE_TENSORS_FILE, tensors)
+                save_tensors(tmp / STATE_TENSORS_FILE, tensors)
                 write_json(tmp / STATE_JSON_FILE, meta)
                 write_manifest(tmp)
-                _publish_directory(tmp, final)
+                publish_directory(tmp, final)
                 tmp = None
                 with atomic_path(root / LATEST_FILE) as pointer:
                     pointer.write_text(final.name + "\n", encoding="utf-8")
@@ -849,7 +804,7 @@ class Trainer:
         else:
             state = self.vla.state_dict() if path is not None else {}
         if path is not None:
-            _save_tensors(path, state)
+            save_tensors(path, state)
 
     def _rng_states(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Every process's RNG states: torch as ``[P, n]`` uint8 tensors, python / numpy as JSON lists."""

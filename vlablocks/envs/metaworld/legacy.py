@@ -589,7 +589,7 @@ def evaluate(
     starts from torch's global seed ``seed * 1000 + layout`` (restored afterwards), so its outcome
     depends only on the policy, the task, the layout and ``seed``; ``workers`` processes give the
     same results (the policy must then be picklable: a module-level callable, or
-    :class:`vlablocks.train.workflow.CheckpointPolicy`, which ships only a checkpoint path).
+    :class:`vlablocks.eval.run.CheckpointPolicy`, which ships only a checkpoint path).
     Returns ``{"per_task": {task: rate}, "per_bucket": {bucket: mean rate of its evaluated
     tasks}, "mean": mean over tasks, "episodes": episodes}``. With ``video_dir``, one video per
     episode, ``<task>_<episode>_<success|failure>.mp4`` (``.gif`` without imageio-ffmpeg).
@@ -606,7 +606,7 @@ def evaluate(
         except (pickle.PicklingError, AttributeError, TypeError) as error:
             raise ValueError(
                 f"policy must be picklable with workers={workers} (got {policy!r}: {error}); pass a module-level "
-                "callable or vlablocks.train.workflow.CheckpointPolicy(checkpoint_dir), or use workers=1"
+                "callable or vlablocks.eval.run.CheckpointPolicy(checkpoint_dir), or use workers=1"
             ) from error
     if video_dir is not None:
         Path(video_dir).mkdir(parents=True, exist_ok=True)
