@@ -225,14 +225,14 @@ KILL_WORKER = textwrap.dedent("""
     from pathlib import Path
     sys.path.insert(0, sys.argv[2])
     import torch
-    import vlablocks.train.trainer as trainer_module
+    import vlablocks.train.checkpoint as checkpoint_module
     from ddp_worker import make_trainer
     from vlablocks.train.trainer import TrainConfig
 
     torch.set_num_threads(1)
     out = Path(sys.argv[1])
     trainer = make_trainer(out, TrainConfig(steps=4, batch_size=2, log_every=1, save_every=2, ema_decay=0.9))
-    real_save = trainer_module.save_file
+    real_save = checkpoint_module.save_file
 
     def save_then_hang(tensors, path, *args, **kwargs):
         real_save(tensors, path, *args, **kwargs)
@@ -242,7 +242,7 @@ KILL_WORKER = textwrap.dedent("""
             (out / "writing").touch()
             time.sleep(600)
 
-    trainer_module.save_file = save_then_hang
+    checkpoint_module.save_file = save_then_hang
     trainer.train()
 """)
 
