@@ -23,7 +23,6 @@ and records are named by the file's stem::
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import os
@@ -37,7 +36,8 @@ from typing import Any
 
 from vlablocks.tools.bench import machine_description
 from vlablocks.io.atomic import replace_section, write_json
-from vlablocks.envs.metaworld.legacy import MT10
+from vlablocks.envs.metaworld.tasks import MT10
+from vlablocks.train.metrics import METRICS_FILE, read_metrics
 
 log = logging.getLogger("mt10")
 
@@ -66,17 +66,8 @@ def run_name(recipe: str, seed: int, steps: int) -> str:
     return f"{recipe_label(recipe)}_s{seed}_{steps}"
 
 
-def read_metrics(run: Path) -> list[dict[str, float]]:
-    """The rows of a run's ``metrics.csv`` as floats (empty cells left out); ``[]`` if none."""
-    path = run / "metrics.csv"
-    if not path.is_file():
-        return []
-    with path.open(newline="") as handle:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle)]
-
-
 def _trained(run: Path, steps: int) -> bool:
-    rows = read_metrics(run)
+    rows = read_metrics(run / METRICS_FILE)
     return bool(rows) and int(rows[-1]["step"]) >= steps and (run / "checkpoints" / "latest").exists()
 
 
@@ -100,7 +91,7 @@ def _git_commit() -> str | None:
 def make_record(run: Path, recipe: str, seed: int, steps: int, threads: int) -> dict[str, Any]:
     """What docs/results.md needs of a trained and evaluated run: its loss curve, final metrics,
     wall time and success per task (``run/metrics.csv`` and ``run/eval/results.json``)."""
-    rows = read_metrics(run)
+    rows = read_metrics(run / METRICS_FILE)
     evaluation = json.loads((run / "eval" / "results.json").read_text())
     curve_keys = ("step", "loss", "vel_cosine", "grad_total_norm", "guard_hits", "wall_time_s")
     return {

@@ -24,14 +24,8 @@ import numpy as np
 import torch
 
 from vlablocks.policy.batch import to_device
-from vlablocks.tools.bench import (
-    BenchSettings,
-    build_for_bench,
-    chunk_functions,
-    machine_description,
-    make_train_step,
-    median_ms,
-)
+from vlablocks.tools.bench import chunk_functions, machine_description, median_ms
+from vlablocks.tools.bench_setup import BenchSettings, build_for_bench, make_train_step
 from vlablocks.policy.checks import random_batch
 from vlablocks.io.atomic import atomic_path, replace_section, write_json
 

@@ -21,7 +21,9 @@ from torch.utils.data import Dataset
 
 from vlablocks.policy.checks import random_batch
 from vlablocks.recipes.builder import build
-from vlablocks.train.trainer import Trainer, TrainConfig, latest_checkpoint
+from vlablocks.train.checkpoint import latest_checkpoint
+from vlablocks.train.config import TrainConfig
+from vlablocks.train.trainer import Trainer
 from vlablocks.policy.vla import VLA
 
 RECIPE = "tiny_llava3d_deepfusion"

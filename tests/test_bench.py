@@ -1,16 +1,25 @@
 """vlablocks bench: what it measures is what it says (the figures themselves are for docs/benchmarks.md)."""
 
+import importlib.util
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from vlablocks.tools.bench import BenchSettings, counted_flops, format_table, measure_memory, run_bench, token_work_ratio
+from vlablocks.tools.bench import BenchSettings, counted_flops, format_table, run_bench, token_work_ratio
+from vlablocks.tools.memory import measure_memory
 from vlablocks.policy.checks import random_batch
 from vlablocks.cli import main
 from vlablocks.recipes.builder import build
 
 QUICK = dict(repeats=1, warmup=0, train_batch=2)
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("restructure_script", ROOT / "benchmarks" / "restructure.py")
+restructure = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = restructure  # its dataclasses look their module up there
+spec.loader.exec_module(restructure)
 
 
 def test_token_work_ratio_counts_the_tokens_each_variant_pushes_through_the_stack():
@@ -108,3 +117,23 @@ def test_replace_section_rewrites_only_between_its_markers(tmp_path):
     with pytest.raises(ValueError, match="has no '<!-- v:begin -->'"):
         replace_section(doc, "v", "x")
     assert [p.name for p in tmp_path.iterdir()] == ["doc.md"]
+
+
+def test_restructure_timing_child_times_the_tree_it_is_given(tmp_path):
+    # the working tree only (no git): copied into an importable tree, timed by one fresh child
+    tree = restructure.tree_at(ROOT, None, tmp_path / "tree")
+    assert (tree / "vlablocks" / "blocks").is_dir() and (tree / "vlablocks" / "recipes" / "tiny_pi05.yaml").is_file()
+    result = restructure.run_child(tree, restructure.ChildSettings(repeats=2, warmup=1, inner=2))
+    assert Path(result["vlablocks_file"]) == (tree / "vlablocks" / "__init__.py").resolve()
+    assert result["api"] == "encode" and result["threads"] == 1
+    assert set(result["figures"]) == set(restructure.FIGURES)
+    for name, samples in result["figures"].items():
+        assert len(samples) == 2 and min(samples) > 0, name
+    rows = restructure.summarise({"old": [result], "new": [result]})
+    assert [row.speedup for row in rows] == [1.0, 1.0, 1.0] and all(row.noise is None for row in rows)
+    # the child's guard: this process's vlablocks (the editable install) is not from that tree
+    child_spec = importlib.util.spec_from_file_location("restructure_child", restructure.CHILD)
+    child = importlib.util.module_from_spec(child_spec)
+    child_spec.loader.exec_module(child)
+    with pytest.raises(SystemExit, match="modules imported from outside"):
+        child.check_modules(tree)

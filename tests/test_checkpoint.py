@@ -27,8 +27,9 @@ from vlablocks.recipes.loader import RecipeError
 from vlablocks.io.manifest import CheckpointError, read_manifest, verify_manifest, write_manifest
 from vlablocks.policy.checks import random_batch
 from vlablocks.cli import EXIT_TERMINATED, main
-from vlablocks.data.lerobot import DatasetWriter
-from vlablocks.train.trainer import TrainConfig, latest_checkpoint, recover_checkpoints
+from vlablocks.data import DatasetWriter
+from vlablocks.train.checkpoint import latest_checkpoint, recover_checkpoints
+from vlablocks.train.config import TrainConfig
 from vlablocks.recipes.builder import from_pretrained
 
 TESTS = Path(__file__).resolve().parent
@@ -227,7 +228,7 @@ KILL_WORKER = textwrap.dedent("""
     import torch
     import vlablocks.train.checkpoint as checkpoint_module
     from ddp_worker import make_trainer
-    from vlablocks.train.trainer import TrainConfig
+    from vlablocks.train.config import TrainConfig
 
     torch.set_num_threads(1)
     out = Path(sys.argv[1])

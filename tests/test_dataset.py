@@ -12,15 +12,9 @@ import pytest
 import torch
 
 from vlablocks.policy import batch as keys
-from vlablocks.data.lerobot import (
-    DatasetWriter,
-    EpisodeError,
-    LeRobotDataset,
-    collate,
-    decode_png,
-    encode_depth_png,
-    episode_path,
-)
+from vlablocks.data import DatasetWriter, EpisodeError, LeRobotDataset
+from vlablocks.data.format import decode_png, encode_depth_png, episode_path
+from vlablocks.policy.batch import collate
 
 CAMERAS = ["front", "wrist"]
 SIZE = (6, 8)  # H, W
@@ -258,7 +252,7 @@ def test_bad_episodes_can_be_skipped_explicitly_and_are_counted(tmp_path, caplog
     broken.write_bytes(broken.read_bytes()[:100])
     with pytest.raises(EpisodeError, match=r"episode_000001.parquet \(episode 1\): missing"):
         LeRobotDataset(root, horizon=2)  # the default: refuse rather than train on part of the data
-    with caplog.at_level("WARNING", logger="vlablocks.data.lerobot"):
+    with caplog.at_level("WARNING", logger="vlablocks.data.reader"):
         dataset = LeRobotDataset(root, horizon=3, skip_bad_episodes=True)
     assert [e for e, _ in dataset.skipped] == [1, 2]
     assert "missing" in dataset.skipped[0][1]

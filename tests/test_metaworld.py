@@ -1,4 +1,4 @@
-"""Meta-World glue: task tables, rendering and geometry, scripted demos and evaluation."""
+"""Meta-World: task tables, rendering and geometry, the environment, scripted demos and evaluation through it."""
 
 from __future__ import annotations
 
@@ -17,22 +17,22 @@ import metaworld.env_dict  # noqa: E402
 from metaworld.policies import ENV_POLICY_MAP  # noqa: E402
 
 from vlablocks.policy import batch as keys  # noqa: E402
-from vlablocks.data.lerobot import LeRobotDataset  # noqa: E402
+from vlablocks.data import LeRobotDataset  # noqa: E402
 from vlablocks.encoders.geometry import unproject_depth  # noqa: E402
-from vlablocks.envs.metaworld.legacy import (  # noqa: E402
+from vlablocks.envs import eval_env_factory  # noqa: E402
+from vlablocks.envs.metaworld.demos import generate_demos  # noqa: E402
+from vlablocks.envs.metaworld.env import RAW_STATE, MetaWorldEnv, MetaWorldEnvFactory, expert_policy  # noqa: E402
+from vlablocks.envs.metaworld.tasks import (  # noqa: E402
     DIFFICULTY,
     INSTRUCTIONS,
     MT10,
-    RAW_STATE,
     STATE_LAYOUTS,
-    MetaWorldEnv,
-    _eval_episodes,
-    evaluate,
-    expert_policy,
-    generate_demos,
     layout_seed,
     state_layout,
 )
+from vlablocks.eval.policy import ChunkPolicy  # noqa: E402
+from vlablocks.eval.protocol import Env  # noqa: E402
+from vlablocks.eval.rollout import EvalJob, evaluate, rollout  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Constant\\(s\\) may be too high:UserWarning")
 TASK = "button-press-topdown-v3"  # the expert succeeds in ~60-75 steps
@@ -145,7 +145,7 @@ def test_goal_state_layout_holds_the_goal_and_is_found_from_its_names():
     with pytest.raises(ValueError, match=r"state must be one of \['proprio', 'proprio_goal'\]; got 'goal'"):
         MetaWorldEnv("reach-v3", image_size=32, state="goal")
     with pytest.raises(ValueError, match=r"state must be one of .*; got 'goal'"):
-        evaluate(lambda batch: torch.zeros(1, 4, 4), ["reach-v3"], episodes=1, state="goal")
+        MetaWorldEnvFactory(state="goal")
 
 
 def test_goal_state_demos_name_their_state_and_evaluate_feeds_the_same_layout(tmp_path):
@@ -161,7 +161,8 @@ def test_goal_state_demos_name_their_state_and_evaluate_feeds_the_same_layout(tm
         np.testing.assert_array_equal(batch[keys.STATE][0].numpy(), batch[RAW_STATE][0, [0, 1, 2, 3, 36, 37, 38]].numpy())
         return torch.zeros(1, 4, 4)
 
-    evaluate(policy, ["reach-v3"], episodes=1, image_size=32, max_steps=4, state="proprio_goal")
+    factory = MetaWorldEnvFactory(image_size=32, max_steps=4, state="proprio_goal")
+    evaluate(factory, ChunkPolicy(policy, execute_steps=4), ["reach-v3"], episodes=1)
     assert len(seen) == 1 and seen[0].shape == (7,)
 
 
@@ -202,17 +203,17 @@ class ExpertChunks:
 
 
 def test_evaluate_with_workers_matches_one_process(tmp_path):
-    tasks = [TASK, "door-open-v3"]
-    one = evaluate(ExpertChunks(TASK), tasks, episodes=2, image_size=32, execute_steps=4, max_steps=80)
-    two = evaluate(ExpertChunks(TASK), tasks, episodes=2, image_size=32, execute_steps=4, max_steps=80,
-                   video_dir=tmp_path, workers=2)
+    tasks, factory, policy = [TASK, "door-open-v3"], MetaWorldEnvFactory(image_size=32, max_steps=80), ChunkPolicy(
+        ExpertChunks(TASK), execute_steps=4)
+    one = evaluate(factory, policy, tasks, episodes=2)
+    two = evaluate(factory, policy, tasks, episodes=2, video_dir=tmp_path, workers=2)
     # the button expert solves its own task, not the door: per-task counts must not mix up
     assert one == two == {"per_task": {TASK: 1.0, "door-open-v3": 0.0}, "per_bucket": {"easy": 0.5},
-                          "mean": 0.5, "episodes": 2}
+                          "mean": 0.5, "episodes": 2, "task_buckets": {TASK: "easy", "door-open-v3": "easy"}}
     assert sorted(p.name.rsplit(".", 1)[0] for p in tmp_path.iterdir()) == [
         f"{TASK}_00_success", f"{TASK}_01_success", "door-open-v3_00_failure", "door-open-v3_01_failure"]
     with pytest.raises(ValueError, match=r"policy must be picklable with workers=2 .*CheckpointPolicy"):
-        evaluate(lambda batch: torch.zeros(1, 4, 4), [TASK], episodes=1, image_size=32, workers=2)
+        evaluate(factory, ChunkPolicy(lambda batch: torch.zeros(1, 4, 4)), [TASK], episodes=1, workers=2)
 
 
 def test_an_episode_draws_the_same_noise_wherever_it_runs():
@@ -223,31 +224,67 @@ def test_an_episode_draws_the_same_noise_wherever_it_runs():
         draws.append((len(draws), torch.rand(()).item()))
         return torch.zeros(1, 8, 4)
 
-    args = (SIZE, "corner", False, 3, 8, 16, None, "proprio")  # size, camera, depth, seed, execute, max_steps, videos, state
+    factory, chunks = MetaWorldEnvFactory(image_size=SIZE, seed=3, max_steps=16), ChunkPolicy(policy, execute_steps=8)
     before = torch.get_rng_state()
-    list(_eval_episodes(policy, "reach-v3", range(0, 2), *args))
+    list(EvalJob(factory, chunks, "reach-v3", range(0, 2), seed=3).run())
     assert torch.equal(torch.get_rng_state(), before)  # the caller's random stream is left alone
     both = [value for _, value in draws]
     draws.clear()
-    list(_eval_episodes(policy, "reach-v3", range(1, 2), *args))
+    list(EvalJob(factory, chunks, "reach-v3", range(1, 2), seed=3).run())
     assert len(both) == 4 and [value for _, value in draws] == both[2:] and both[:2] != both[2:]
     torch.manual_seed(3 * 1000 + 1)
     assert both[2] == torch.rand(()).item()
 
 
-def test_evaluate_with_the_expert(tmp_path):
-    report = evaluate(expert_chunk_policy(TASK), [TASK], episodes=1, image_size=SIZE, execute_steps=1, video_dir=tmp_path)
-    assert report == {"per_task": {TASK: 1.0}, "per_bucket": {"easy": 1.0}, "mean": 1.0, "episodes": 1}
-    videos = sorted(p.name for p in tmp_path.iterdir())
-    assert len(videos) == 1 and videos[0].startswith(f"{TASK}_00_success.")
+def test_evaluate_with_the_expert_writes_256_px_videos_of_64_px_policy_inputs(tmp_path):
+    imageio = pytest.importorskip("imageio.v2")
+    policy = ChunkPolicy(expert_chunk_policy(TASK), execute_steps=1)  # it checks the images are SIZE px
+    report = evaluate(MetaWorldEnvFactory(image_size=SIZE), policy, [TASK], episodes=1, video_dir=tmp_path)
+    assert report == {"per_task": {TASK: 1.0}, "per_bucket": {"easy": 1.0}, "mean": 1.0, "episodes": 1,
+                      "task_buckets": {TASK: "easy"}}
+    videos = sorted(tmp_path.iterdir())
+    assert len(videos) == 1 and videos[0].name.startswith(f"{TASK}_00_success.")
+    frames = imageio.mimread(videos[0])
+    assert frames[0].shape[:2] == (256, 256) and frames[0].std() > 10
+
+
+def test_video_frames_leave_the_policy_observations_unchanged(env):
+    """frame() renders a second, 256 px camera; the policy's images are the same with or without it."""
+    assert isinstance(env, Env) and env.video_size == 256
+    expert = ChunkPolicy(ExpertChunks(TASK), execute_steps=4)
+    with_video = rollout(env, expert, 2, video=True, keep_steps=True)
+    without = rollout(env, expert, 2, keep_steps=True)
+    assert with_video.success and with_video.length == without.length
+    assert with_video.frames[0].shape == (256, 256, 3) and len(with_video.frames) == with_video.length + 1
+    for (seen, action), (again, same_action) in zip(with_video.steps, without.steps):
+        np.testing.assert_array_equal(seen["image"], again["image"])
+        np.testing.assert_array_equal(seen["depth"], again["depth"])
+        np.testing.assert_array_equal(action, same_action)
+    batch = env.to_batch(env.reset(2))
+    assert batch[keys.IMAGES].shape == (1, 1, 3, SIZE, SIZE) and batch[keys.DEPTH].shape == (1, 1, SIZE, SIZE)
+    with pytest.raises(ValueError, match="pass the latest observation"):
+        env.frame(with_video.steps[0][0])
 
 
 def test_evaluate_reports_failures_and_checks_the_policy_output():
-    zero = lambda batch: torch.zeros(1, 8, 4)  # noqa: E731
-    report = evaluate(zero, ["reach-v3"], episodes=1, image_size=SIZE, depth=True, execute_steps=8, max_steps=16)
-    assert report == {"per_task": {"reach-v3": 0.0}, "per_bucket": {"easy": 0.0}, "mean": 0.0, "episodes": 1}
-    with pytest.raises(ValueError, match=r"the policy must return actions \[1, H, 4\]; got \[1, 8\]"):
-        evaluate(lambda batch: torch.zeros(1, 8), ["reach-v3"], episodes=1, image_size=SIZE, max_steps=4)
+    zero = ChunkPolicy(lambda batch: torch.zeros(1, 8, 4), execute_steps=8)
+    factory = MetaWorldEnvFactory(image_size=SIZE, depth=True, max_steps=16)
+    report = evaluate(factory, zero, ["reach-v3"], episodes=1)
+    assert report == {"per_task": {"reach-v3": 0.0}, "per_bucket": {"easy": 0.0}, "mean": 0.0, "episodes": 1,
+                      "task_buckets": {"reach-v3": "easy"}}
+    with pytest.raises(ValueError, match=r"the policy must return actions \[1, H, A\]; got \[1, 8\]"):
+        evaluate(factory, ChunkPolicy(lambda batch: torch.zeros(1, 8)), ["reach-v3"], episodes=1)
+    with pytest.raises(ValueError, match=r"episodes must be in \[1, 50\] \(the held-out layouts\); got 51"):
+        evaluate(factory, zero, ["reach-v3"], episodes=51)
+
+
+def test_a_run_is_evaluated_in_the_environment_its_data_came_from():
+    info = {"cameras": ["corner2"], "image_size": 48, "state_names": list(STATE_LAYOUTS["proprio_goal"][1])}
+    factory = eval_env_factory("metaworld", info, image_size=None, depth=True, seed=2)
+    assert factory == MetaWorldEnvFactory(image_size=48, camera="corner2", depth=True, seed=2, train=False,
+                                          state="proprio_goal", video_size=256)
+    assert eval_env_factory("metaworld", {}, image_size=96, depth=False, seed=0).describe() == {
+        "camera": "corner", "state": "proprio"}
 
 
 def test_the_cli_offers_exactly_the_state_layouts(tmp_path, capsys):

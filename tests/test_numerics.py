@@ -10,7 +10,7 @@ import pytest
 import torch
 from ddp_worker import make_trainer
 
-from vlablocks.train.trainer import TrainConfig
+from vlablocks.train.config import TrainConfig
 
 #: CPUs without bf16 instructions (AVX512-BF16 / AMX) emulate bf16 autocast at ~7x the fp32 step
 #: time (measured here: 300 steps in 20 min on an AVX2 EPYC): the bf16 run is shorter there.

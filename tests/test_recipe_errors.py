@@ -190,6 +190,6 @@ def test_sizes_beyond_the_block_limit_and_impossible_allocations_are_recipe_erro
     assert err.key_path == "vision"
     # settings that are counts or seeds are not sizes: a large seed is fine
     recipe = load_recipe(tiny_with(tmp_path, "train: {seed: 1099511627776}\n", "d.yaml"))
-    from vlablocks.train.workflow import train_config  # noqa: PLC0415 - only this test needs it
+    from vlablocks.train.config import train_config  # noqa: PLC0415 - only this test needs it
 
     assert train_config(recipe, [], None).seed == 2**40

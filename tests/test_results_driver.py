@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vlablocks.envs.metaworld.legacy import MT10
+from vlablocks.envs.metaworld.tasks import MT10
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("mt10_driver", ROOT / "benchmarks" / "mt10.py")

@@ -20,16 +20,12 @@ from safetensors.torch import load_file
 
 from vlablocks.policy.checks import random_batch
 from vlablocks.recipes.builder import build
-from vlablocks.train.trainer import (
-    ShardedEpochSampler,
-    Trainer,
-    TrainConfig,
-    collate,
-    latest_checkpoint,
-    load_ema_policy,
-    lr_factor,
-    parameter_groups,
-)
+from vlablocks.policy.batch import collate
+from vlablocks.train.checkpoint import latest_checkpoint, load_ema_policy
+from vlablocks.train.config import TrainConfig, lr_factor
+from vlablocks.train.groups import parameter_groups
+from vlablocks.train.sampler import ShardedEpochSampler
+from vlablocks.train.trainer import Trainer
 from vlablocks.policy.vla import VLA
 from vlablocks.recipes.builder import from_pretrained
 

@@ -73,7 +73,8 @@ def test_a_run_is_reproducible_from_its_recipe_and_seed(data_dir, tmp_path):
 def test_training_refuses_a_bad_episode_unless_told_to_skip_it(data_dir, tmp_path):
     import shutil
 
-    from vlablocks.data.lerobot import EpisodeError, episode_path
+    from vlablocks.data.format import episode_path
+    from vlablocks.data.reader import EpisodeError
 
     data = tmp_path / "data"
     shutil.copytree(data_dir, data)
@@ -117,5 +118,9 @@ def test_a_goal_state_run_is_evaluated_with_the_goal_state(tmp_path):
     assert main(["train", "tiny_pi0", "--data", str(data), "--out", str(run), "--steps", "1", "policy.action_dim=4",
                  "policy.state_dim=7", "train.batch_size=2"]) == 0
     assert json.loads((run / "data.json").read_text())["state_names"][4:] == ["goal_x", "goal_y", "goal_z"]
-    assert main(["eval", str(run), "--tasks", "reach-v3", "--episodes", "1", "--execute-steps", "16"]) == 0
-    assert json.loads((run / "eval" / "results.json").read_text())["state"] == "proprio_goal"
+    # tiny_pi0 predicts chunks of 4 actions: more executed steps than that is refused, not cut short
+    with pytest.raises(ValueError, match=r"execute_steps=16 is more than the policy's chunk of horizon=4 actions"):
+        main(["eval", str(run), "--tasks", "reach-v3", "--episodes", "1", "--execute-steps", "16"])
+    assert main(["eval", str(run), "--tasks", "reach-v3", "--episodes", "1", "--execute-steps", "4"]) == 0
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert (results["state"], results["env"], results["camera"]) == ("proprio_goal", "metaworld", "corner")

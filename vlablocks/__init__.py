@@ -29,6 +29,7 @@ _EXPORTS = {
     "Prefix": "vlablocks.heads",
     "VLA": "vlablocks.policy.vla",
     "build": "vlablocks.recipes.builder",
+    "from_pretrained": "vlablocks.recipes.builder",
     "load_recipe": "vlablocks.recipes.loader",
 }
 

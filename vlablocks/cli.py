@@ -8,7 +8,7 @@
     vlablocks bench RECIPE [--device cpu|cuda] [--dtype fp32|bf16] [--compile [step|chunk]] [--batch B] [--steps N] [--json FILE]
 
 RECIPE is a bundled recipe name or a path to a YAML file; ``key.path=value`` arguments override
-recipe keys, and ``train.FIELD=value`` overrides a training setting (``vlablocks.train.trainer.TrainConfig``).
+recipe keys, and ``train.FIELD=value`` overrides a training setting (``vlablocks.train.config.TrainConfig``).
 """
 
 from __future__ import annotations
@@ -18,11 +18,21 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import yaml
 
+from vlablocks.envs import ENVS
+from vlablocks.envs.metaworld.tasks import STATE_LAYOUTS
+from vlablocks.eval.run import evaluate_run, format_results
+from vlablocks.policy.checks import smoke_check
 from vlablocks.policy.vla import VLA
-from vlablocks.recipes.loader import RecipeError, bundled_recipes, load_recipe
+from vlablocks.recipes.builder import build
+from vlablocks.recipes.loader import Recipe, RecipeError, bundled_recipes, load_recipe
+from vlablocks.tools.bench import BenchSettings, format_table, run_bench, write_result
+from vlablocks.tools.report import build_report, format_report, write_report
+from vlablocks.train.config import train_config
+from vlablocks.train.workflow import train_from_recipe
 
 logger = logging.getLogger("vlablocks")
 
@@ -52,6 +62,14 @@ def parameter_table(vla: VLA) -> list[tuple[str, int, int]]:
     return [(name, trainable, frozen) for name, (trainable, frozen) in totals.items()]
 
 
+def _load_checked(args: argparse.Namespace) -> Recipe:
+    """The recipe with its overrides; its ``train:`` section is validated too (``vlablocks train``
+    would refuse it later)."""
+    recipe = load_recipe(args.recipe, [o for o in args.overrides if not o.startswith("train.")])
+    train_config(recipe, [o for o in args.overrides if o.startswith("train.")])
+    return recipe
+
+
 def cmd_recipes(_: argparse.Namespace) -> int:
     for name, path in bundled_recipes().items():
         description = (yaml.safe_load(path.read_text()) or {}).get("description", "")
@@ -60,9 +78,7 @@ def cmd_recipes(_: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from vlablocks.recipes.builder import build
-
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = _load_checked(args)
     _out(f"# recipe {recipe.name} (resolved)")
     _out(yaml.safe_dump(recipe.data, sort_keys=False).rstrip())
     vla = build(recipe, load_weights=False, device="meta")
@@ -81,10 +97,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from vlablocks.policy.checks import smoke_check
-    from vlablocks.recipes.builder import build
-
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = _load_checked(args)
     meta = build(recipe, load_weights=False, device="meta")
     count = sum(p.numel() for p in meta.parameters())
     if count > CHECK_PARAMETER_LIMIT and not args.force:
@@ -106,7 +119,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from vlablocks.envs.metaworld.legacy import generate_demos
+    from vlablocks.envs.metaworld.demos import generate_demos  # optional: the sim extra (metaworld, mujoco)
 
     out = generate_demos(
         [t.strip() for t in args.tasks.split(",") if t.strip()], args.episodes, args.out, image_size=args.image_size,
@@ -118,8 +131,6 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from vlablocks.train.workflow import train_from_recipe
-
     run = train_from_recipe(
         args.recipe, args.data, out=args.out, overrides=args.overrides, steps=args.steps, resume=args.resume,
         skip_bad_episodes=args.skip_bad_episodes,
@@ -135,20 +146,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from vlablocks.eval.run import evaluate_run, format_results
-
     results = evaluate_run(
         args.run, tasks=[t.strip() for t in args.tasks.split(",") if t.strip()], episodes=args.episodes,
         execute_steps=args.execute_steps, video=args.video, use_ema=args.ema, seed=args.seed,
-        workers=args.workers,
+        workers=args.workers, env=args.env,
     )
     _out(format_results(results))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from vlablocks.tools.report import build_report, format_report, write_report
-
     report = build_report(args.run, data=args.data, samples=args.samples, batch_size=args.batch,
                           t_bins=args.t_bins, use_ema=args.ema, seed=args.seed)
     out = write_report(report, args.out)
@@ -158,8 +165,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from vlablocks.tools.bench import BenchSettings, format_table, run_bench, write_result
-
     try:
         settings = BenchSettings(
             device=args.device, dtype=args.dtype, compile=args.compile, batch=args.batch, train_batch=args.train_batch,
@@ -176,9 +181,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vlablocks", description="Compose, inspect and check VLA recipes.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_inspect_commands(sub: Any) -> None:
+    """``recipes``, ``show``, ``check``."""
     sub.add_parser("recipes", help="list the bundled recipes").set_defaults(fn=cmd_recipes)
     show = sub.add_parser("show", help="resolved recipe, module tree and parameters per block")
     show.add_argument("recipe")
@@ -192,6 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.add_argument("--force", action="store_true", help=f"run even above {CHECK_PARAMETER_LIMIT:,} parameters")
     check.set_defaults(fn=cmd_check)
 
+
+def _add_data_commands(sub: Any) -> None:
+    """``data metaworld``."""
     data = sub.add_parser("data", help="generate a dataset")
     data_sub = data.add_subparsers(dest="source", required=True)
     mw = data_sub.add_parser("metaworld", help="Meta-World scripted-expert demos in the LeRobot layout")
@@ -201,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     mw.add_argument("--image-size", type=int, default=128)
     mw.add_argument("--camera", default="corner")
     mw.add_argument("--depth", action="store_true", help="also record depth (with intrinsics and pose)")
-    mw.add_argument("--state", default="proprio", choices=["proprio", "proprio_goal"],
+    mw.add_argument("--state", default="proprio", choices=list(STATE_LAYOUTS),
                     help="the state vector: hand xyz + gripper opening, or that + the goal xyz "
                          "(as Meta-World's MT benchmarks observe it)")
     mw.add_argument("--seed", type=int, default=0)
@@ -210,6 +217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="simulator processes (default: one per CPU; the dataset does not depend on it)")
     mw.set_defaults(fn=cmd_data)
 
+
+def _add_train_command(sub: Any) -> None:
+    """``train``."""
     train = sub.add_parser(
         "train", help="train a recipe on a LeRobot-layout dataset",
         description="Train a recipe. On SIGTERM the current step finishes, a checkpoint is written and the "
@@ -225,9 +235,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "they are logged and listed in data.json")
     train.set_defaults(fn=cmd_train)
 
+
+def _add_eval_command(sub: Any) -> None:
+    """``eval``."""
     evaluate = sub.add_parser("eval", help="closed-loop evaluation of a trained run")
     evaluate.add_argument("run", help="a run directory (its latest checkpoint) or a checkpoint directory")
-    evaluate.add_argument("--env", choices=["metaworld"], default="metaworld")
+    evaluate.add_argument("--env", choices=sorted(ENVS), default="metaworld")
     evaluate.add_argument("--tasks", required=True)
     evaluate.add_argument("--episodes", type=int, default=10)
     evaluate.add_argument("--execute-steps", type=int, default=8, help="actions executed per predicted chunk")
@@ -237,6 +250,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     evaluate.add_argument("--workers", type=int, default=1,
                           help="rollout processes, each with a copy of the policy (results do not depend on it)")
     evaluate.set_defaults(fn=cmd_eval)
+
+
+def _add_tool_commands(sub: Any) -> None:
+    """``report``, ``bench``."""
     report = sub.add_parser("report", help="why a run's loss is where it is: loss by flow time, action errors")
     report.add_argument("run", help="a training run directory")
     report.add_argument("--data", default=None, help="dataset (default: the one the run trained on)")
@@ -265,6 +282,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory probes")
     bench.add_argument("--json", default=None, help="also write the figures to this JSON file")
     bench.set_defaults(fn=cmd_bench)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vlablocks", description="Compose, inspect, train, evaluate and measure VLA recipes.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_inspect_commands, _add_data_commands, _add_train_command, _add_eval_command, _add_tool_commands):
+        add(sub)
     # key=value overrides may also come after options (`train R --data D k=v`): argparse leaves those over
     args, extra = parser.parse_known_args(argv)
     if extra:

@@ -20,6 +20,11 @@ import sys
 import time
 from pathlib import Path
 
+from vlablocks.eval.run import evaluate_run, format_results
+from vlablocks.recipes.builder import build
+from vlablocks.train.checkpoint import EMA_FILE
+from vlablocks.train.workflow import train_from_recipe
+
 logger = logging.getLogger("vlablocks.demo")
 
 TASKS = ("button-press-topdown-v3", "drawer-open-v3", "window-open-v3")
@@ -53,11 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     workers = args.workers
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    from vlablocks.envs.metaworld.legacy import generate_demos
-    from vlablocks.recipes.builder import build
-    from vlablocks.train.checkpoint import EMA_FILE
-    from vlablocks.eval.run import evaluate_run, format_results
-    from vlablocks.train.workflow import train_from_recipe
+    from vlablocks.envs.metaworld.demos import generate_demos  # optional: the sim extra (metaworld, mujoco)
 
     out = Path(args.out)
     image_size = build(RECIPE, device="meta").vision.image_size

@@ -187,7 +187,12 @@ def check_batch(batch: Mapping[str, Any], spec: BatchSpec, device: torch.device)
                              f"got shape {list(batch[ACTIONS].shape)}")
         read(ACTION_MASK, ("B", spec.horizon), f"action_mask [B, {spec.horizon}]", required=False, floating=False)
 
-    tasks = batch.get(TASK)
+    _check_tasks(batch.get(TASK), sizes)
+    _check_values(floats, device)
+
+
+def _check_tasks(tasks: Any, sizes: dict[str, int]) -> None:
+    """``task``: a list of B strings, B as in the other keys and > 0."""
     if not isinstance(tasks, (list, tuple)) or not all(isinstance(t, str) for t in tasks):
         got = f"{type(tasks).__name__} {tasks!r}" if not isinstance(tasks, (list, tuple)) else \
             f"a list with {sorted({type(t).__name__ for t in tasks})}"
@@ -197,6 +202,9 @@ def check_batch(batch: Mapping[str, Any], spec: BatchSpec, device: torch.device)
     if sizes["B"] == 0:
         raise BatchError("the batch is empty (B = 0)")
 
+
+def _check_values(floats: list[tuple[str, torch.Tensor]], device: torch.device) -> None:
+    """Finite values everywhere and images in [0, 1], reduced on ``device`` and read back once."""
     if not floats:
         return
     flags = [torch.isfinite(v).all() for _, v in floats]

@@ -20,11 +20,11 @@ theoretical token-work ratio ``N (P + S) / (P + N S)`` (``P`` prefix and ``S`` s
 the tokens each variant pushes through the stack) and next to the ratio of counted FLOPs
 (:class:`torch.utils.flop_counter.FlopCounterMode`), which also weighs a narrower expert.
 
-Peak memory (:func:`measure_memory`): the model, its gradients and optimizer state and the
-work's transient tensors at their peak during one ``predict_action`` call or one training step;
-on CUDA ``torch.cuda.max_memory_allocated``, on the CPU the peak resident set (``VmHWM``) of a
-fresh process less its size before the model was built. Training memory is measured with and
-without gradient checkpointing.
+Peak memory (:func:`~vlablocks.tools.memory.measure_memory`): the model, its gradients and
+optimizer state and the work's transient tensors at their peak during one ``predict_action``
+call or one training step; on CUDA ``torch.cuda.max_memory_allocated``, on the CPU the peak
+resident set (``VmHWM``) of a fresh process less its size before the model was built. Training
+memory is measured with and without gradient checkpointing.
 
 ``bf16`` runs under ``torch.autocast``; for inference the weights are also cast to bf16 (as a
 deployed policy would be), for training they stay fp32 (mixed precision, as the trainer does).
@@ -33,84 +33,35 @@ deployed policy would be), for training they stay fp32 (mixed precision, as the 
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vlablocks.policy.batch import to_device
-from vlablocks.policy.checks import random_batch
 from vlablocks.heads.deep_fusion import DeepFusionDenoiser
 from vlablocks.heads.denoiser import Prefix
 from vlablocks.heads.flow_matching import integrate
 from vlablocks.io.atomic import write_json
+from vlablocks.policy.batch import to_device
+from vlablocks.policy.checks import random_batch
 from vlablocks.policy.vla import VLA
+from vlablocks.tools.bench_setup import DTYPES, BenchSettings, bench_autocast, build_for_bench, make_train_step
+from vlablocks.tools.memory import MEMORY_KINDS, measure_memory
+
+__all__ = [  # BenchSettings too: run_bench takes it
+    "BenchResult", "BenchSettings", "bench_inference", "bench_training", "chunk_functions", "counted_flops",
+    "format_table", "machine_description", "median_ms", "run_bench", "token_work_ratio", "write_result",
+]
 
 logger = logging.getLogger(__name__)
-
-Dtype = Literal["fp32", "bf16"]
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class BenchSettings:
-    """How to measure.
-
-    Attributes:
-        device: ``"cpu"`` or ``"cuda"``.
-        dtype: ``"fp32"`` or ``"bf16"`` (autocast; see the module docstring).
-        compile: ``"off"``; ``"step"``: ``torch.compile`` (static shapes) the prefix pass, the
-            denoise step and the joint pass, each one graph that the chunk loops call, and the
-            training forward; ``"chunk"``: as ``"step"``, but each whole chunk (prefix pass and
-            ``N`` steps) is one unrolled graph: no per-step guard checks, much longer compilation.
-        batch: observations per inference call (1: one robot's control loop).
-        train_batch: samples per training step.
-        steps: ODE steps per action chunk ``N``.
-        repeats: timed runs per figure (the median is reported).
-        warmup: untimed runs before them (compilation happens here).
-        train: measure the training step.
-        memory: measure peak memory (CPU: one fresh process per figure).
-        seed: seeds the weights and the inputs.
-    """
-
-    device: str = "cpu"
-    dtype: Dtype = "fp32"
-    compile: Literal["off", "step", "chunk"] = "off"
-    batch: int = 1
-    train_batch: int = 8
-    steps: int = 10
-    repeats: int = 10
-    warmup: int = 2
-    train: bool = True
-    memory: bool = True
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {self.dtype!r}")
-        if self.compile not in ("off", "step", "chunk"):
-            raise ValueError(f"compile must be 'off', 'step' or 'chunk'; got {self.compile!r}")
-        if self.device not in ("cpu", "cuda"):
-            raise ValueError(f"device must be 'cpu' or 'cuda'; got {self.device!r}")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device")
-        for name in ("batch", "train_batch", "steps", "repeats"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
-        if self.warmup < 0:
-            raise ValueError(f"warmup must be >= 0; got {self.warmup}")
 
 
 @dataclass
@@ -201,20 +152,6 @@ def counted_flops(fn: Callable[[], Any]) -> int:
     return counter.get_total_flops()
 
 
-def build_for_bench(recipe: str, overrides: Sequence[str], seed: int, device: str) -> VLA:
-    """The recipe's model with seeded random weights (nothing loaded), on ``device``."""
-    from vlablocks.recipes.builder import build
-
-    torch.manual_seed(seed)
-    return build(recipe, overrides, load_weights=False, device=device)
-
-
-def _autocast(settings: BenchSettings) -> AbstractContextManager:
-    if settings.dtype == "fp32":
-        return nullcontext()
-    return torch.autocast(settings.device, dtype=DTYPES[settings.dtype])
-
-
 # ------------------------------------------------------------------------------------ inference
 
 
@@ -275,7 +212,7 @@ def bench_inference(vla: VLA, settings: BenchSettings) -> dict[str, Any]:
         chunks = {name: torch.compile(fn, dynamic=False) for name, fn in chunk_functions(denoiser, steps).items()}
     else:
         chunks = chunk_functions(denoiser, steps, *graphs)
-    with torch.inference_mode(), _autocast(settings):
+    with torch.inference_mode(), bench_autocast(settings):
         prefix, state = vla.encode(batch)
         out: dict[str, Any] = {"prefix_tokens": prefix.embeds.shape[1],
                                "suffix_tokens": len(denoiser.suffix_encoder.layout(1)[0][0])}
@@ -305,26 +242,6 @@ def bench_inference(vla: VLA, settings: BenchSettings) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ training
 
 
-def make_train_step(vla: VLA, settings: BenchSettings) -> Callable[[], float]:
-    """A closure running one loss + backward + AdamW step on a fixed random batch."""
-    vla.train()
-    batch = to_device(random_batch(vla, settings.train_batch, seed=settings.seed), settings.device)
-    params = [p for p in vla.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    forward = torch.compile(vla, dynamic=False) if settings.compile != "off" else vla
-    gen = torch.Generator(settings.device).manual_seed(settings.seed)
-
-    def step() -> float:
-        with _autocast(settings):
-            loss = forward(batch, generator=gen).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return step
-
-
 def bench_training(vla: VLA, settings: BenchSettings) -> dict[str, float]:
     """Training step time without and with gradient checkpointing."""
     out = {}
@@ -336,77 +253,6 @@ def bench_training(vla: VLA, settings: BenchSettings) -> dict[str, float]:
     vla.set_gradient_checkpointing(False)
     out["train_samples_per_s"] = 1000 * settings.train_batch / out["train_step_ms"]
     return out
-
-
-# ------------------------------------------------------------------------------------ memory
-
-
-def _status_mib(key: str) -> float:
-    """A ``/proc/self/status`` memory figure (``VmRSS``, ``VmHWM``) in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{key}:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{key} not found in /proc/self/status (peak memory on the CPU needs Linux)")
-
-
-def _reset_peak(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        gc.collect()
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set (Linux)
-
-
-MEMORY_KINDS = ("inference", "train", "train_checkpointed")
-
-
-def measure_memory(kind: str, recipe: str, overrides: Sequence[str], settings: BenchSettings) -> float:
-    """Peak memory of ``kind`` (``"inference"``, ``"train"``, ``"train_checkpointed"``) in MiB.
-
-    The peak of one ``predict_action`` call or one training step (after one untimed call, so the
-    optimizer state exists), counting the model, its gradients and optimizer state, and the
-    work's transient tensors, not the interpreter and libraries. On CUDA in this process; on the
-    CPU in a fresh process (``python -m vlablocks.tools.bench``) measuring its resident set, with
-    glibc told to return freed blocks to the system at once (``MALLOC_MMAP_THRESHOLD_``).
-    """
-    if kind not in MEMORY_KINDS:
-        raise ValueError(f"kind must be one of {MEMORY_KINDS}; got {kind!r}")
-    if settings.device == "cpu":
-        spec = {"kind": kind, "recipe": recipe, "overrides": list(overrides), "settings": asdict(settings)}
-        # glibc would keep freed tensors in its heap (its mmap threshold grows as blocks are
-        # freed): a fixed threshold maps every large block, so the resident set follows the live tensors
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-        proc = subprocess.run([sys.executable, "-m", "vlablocks.tools.bench", json.dumps(spec)],
-                              capture_output=True, text=True, check=False, env=env)
-        if proc.returncode:
-            raise RuntimeError(f"memory probe ({kind}) failed:\n{proc.stderr[-3000:]}")
-        return float(proc.stdout.strip().splitlines()[-1])
-    return _run_memory_probe(kind, recipe, overrides, settings)
-
-
-def _run_memory_probe(kind: str, recipe: str, overrides: Sequence[str], settings: BenchSettings) -> float:
-    device = settings.device
-    _reset_peak(device)
-    libraries = 0.0 if device == "cuda" else _status_mib("VmRSS")
-    vla = build_for_bench(recipe, overrides, settings.seed, device)
-    if kind == "inference":
-        vla = vla.eval().to(DTYPES[settings.dtype])
-        batch = to_device(random_batch(vla, settings.batch, seed=settings.seed), device)
-
-        def work() -> None:
-            with torch.inference_mode(), _autocast(settings):
-                vla.predict_action(batch, num_steps=settings.steps)
-    else:
-        vla.set_gradient_checkpointing(kind == "train_checkpointed")
-        work = make_train_step(vla, settings)
-    work()
-    _reset_peak(device)
-    work()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / 2**20
-    return _status_mib("VmHWM") - libraries
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -509,8 +355,3 @@ def write_result(result: BenchResult, path: str | Path) -> None:
     """Write the result as JSON, atomically."""
     write_json(path, result.to_json(), allow_nan=True)
 
-
-if __name__ == "__main__":  # the memory probe's fresh process (see measure_memory)
-    spec = json.loads(sys.argv[1])
-    peak = _run_memory_probe(spec["kind"], spec["recipe"], spec["overrides"], BenchSettings(**spec["settings"]))
-    sys.stdout.write(f"{peak}\n")

@@ -27,7 +27,7 @@ from vlablocks.recipes.components import expert
 from vlablocks.recipes.pretrained import load_pretrained
 from vlablocks.recipes.registry import REGISTRIES
 from vlablocks.recipes.schema import annotations_of, describe, recipe_parameters
-from vlablocks.train.trainer import TrainConfig
+from vlablocks.train.config import TrainConfig
 from vlablocks.policy.vla import PolicyConfig
 
 BEGIN, END = "<!-- BEGIN GENERATED REFERENCE -->", "<!-- END GENERATED REFERENCE -->"

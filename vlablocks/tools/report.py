@@ -19,7 +19,6 @@ Written to ``RUN/report/``: ``report.md``, ``report.json`` and ``report.png``.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -31,11 +30,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vlablocks.policy import batch as keys
-from vlablocks.policy.batch import collate, to_device
+from vlablocks.data import LeRobotDataset
 from vlablocks.heads.flow_matching import gaussian_loss_curve, residual_var_at
 from vlablocks.io.atomic import atomic_path, write_json, write_text
+from vlablocks.policy import batch as keys
+from vlablocks.policy.batch import collate, to_device
 from vlablocks.policy.vla import VLA
+from vlablocks.train.checkpoint import load_policy
+from vlablocks.train.metrics import METRICS_FILE, read_metrics
+from vlablocks.train.workflow import DATA_INFO_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +70,7 @@ class RunReport:
 def training_summary(metrics_path: Path) -> dict[str, Any]:
     """Final / best loss and vel_cosine (means over the last tenth of the logged rows), gradient
     norms and guard hits from a run's ``metrics.csv``."""
-    with open(metrics_path, newline="", encoding="utf-8") as handle:
-        rows = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle)]
+    rows = read_metrics(metrics_path)
     if not rows:
         raise ValueError(f"{metrics_path} has no rows: has the run logged a step yet?")
     tail = rows[-max(1, len(rows) // 10):]
@@ -158,11 +160,6 @@ def diagnose(
 def build_report(run: str | Path, data: str | Path | None = None, samples: int = 256, batch_size: int = 32,
                  t_bins: int = 10, use_ema: bool = True, seed: int = 0) -> RunReport:
     """Diagnose a training run (its latest checkpoint) on its training data (or ``data``)."""
-    from vlablocks.data.lerobot import LeRobotDataset
-    from vlablocks.train.trainer import METRICS_FILE
-    from vlablocks.train.checkpoint import load_policy
-    from vlablocks.train.workflow import DATA_INFO_FILE
-
     run = Path(run)
     metrics = run / METRICS_FILE
     if not metrics.is_file():

@@ -1,29 +1,37 @@
 """The run directory's checkpoints: names, the ``latest`` pointer, atomic publication and
-recovery after a killed writer, and loading a checkpoint's policy (live or EMA weights).
+recovery after a killed writer, writing the policy's weights (also under FSDP), and loading a
+checkpoint's policy (live or EMA weights).
 
-``out_dir/checkpoints/step_{N:07d}/``::
+``out_dir/checkpoints/step_{N:07d}/`` (written into a hidden temporary directory, each file
+atomically, then renamed into place; never pickled)::
 
     model.safetensors, recipe.yaml   the policy (``vlablocks.recipes.from_pretrained(dir)``), live weights
     ema.safetensors                  with ``ema_decay``: the policy's full state dict with the EMA weights
     trainer_state.safetensors        optimizer tensors, torch RNG states, the DataLoader generator
     trainer_state.json               step, data position, scheduler, optimizer groups, RNG states, the config
+                                     (both: :mod:`vlablocks.train.state`)
     manifest.json                    sizes and sha256 checksums of the files above, written last
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
-from vlablocks.io.atomic import atomic_path
+from vlablocks.io.atomic import atomic_path, write_text
 from vlablocks.io.manifest import load_weights, read_safetensors
-from vlablocks.policy.vla import VLA
+from vlablocks.policy.vla import RECIPE_FILE, VLA, WEIGHTS_FILE
 from vlablocks.recipes.builder import from_pretrained
 
 logger = logging.getLogger(__name__)
@@ -31,9 +39,8 @@ logger = logging.getLogger(__name__)
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
 EMA_FILE = "ema.safetensors"
-STATE_TENSORS_FILE = "trainer_state.safetensors"
-STATE_JSON_FILE = "trainer_state.json"
-STATE_FORMAT = "vlablocks.trainer_state/1"
+#: full (unsharded) state dicts on the CPU, also under FSDP (every process joins the gather).
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
@@ -66,9 +73,60 @@ def publish_directory(tmp: Path, final: Path) -> None:
     shutil.rmtree(old)
 
 
+def set_latest(checkpoint: Path) -> None:
+    """Point ``checkpoints/latest`` at ``checkpoint`` (a ``step_*`` directory), atomically."""
+    write_text(checkpoint.parent / LATEST_FILE, checkpoint.name + "\n")
+
+
+@contextlib.contextmanager
+def staged_directory(final: Path) -> Iterator[Path]:
+    """A hidden temporary directory beside ``final``, renamed to ``final`` when the block
+    succeeds (see :func:`publish_directory`) and removed when it fails."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    tmp.chmod(0o755)
+    published = False
+    try:
+        yield tmp
+        publish_directory(tmp, final)
+        published = True
+    finally:
+        if not published:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Write ``tensors`` (detached, contiguous, on the CPU) to the safetensors file ``path`` atomically."""
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+
+
+def save_model_state(path: Path | None, model: nn.Module, vla: VLA, sharded: bool) -> None:
+    """The full state dict of ``vla`` into ``path`` (the main process passes a path, the others
+    ``None``; under FSDP every process joins the gather of the prepared ``model``)."""
+    if sharded:
+        state = get_model_state_dict(model, options=FULL_STATE)
+    else:
+        state = vla.state_dict() if path is not None else {}
+    if path is not None:
+        save_tensors(path, state)
+
+
+def save_policy(directory: Path | None, model: nn.Module, vla: VLA, sharded: bool) -> None:
+    """``model.safetensors`` and ``recipe.yaml`` of ``vla`` into ``directory`` (as
+    :func:`save_model_state`: ``None`` on the other processes, which join under FSDP)."""
+    if not sharded:
+        if directory is not None:
+            vla.save_pretrained(directory, manifest=False)
+        return
+    save_model_state(None if directory is None else directory / WEIGHTS_FILE, model, vla, sharded)
+    if directory is not None:
+        write_text(directory / RECIPE_FILE, yaml.safe_dump(vla.export_recipe(directory), sort_keys=False))
+
+
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a full state dict into the prepared ``model`` (sharding it under FSDP)."""
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
 
 
 def recover_checkpoints(root: Path) -> None:

@@ -1,30 +1,31 @@
-"""The ``vlablocks train`` / ``vlablocks eval`` workflows: recipe + dataset -> run -> success rates.
+"""The ``vlablocks train`` workflow: recipe + LeRobot-layout dataset -> a run directory.
 
-A run directory holds ``metrics.csv``, ``curves.png``, ``tensorboard/``, ``checkpoints/`` (see
-:mod:`vlablocks.train.trainer`), ``data.json`` (what the policy was trained on: dataset path, camera,
-image size, depth) and, after evaluation, ``eval/results.json`` and ``eval/videos/``.
+A run directory holds ``metrics.csv``, ``curves.png``, ``tensorboard/`` (:mod:`vlablocks.train.metrics`),
+``checkpoints/`` (:mod:`vlablocks.train.checkpoint`), ``data.json`` (what the policy was trained on:
+dataset path, camera, image size, depth) and, after ``vlablocks eval``, ``eval/results.json`` and
+``eval/videos/``.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
+from vlablocks.data import STATE as STATE_FEATURE
+from vlablocks.data import LeRobotDataset
 from vlablocks.io.atomic import write_json
-from vlablocks.recipes.loader import Recipe, RecipeError, load_recipe
-from vlablocks.recipes.schema import MAX_SETTING_INT, call_with
 from vlablocks.policy.vla import VLA
-
-logger = logging.getLogger(__name__)
+from vlablocks.recipes.builder import build
+from vlablocks.recipes.loader import load_recipe
+from vlablocks.train.checkpoint import latest_checkpoint
+from vlablocks.train.config import split_overrides, train_config
+from vlablocks.train.trainer import Trainer
 
 DATA_INFO_FILE = "data.json"
-TRAIN_PREFIX = "train."
 
 
 @dataclass(frozen=True)
@@ -35,28 +36,6 @@ class RunResult:
     metrics: dict[str, float]
     checkpoint: Path | None
     interrupted: bool = False  # stopped early by SIGTERM (after writing ``checkpoint``)
-
-
-def split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
-    """``(recipe overrides, train.* overrides)``."""
-    recipe = [o for o in overrides if not o.startswith(TRAIN_PREFIX)]
-    return recipe, [o for o in overrides if o.startswith(TRAIN_PREFIX)]
-
-
-def train_config(recipe: Recipe, train_overrides: Sequence[str] = (), steps: int | None = None) -> Any:
-    """The :class:`~vlablocks.train.trainer.TrainConfig` of a recipe's ``train:`` section plus overrides."""
-    from vlablocks.train.trainer import TrainConfig
-
-    node = dict(recipe.data.get("train") or {})
-    for override in train_overrides:
-        key, sep, text = override[len(TRAIN_PREFIX) :].partition("=")
-        if not sep or not key or "." in key:
-            raise RecipeError(f"a training override must look like train.FIELD=value; got {override!r}", source="<command-line override>")
-        node[key] = yaml.safe_load(text)
-        recipe.sources[f"train.{key}"] = "<command-line override>"
-    if steps is not None:
-        node["steps"] = steps
-    return call_with(TrainConfig, node, "train", recipe, max_int=MAX_SETTING_INT)
 
 
 def check_data_fits(vla: VLA, sample: dict[str, Any], data: Path) -> None:
@@ -77,6 +56,15 @@ def check_data_fits(vla: VLA, sample: dict[str, Any], data: Path) -> None:
         raise ValueError(f"dataset {data} does not fit the recipe: " + "; ".join(problems))
 
 
+def data_info(dataset: LeRobotDataset, data: Path, sample: dict[str, Any]) -> dict[str, Any]:
+    """The ``data.json`` of a run: dataset path, cameras, image size, depth, state names and
+    the episodes left out (``sample``: the dataset's first item)."""
+    return {"data": str(data.resolve()), "cameras": list(dataset.cameras),
+            "image_size": int(sample["images"].shape[-1]), "depth": "depth" in sample,
+            "state_names": dataset.features[STATE_FEATURE].get("names"),
+            "skipped_episodes": [{"episode": e, "problem": problem} for e, problem in dataset.skipped]}
+
+
 def train_from_recipe(
     recipe: str | Path,
     data: str | Path,
@@ -88,16 +76,12 @@ def train_from_recipe(
 ) -> RunResult:
     """Build a recipe, load a LeRobot-layout dataset, train, and return the run.
 
+    ``overrides``: ``key=value`` recipe overrides and ``train.FIELD=value`` training settings.
     The initial weights are drawn after ``torch.manual_seed(train.seed)``, so a run is
     reproducible from its recipe and data (torch seeds a fresh process at random). A bad episode
-    stops the run before training (:class:`~vlablocks.data.lerobot.EpisodeError`) unless
+    stops the run before training (:class:`~vlablocks.data.reader.EpisodeError`) unless
     ``skip_bad_episodes``: then it is left out and listed in ``data.json``.
     """
-    from vlablocks.data.lerobot import LeRobotDataset
-    from vlablocks.data.lerobot import STATE as STATE_FEATURE
-    from vlablocks.recipes.builder import build
-    from vlablocks.train.trainer import Trainer, latest_checkpoint
-
     recipe_overrides, train_overrides = split_overrides(overrides)
     loaded = load_recipe(recipe, recipe_overrides)
     config = train_config(loaded, train_overrides, steps)
@@ -110,11 +94,7 @@ def train_from_recipe(
     check_data_fits(vla, sample, data)
     out_dir = Path(out) if out is not None else Path("runs") / loaded.name
     out_dir.mkdir(parents=True, exist_ok=True)
-    info = {"data": str(data.resolve()), "cameras": list(dataset.cameras),
-            "image_size": int(sample["images"].shape[-1]), "depth": "depth" in sample,
-            "state_names": dataset.features[STATE_FEATURE].get("names"),
-            "skipped_episodes": [{"episode": e, "problem": problem} for e, problem in dataset.skipped]}
-    write_json(out_dir / DATA_INFO_FILE, info)
+    write_json(out_dir / DATA_INFO_FILE, data_info(dataset, data, sample))
     trainer = Trainer(vla, dataset, config, out_dir)
     if resume:
         checkpoint = latest_checkpoint(out_dir)
