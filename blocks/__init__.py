@@ -1,11 +1,15 @@
 """vlablocks.blocks: transformer parts that know nothing about robots.
 
 Masks and positions (:mod:`.masks`), RoPE (:mod:`.rope`), norms (:mod:`.norms`), MLPs
-(:mod:`.mlp`), multi-expert attention (:mod:`.attention`), the deep-fusion stack
-(:mod:`.fusion`) and weight import from transformers decoders (:mod:`.transformers_import`).
+(:mod:`.mlp`), multi-expert attention (:mod:`.attention`), per-layer masks and RoPE tables
+precomputed once per token layout (:mod:`.attention_layout`), expert specs and layer maps
+(:mod:`.experts`), the deep-fusion stack (:mod:`.fusion`), the device context for parameter
+creation (:mod:`.device`) and weight import from transformers decoders (:mod:`.transformers_import`).
 """
 
 from vlablocks.blocks.attention import ATTENTION_BACKENDS, HeadSpace, MultiExpertAttention
+from vlablocks.blocks.attention_layout import AttentionLayout, RopeTables, attention_dtype, attention_layout
+from vlablocks.blocks.device import device_context
 from vlablocks.blocks.fusion import (
     DeepFusionBlock,
     DeepFusionStack,
@@ -25,6 +29,7 @@ from vlablocks.blocks.transformers_import import base_spec_from_config, load_bas
 __all__ = [
     "ATTENTION_BACKENDS",
     "AdaRMSNorm",
+    "AttentionLayout",
     "DeepFusionBlock",
     "DeepFusionStack",
     "ExpertSpec",
@@ -36,10 +41,14 @@ __all__ = [
     "MultiExpertAttention",
     "PrefixCache",
     "RMSNorm",
+    "RopeTables",
     "apply_rope",
     "as_additive_mask",
+    "attention_dtype",
+    "attention_layout",
     "base_spec_from_config",
     "block_causal_mask",
+    "device_context",
     "every_kth_layer",
     "every_layer",
     "first_n_layers",

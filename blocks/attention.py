@@ -311,15 +311,38 @@ class KeyValueCrossAttention(nn.Module):
         attention_mask: torch.Tensor,
     ) -> torch.Tensor:
         """``hidden_states [B, L, W]`` with RoPE tables ``[B, L, head_dim]`` attend ``key/value
-        [B, Hkv, P, head_dim]`` under ``attention_mask [B, L, P]`` -> ``[B, L, W]``."""
+        [B, Hkv, P, head_dim]`` under ``attention_mask [B, L, P]`` -> ``[B, L, W]``.
+
+        The same as :meth:`attend` on :meth:`project_key_value`'s output; a caller that attends
+        one source many times (every ODE step over one prefix) projects it once and calls
+        :meth:`attend`."""
+        return self.attend(hidden_states, cos, sin, *self.project_key_value(key, value), attention_mask)
+
+    def project_key_value(self, key: torch.Tensor, value: torch.Tensor) -> KeyValue:
+        """The source's ``key/value [B, Hkv, P, head_dim]`` through this layer's ``k_proj`` /
+        ``v_proj`` -> ``(key, value)`` of the same shapes (no second rotation)."""
         space = self.head_space
-        batch, length, _ = hidden_states.shape
-        source = key.shape[2]
-        query = self.q_proj(hidden_states).view(batch, length, space.num_heads, space.head_dim).transpose(1, 2)
-        query = apply_rope(query, cos, sin)
+        batch, _, source, _ = key.shape
         key = self.k_proj(key.transpose(1, 2).reshape(batch, source, space.kv_dim))
         value = self.v_proj(value.transpose(1, 2).reshape(batch, source, space.kv_dim))
         key = key.view(batch, source, space.num_kv_heads, space.head_dim).transpose(1, 2)
         value = value.view(batch, source, space.num_kv_heads, space.head_dim).transpose(1, 2)
+        return key, value
+
+    def attend(
+        self,
+        hidden_states: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Attend already projected ``key/value [B, Hkv, P, head_dim]`` (from
+        :meth:`project_key_value`); other shapes as in :meth:`forward`."""
+        space = self.head_space
+        batch, length, _ = hidden_states.shape
+        query = self.q_proj(hidden_states).view(batch, length, space.num_heads, space.head_dim).transpose(1, 2)
+        query = apply_rope(query, cos, sin)
         attended = self.attention_fn(query, key, value, attention_mask, self.scale)
         return self.o_proj(attended.transpose(1, 2).reshape(batch, length, space.query_dim))

@@ -18,7 +18,6 @@ would silently be added as is), so padded context tokens get exactly zero weight
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -27,11 +26,8 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vlablocks.blocks.device import device_context
 from vlablocks.blocks.masks import as_additive_mask
-
-
-def _factory(device: torch.device | str | None):
-    return torch.device(device) if device is not None else nullcontext()
 
 
 class AdaLayerNorm(nn.Module):
@@ -89,7 +85,7 @@ class DiTBlock(nn.Module):
         super().__init__()
         self.is_cross_attention = cross_attention_dim is not None
         self.norm1 = AdaLayerNorm(dim, temb_dim, norm_eps, device=device, dtype=dtype)
-        with _factory(device):
+        with device_context(device):
             self.attn = Attention(
                 query_dim=dim, cross_attention_dim=cross_attention_dim, heads=num_heads, dim_head=head_dim,
                 dropout=dropout, bias=True, out_bias=True,

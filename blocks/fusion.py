@@ -25,124 +25,32 @@ Two variants from the reference designs: an expert may reuse the base's layer we
 (``share_base_weights``, the parameter-shared expert of the LLaVA-3D brief: only its final norm
 is its own), and chosen layers may be cross-attention layers (SmolVLA), where the other experts'
 queries attend only to the base's keys/values of that layer (see :class:`CrossAttentionFusionBlock`).
+
+Expert specs and layer maps live in :mod:`vlablocks.blocks.experts` (re-exported here). The
+per-layer masks and RoPE tables of a call come from :meth:`DeepFusionStack.layout`
+(:mod:`vlablocks.blocks.attention_layout`); a caller that repeats one token layout (the suffix
+at every ODE step) builds it once, together with the cache's re-projected cross-attention
+keys/values (:meth:`DeepFusionStack.project_cross_key_values`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import NamedTuple
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vlablocks.blocks.attention import HeadSpace, KeyValue, KeyValueCrossAttention, MultiExpertAttention
-from vlablocks.blocks.mlp import ActLayer, GatedMlp
-from vlablocks.blocks.norms import AdaRMSNorm, RMSNorm
-from vlablocks.blocks.rope import rope_cos_sin
-
-
-# ------------------------------------------------------------------------------- layer maps
-
-
-def every_layer(num_layers: int) -> tuple[int, ...]:
-    """An expert as deep as the base: a layer at every base layer."""
-    return tuple(range(num_layers))
-
-
-def every_kth_layer(num_layers: int, k: int) -> tuple[int, ...]:
-    """An expert with a layer at base layers 0, k, 2k, ... (SmolVLA pairs expert layer j with base layer j*k)."""
-    if k < 1:
-        raise ValueError(f"every_kth_layer needs k >= 1; got {k}")
-    return tuple(range(0, num_layers, k))
-
-
-def first_n_layers(num_layers: int, n: int) -> tuple[int, ...]:
-    """An expert with a layer at each of the first ``n`` base layers."""
-    if not 1 <= n <= num_layers:
-        raise ValueError(f"first_n_layers needs 1 <= n <= num_layers ({num_layers}); got {n}")
-    return tuple(range(n))
-
-
-# ------------------------------------------------------------------------------- specs
-
-
-@dataclass(frozen=True)
-class ExpertSpec:
-    """Shape and flavour of one expert stream.
-
-    Attributes:
-        name: label used in messages (``"vlm"``, ``"action"``, ...).
-        width: hidden width.
-        mlp_dim: gated-MLP hidden width.
-        head_space: the attention head space; every expert of a stack must use the base's.
-        layers: base-layer indices at which this expert has a layer (``None``: every layer).
-            The base expert (index 0) always has every layer.
-        act_layer: MLP activation (``nn.SiLU``: SwiGLU; ``GeluTanh``: Gemma's GeGLU).
-        norm_eps: RMSNorm epsilon.
-        norm_unit_offset: Gemma's ``(1 + w)`` RMSNorm instead of LLaMA's ``w``.
-        adarms_cond_dim: if set, every norm of this expert is an :class:`AdaRMSNorm`
-            conditioned on a ``[B, adarms_cond_dim]`` vector (pi0.5 time conditioning) with
-            gated residuals.
-        attention_bias: biases on q/k/v/o.
-        share_base_weights: reuse the base's layer weights (norms, projections, MLP) at every
-            layer this expert has; only its final norm is its own. Its shape fields must then
-            equal the base's.
-    """
-
-    name: str
-    width: int
-    mlp_dim: int
-    head_space: HeadSpace
-    layers: tuple[int, ...] | None = None
-    act_layer: ActLayer = nn.SiLU
-    norm_eps: float = 1e-6
-    norm_unit_offset: bool = False
-    adarms_cond_dim: int | None = None
-    attention_bias: bool = False
-    share_base_weights: bool = False
-
-    def make_norm(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
-        """This expert's norm layer (RMSNorm or AdaRMSNorm)."""
-        if self.adarms_cond_dim is not None:
-            return AdaRMSNorm(self.width, self.adarms_cond_dim, eps=self.norm_eps, device=device, dtype=dtype)
-        return RMSNorm(self.width, eps=self.norm_eps, unit_offset=self.norm_unit_offset, device=device, dtype=dtype)
-
-
-def apply_norm(
-    norm: nn.Module, x: torch.Tensor, cond: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run a plain or adaptive norm: ``-> (normed, gate or None)``."""
-    if isinstance(norm, AdaRMSNorm):
-        return norm(x, cond)
-    return norm(x), None
-
-
-def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
-    """``x + y`` or, with an AdaRMS gate, ``x + y * gate``."""
-    return x + y if gate is None else x + y * gate
+from vlablocks.blocks.attention_layout import AttentionLayout, RopeTables, attention_layout
+from vlablocks.blocks.experts import ExpertSpec, apply_norm, every_layer, gated_residual
+from vlablocks.blocks.experts import every_kth_layer as every_kth_layer  # re-exported
+from vlablocks.blocks.experts import first_n_layers as first_n_layers  # re-exported
+from vlablocks.blocks.mlp import GatedMlp
 
 
 # ------------------------------------------------------------------------------- one layer
-
-
-class RopeTables(NamedTuple):
-    """RoPE tables for the tokens of one call, ``[B, Lq, head_dim]`` each.
-
-    ``cos``/``sin`` follow the joint positions; ``stream_cos``/``stream_sin`` restart at 0 at
-    the first token of every stream (the queries of SmolVLA's cross-attention layers), and are
-    ``None`` in stacks without cross-attention layers.
-    """
-
-    cos: torch.Tensor
-    sin: torch.Tensor
-    stream_cos: torch.Tensor | None = None
-    stream_sin: torch.Tensor | None = None
-
-    def rows(self, index: torch.Tensor) -> RopeTables:
-        """The tables of the tokens ``index`` (along the sequence)."""
-        return RopeTables(*(None if t is None else t[:, index] for t in self))
 
 
 class DeepFusionBlock(nn.Module):
@@ -281,8 +189,13 @@ class CrossAttentionFusionBlock(nn.Module):
         attention_mask: torch.Tensor,
         past_key_value: KeyValue | None,
         conds: Sequence[torch.Tensor | None],
+        cross_key_values: Sequence[KeyValue] | None = None,
     ) -> tuple[list[torch.Tensor | None], KeyValue]:
-        """As :meth:`DeepFusionBlock.forward`; the returned ``(key, value)`` are the base's."""
+        """As :meth:`DeepFusionBlock.forward`; the returned ``(key, value)`` are the base's.
+
+        ``cross_key_values``: per other expert, the base's keys/values already through its
+        ``k_proj``/``v_proj`` (:meth:`cross_key_values` of the cached ones, ``[B, Hkv, P,
+        head_dim]`` each); without them each call projects ``past_key_value`` / its own."""
         base = hidden_states[0]
         n_base = 0 if base is None else base.shape[1]
         normed, attn_gates = _pre_norm(self.input_norms, hidden_states, conds)
@@ -303,8 +216,9 @@ class CrossAttentionFusionBlock(nn.Module):
             if h is None:
                 continue
             rows = slice(start, start + h.shape[1])
-            attended[j] = cross(h, rope.stream_cos[:, rows], rope.stream_sin[:, rows], *key_value,
-                                attention_mask[:, rows, :source_len])
+            projected = cross.project_key_value(*key_value) if cross_key_values is None else cross_key_values[j - 1]
+            attended[j] = cross.attend(h, rope.stream_cos[:, rows], rope.stream_sin[:, rows], *projected,
+                                       attention_mask[:, rows, :source_len])
             start += h.shape[1]
 
         outputs = [
@@ -313,6 +227,11 @@ class CrossAttentionFusionBlock(nn.Module):
                 hidden_states, attended, attn_gates, self.post_attention_norms, self.mlps, conds)
         ]
         return outputs, key_value
+
+    def cross_key_values(self, key_value: KeyValue) -> tuple[KeyValue, ...]:
+        """The base's ``(key, value) [B, Hkv, P, head_dim]`` re-projected for each other expert
+        (local order ``1..``): what :meth:`forward` takes as ``cross_key_values``."""
+        return tuple(cross.project_key_value(*key_value) for cross in self.cross_attention)
 
     def key_value(
         self, hidden_states: Sequence[torch.Tensor | None], rope: RopeTables, conds: Sequence[torch.Tensor | None]
@@ -349,10 +268,15 @@ class PrefixCache:
     Attributes:
         keys, values: one entry per base layer, ``[B, Hkv, P, head_dim]``, or ``None`` for
             layers no suffix expert attends at.
+        cross_key_values: optional, per base layer: at a cross-attention layer the base's
+            keys/values re-projected for each other expert (``((key, value), ...)``, each
+            ``[B, Hkv, P, head_dim]``; see :meth:`DeepFusionStack.project_cross_key_values`),
+            ``None`` elsewhere. Without them the suffix projects the cached keys/values itself.
     """
 
     keys: tuple[torch.Tensor | None, ...]
     values: tuple[torch.Tensor | None, ...]
+    cross_key_values: tuple[tuple[KeyValue, ...] | None, ...] | None = None
 
     @property
     def length(self) -> int:
@@ -487,17 +411,51 @@ class DeepFusionStack(nn.Module):
         for layer in self.layers:
             layer.set_backend(backend)
 
+    def layout(
+        self,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        lengths: Sequence[int],
+        past_len: int = 0,
+        mask_dtype: torch.dtype | None = None,
+    ) -> AttentionLayout:
+        """The per-layer masks and RoPE tables of a call with ``lengths[e]`` tokens of expert
+        ``e`` (0: absent) after ``past_len`` cached ones, for :meth:`forward`'s ``layout``.
+
+        ``attention_mask [B, Lq, P + Lq]`` and ``position_ids [B, Lq]`` as in :meth:`forward`;
+        ``mask_dtype`` makes a bool mask additive once, in the dtype of the call's queries (see
+        :func:`~vlablocks.blocks.attention_layout.attention_dtype`). Build it once and pass it to
+        every call with the same layout (the suffix at every ODE step): the result is the same.
+        """
+        if len(lengths) != len(self.experts):
+            raise ValueError(f"expected one length per expert ({len(self.experts)}); got {len(lengths)}")
+        return attention_layout(attention_mask, position_ids, lengths, self.layer_experts, self.head_space,
+                                past_len, bool(self.cross_attention_layers), mask_dtype)
+
+    def project_cross_key_values(self, cache: PrefixCache) -> PrefixCache:
+        """``cache`` with :attr:`PrefixCache.cross_key_values` filled in: at every cross-attention
+        layer the cached keys/values re-projected by each other expert's ``k_proj``/``v_proj``
+        (``[B, Hkv, P, head_dim]`` each), once per prefix instead of once per suffix call.
+        Differentiable (training reaches the projections through it)."""
+        projected = tuple(
+            layer.cross_key_values((key, value))
+            if isinstance(layer, CrossAttentionFusionBlock) and key is not None else None
+            for layer, key, value in zip(self.layers, cache.keys, cache.values)
+        )
+        return replace(cache, cross_key_values=projected)
+
     def forward(
         self,
         hidden_states: Sequence[torch.Tensor | None],
-        attention_mask: torch.Tensor,
-        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
         cache: PrefixCache | None = None,
         conds: Sequence[torch.Tensor | None] | None = None,
         return_cache: bool = False,
         output_layer_hidden_states: bool = False,
         num_layers: int | None = None,
         cache_only: bool = False,
+        layout: AttentionLayout | None = None,
     ) -> FusionOutput:
         """Run the stack over the given expert streams.
 
@@ -516,6 +474,8 @@ class DeepFusionStack(nn.Module):
             output_layer_hidden_states: also return every layer's output streams.
             num_layers: run only the first ``num_layers`` layers (a head that reads early
                 layers needs no more); the final norms apply to the last layer run.
+            layout: instead of ``attention_mask`` and ``position_ids``, their per-layer form
+                precomputed by :meth:`layout` (for the same lengths and cache length).
         """
         streams = list(hidden_states)
         conds = list(conds) if conds is not None else [None] * len(self.experts)
@@ -525,33 +485,19 @@ class DeepFusionStack(nn.Module):
         num_layers = self.num_layers if num_layers is None else num_layers
         if not 1 <= num_layers <= self.num_layers:
             raise ValueError(f"num_layers must be in 1..{self.num_layers}; got {num_layers}")
+        layout = self._resolve_layout(streams, cache, attention_mask, position_ids, layout)
         last_needed = self.cached_layers[-1] if cache_only else None
-        lengths = [0 if x is None else x.shape[1] for x in streams]
-        past_len = 0 if cache is None else cache.length
-        rope = self._rope_tables(position_ids, lengths)
-
         keys: list[torch.Tensor | None] = [None] * self.num_layers
         values: list[torch.Tensor | None] = [None] * self.num_layers
         per_layer: list[tuple[torch.Tensor | None, ...]] = []
-        sliced: dict[tuple[int, ...], tuple[torch.Tensor, RopeTables]] = {}
         for i, (layer, layer_experts) in enumerate(zip(self.layers[:num_layers], self.layer_experts)):
-            active = tuple(e for e in layer_experts if streams[e] is not None)
-            if active:
-                if active not in sliced:
-                    sliced[active] = _slice_tokens(attention_mask, rope, lengths, active, past_len)
-                mask_i, rope_i = sliced[active]
-                past = None if cache is None else (cache.keys[i], cache.values[i])
+            if layout.layers[i] is not None:
                 inputs = [streams[e] for e in layer_experts]
                 layer_conds = [conds[e] for e in layer_experts]
                 if i == last_needed:
-                    keys[i], values[i] = layer.key_value(inputs, rope_i, layer_conds)
+                    keys[i], values[i] = layer.key_value(inputs, layout.layers[i][1], layer_conds)
                     break
-                if self.gradient_checkpointing and torch.is_grad_enabled():
-                    outputs, (key, value) = checkpoint(
-                        layer, inputs, rope_i, mask_i, past, layer_conds, use_reentrant=False
-                    )
-                else:
-                    outputs, (key, value) = layer(inputs, rope_i, mask_i, past, layer_conds)
+                outputs, (key, value) = self._run_layer(i, inputs, layout.layers[i], cache, layer_conds)
                 for e, out in zip(layer_experts, outputs):
                     if out is not None:
                         streams[e] = out
@@ -570,16 +516,46 @@ class DeepFusionStack(nn.Module):
             layer_hidden_states=tuple(per_layer) if output_layer_hidden_states else None,
         )
 
-    def _rope_tables(self, position_ids: torch.Tensor, lengths: Sequence[int]) -> RopeTables:
-        """RoPE tables for the call's tokens; per-stream restarted tables only with cross layers."""
-        space = self.head_space
-        cos, sin = rope_cos_sin(position_ids, space.head_dim, space.rope_theta)
-        if not self.cross_attention_layers:
-            return RopeTables(cos, sin)
-        restarted = torch.cat(
-            [p - p.min(dim=1, keepdim=True).values for p in position_ids.split([n for n in lengths if n], dim=1)], dim=1
-        )
-        return RopeTables(cos, sin, *rope_cos_sin(restarted, space.head_dim, space.rope_theta))
+    def _run_layer(
+        self,
+        i: int,
+        inputs: list[torch.Tensor | None],
+        layer_inputs: tuple[torch.Tensor, RopeTables],
+        cache: PrefixCache | None,
+        conds: list[torch.Tensor | None],
+    ) -> tuple[list[torch.Tensor | None], KeyValue]:
+        """Layer ``i`` over its experts' streams (checkpointed when asked and training)."""
+        mask, rope = layer_inputs
+        past = None if cache is None else (cache.keys[i], cache.values[i])
+        projected = None if cache is None or cache.cross_key_values is None else cache.cross_key_values[i]
+        extra = () if projected is None else (projected,)  # only cross-attention layers have them
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self.layers[i], inputs, rope, mask, past, conds, *extra, use_reentrant=False)
+        return self.layers[i](inputs, rope, mask, past, conds, *extra)
+
+    def _resolve_layout(
+        self,
+        streams: list[torch.Tensor | None],
+        cache: PrefixCache | None,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        layout: AttentionLayout | None,
+    ) -> AttentionLayout:
+        """The given ``layout`` (checked against this call) or one built from mask and positions."""
+        lengths = tuple(0 if x is None else x.shape[1] for x in streams)
+        past_len = 0 if cache is None else cache.length
+        if layout is None:
+            if attention_mask is None or position_ids is None:
+                raise ValueError("DeepFusionStack.forward needs attention_mask and position_ids, or a layout")
+            return self.layout(attention_mask, position_ids, lengths, past_len)
+        if attention_mask is not None or position_ids is not None:
+            raise ValueError("give either a layout or attention_mask and position_ids, not both")
+        if (layout.lengths, layout.past_len) != (lengths, past_len):
+            raise ValueError(
+                f"the layout was built for stream lengths {layout.lengths} after {layout.past_len} cached tokens; "
+                f"this call has {lengths} after {past_len}"
+            )
+        return layout
 
     def _check_inputs(
         self,
@@ -619,23 +595,3 @@ class DeepFusionStack(nn.Module):
 
 def _describe(x: torch.Tensor | None) -> str:
     return "None" if x is None else f"a tensor of shape {list(x.shape)}"
-
-
-def _slice_tokens(
-    mask: torch.Tensor,
-    rope: RopeTables,
-    lengths: Sequence[int],
-    active: tuple[int, ...],
-    past_len: int,
-) -> tuple[torch.Tensor, RopeTables]:
-    """Restrict the mask rows/columns and RoPE tables to the tokens of the ``active`` experts.
-
-    Tokens of experts without a layer at this depth neither attend nor are attended to.
-    """
-    present = [e for e, n in enumerate(lengths) if n > 0]
-    if list(active) == present:
-        return mask, rope
-    starts = [sum(lengths[:e]) for e in range(len(lengths))]
-    rows = torch.cat([torch.arange(starts[e], starts[e] + lengths[e], device=mask.device) for e in active])
-    cols = torch.cat([torch.arange(past_len, device=mask.device), rows + past_len])
-    return mask[:, rows][:, :, cols], rope.rows(rows)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
 from vlablocks.blocks.mlp import ActLayer, Mlp
@@ -106,8 +107,6 @@ class DiffusersTimestepEmbedder(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        from diffusers.models.embeddings import TimestepEmbedding, Timesteps
-
         self.sinusoid = Timesteps(num_channels, flip_sin_to_cos=True, downscale_freq_shift=1)
         self.mlp = TimestepEmbedding(num_channels, dim).to(device=device, dtype=dtype)
 

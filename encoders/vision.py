@@ -23,7 +23,6 @@ created with ``pretrained=False`` or from a local weights file.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -39,6 +38,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vlablocks.blocks.device import device_context
 from vlablocks.blocks.mlp import Mlp
 
 logger = logging.getLogger(__name__)
@@ -59,11 +59,6 @@ SIGLIP_SO400M_PATCH14_224: dict[str, Any] = {
     "patch_size": 14,
     "image_size": 224,
 }
-
-
-def _device_context(device: Device) -> contextlib.AbstractContextManager:
-    """``torch.device(device)`` as a context (parameters are created there), or a no-op."""
-    return contextlib.nullcontext() if device is None else torch.device(device)
 
 
 def check_images(images: torch.Tensor, image_size: int) -> None:
@@ -440,7 +435,7 @@ class SiglipVision(VisionBackbone):
             model = SiglipVisionModel.from_pretrained(path, local_files_only=True, use_safetensors=True, dtype=dtype)
             mean, std = _siglip_pixel_stats(path)
         else:
-            with _device_context(device):
+            with device_context(device):
                 model = SiglipVisionModel(SiglipVisionConfig(**config))
             mean, std = SIGLIP_MEAN, SIGLIP_STD
         model.to(device=device, dtype=dtype)
@@ -652,7 +647,7 @@ class TimmVision(VisionBackbone):
         to_tokens, grid, out_dim = _token_layout(probe, features)
         cfg = probe.pretrained_cfg
 
-        with _device_context(device):
+        with device_context(device):
             if weights_path is None:
                 model = timm.create_model(model_name, pretrained=False, **kwargs)
             else:

@@ -1,9 +1,12 @@
 """DeepFusionDenoiser: the action expert of a DeepFusionStack as a flow-matching denoiser.
 
-``prepare`` runs the base (VLM) stream over the prefix once and keeps the immutable
-:class:`~vlablocks.blocks.fusion.PrefixCache`, together with the suffix's attention mask and
-positions (they do not depend on ``x_t``). ``velocity`` runs only the expert stream over the
-suffix tokens, attending ``[cached prefix ; suffix]``.
+``prepare`` runs the base (VLM) stream over the prefix once and keeps everything the suffix
+pass reads that does not depend on ``x_t``: the immutable
+:class:`~vlablocks.blocks.fusion.PrefixCache` (with, at SmolVLA's cross-attention layers, the
+cached keys/values already re-projected by the expert), and the suffix's per-layer additive
+masks and RoPE tables (an :class:`~vlablocks.blocks.attention_layout.AttentionLayout`).
+``velocity`` runs only the expert stream over the suffix tokens, attending
+``[cached prefix ; suffix]``: per ODE step nothing is rebuilt but the suffix's own work.
 
 With ``state_expert``, the suffix's state token goes to an expert of its own (a third stream:
 VLM, state, action) and the action and time tokens to the action expert; the two streams
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vlablocks.blocks.attention_layout import AttentionLayout, attention_dtype
 from vlablocks.blocks.fusion import DeepFusionStack, PrefixCache
 from vlablocks.blocks.masks import block_causal_mask, positions_from_pad, suffix_mask_and_positions
 from vlablocks.encoders.suffix import SuffixEncoder, SuffixTokens
@@ -29,9 +33,12 @@ class DeepFusionContext:
     """What ``prepare`` computes once per observation.
 
     Attributes:
-        cache: post-RoPE prefix keys/values per layer.
+        cache: post-RoPE prefix keys/values per layer, with the cross-attention layers'
+            re-projected ones (:meth:`~vlablocks.blocks.fusion.DeepFusionStack.project_cross_key_values`).
         suffix_mask: ``[B, S, P + S]`` bool, suffix rows of the joint mask.
         suffix_positions: ``[B, S]`` RoPE positions, continuing after the real prefix tokens.
+        layout: ``suffix_mask`` (made additive in the expert's query dtype) and the RoPE tables
+            of ``suffix_positions``, per layer, as the suffix pass uses them.
         prefix_hidden: ``[B, P, D_base]`` the base's final-normed prefix output (what a
             refinement head or a language-model head reads), or ``None`` when ``prepare``
             was not asked for it (the prefix pass then stops at the last cached keys/values).
@@ -40,6 +47,7 @@ class DeepFusionContext:
     cache: PrefixCache
     suffix_mask: torch.Tensor
     suffix_positions: torch.Tensor
+    layout: AttentionLayout
     prefix_hidden: torch.Tensor | None = None
 
 
@@ -84,18 +92,22 @@ class DeepFusionDenoiser(nn.Module):
         self.state_expert = state_expert
 
     def prepare(self, prefix: Prefix, prefix_output: bool = False) -> DeepFusionContext:
-        """Run the prefix once: ``embeds [B, P, D_base]`` -> cache + suffix mask/positions.
+        """Run the prefix once: ``embeds [B, P, D_base]`` -> cache + the suffix's masks/RoPE tables.
 
         ``prefix_output``: also run the base to its final norm and keep ``prefix_hidden``;
-        otherwise the pass does only what the cache needs (``cache_only``).
+        otherwise the pass does only what the cache needs (``cache_only``). Run ``velocity``
+        under the same autocast setting: the suffix mask is made additive in its query dtype.
         """
         streams: list[torch.Tensor | None] = [None] * len(self.stack.experts)
         streams[0] = prefix.embeds
         mask = block_causal_mask(prefix.pad, prefix.ar)
         out = self.stack(streams, mask, positions_from_pad(prefix.pad), return_cache=True, cache_only=not prefix_output)
+        cache = self.stack.project_cross_key_values(out.cache)
         suffix_pad, suffix_ar = self.suffix_encoder.layout(prefix.embeds.shape[0])
         suffix_mask, suffix_positions = suffix_mask_and_positions(prefix.pad, prefix.ar, suffix_pad, suffix_ar)
-        return DeepFusionContext(out.cache, suffix_mask, suffix_positions, out.hidden_states[0])
+        layout = self.stack.layout(suffix_mask, suffix_positions, self._suffix_lengths(suffix_pad.shape[1]),
+                                   past_len=cache.length, mask_dtype=self._query_dtype())
+        return DeepFusionContext(cache, suffix_mask, suffix_positions, layout, out.hidden_states[0])
 
     def velocity(
         self,
@@ -138,8 +150,21 @@ class DeepFusionDenoiser(nn.Module):
     ) -> torch.Tensor:
         """The expert's final-normed suffix output ``[B, S, W]`` (before the velocity projection)."""
         streams, conds = self._suffix_streams(self.suffix_encoder(x_t, t, state))
-        out = self.stack(streams, context.suffix_mask, context.suffix_positions, cache=context.cache, conds=conds)
+        out = self.stack(streams, cache=context.cache, conds=conds, layout=context.layout)
         return self._suffix_hidden(out.hidden_states)
+
+    def _suffix_lengths(self, suffix_len: int) -> tuple[int, ...]:
+        """Tokens per expert stream of a suffix of ``suffix_len`` tokens (see :meth:`_suffix_streams`)."""
+        lengths = [0] * len(self.stack.experts)
+        if self.state_expert is None:
+            lengths[self.expert] = suffix_len
+        else:
+            lengths[self.state_expert], lengths[self.expert] = 1, suffix_len - 1
+        return tuple(lengths)
+
+    def _query_dtype(self) -> torch.dtype:
+        """The dtype of the action expert's attention queries (its weights', or autocast's)."""
+        return attention_dtype(next(self.stack.expert_named_parameters(self.expert))[1])
 
     def _suffix_streams(self, suffix: SuffixTokens) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
         """Per-expert streams and AdaRMS conditions of the suffix tokens ``[B, S, W]``."""

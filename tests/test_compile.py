@@ -1,5 +1,6 @@
 """The denoise step is torch.compile-friendly: one graph, no break, no recompilation per step or observation."""
 
+import pytest
 import torch
 import torch._dynamo
 
@@ -7,9 +8,12 @@ from vlablocks.policy.checks import random_batch
 from vlablocks.recipes.builder import build
 
 
-def test_denoise_step_has_no_graph_break_and_compiles_once():
+@pytest.mark.parametrize("name", ["tiny_llava3d_deepfusion", "tiny_smolvla"])
+def test_denoise_step_has_no_graph_break_and_compiles_once(name):
+    """The context's precomputed parts (layout, projected cross keys/values) are graph inputs
+    like the cache: a new observation gives new tensors of the same shapes, not a new graph."""
     torch.manual_seed(0)
-    vla = build("tiny_llava3d_deepfusion").eval()
+    vla = build(name).eval()
     denoiser = vla.denoiser
     graphs = []
 
@@ -27,6 +31,8 @@ def test_denoise_step_has_no_graph_break_and_compiles_once():
             x_t = torch.randn(2, vla.config.horizon, vla.config.action_dim)
             if seed == 0:
                 explained = torch._dynamo.explain(denoiser.velocity)(context, x_t, torch.ones(2), state)
+                assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+                explained = torch._dynamo.explain(denoiser.prepare)(prefix)
                 assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
             for k in range(3):
                 t = torch.full((2,), 1.0 - k / 10)

@@ -1,10 +1,15 @@
 """DeepFusionDenoiser + FlowMatchingHead: the expert trains over a frozen base through the prefix cache."""
 
+import re
+from dataclasses import replace
+
 import pytest
 import torch
 
 from helpers import joint_mask, tiny_stack
 from vlablocks.blocks.fusion import every_kth_layer
+from vlablocks.policy.checks import random_batch
+from vlablocks.recipes.builder import build
 from vlablocks.encoders.suffix import AdaRMSTimeFusion, ConcatMlpTimeFusion, SuffixEncoder
 from vlablocks.heads import DeepFusionDenoiser, FlowMatchingHead, Prefix
 
@@ -232,3 +237,104 @@ def test_state_expert_errors():
     no_state = SuffixEncoder(A, 32, H, ConcatMlpTimeFusion(32), state_dim=None)
     with pytest.raises(ValueError, match=r"state_expert needs a state token in the suffix"):
         DeepFusionDenoiser(stack, no_state, expert=2, state_expert=1)
+
+
+# ---------------------------------------------------------------- work done once per observation
+
+
+def _suffix_inputs(vla, x_t, t, state):
+    """Per-expert streams and conds of the suffix tokens (recipes without a state expert)."""
+    denoiser = vla.denoiser
+    assert denoiser.state_expert is None
+    suffix = denoiser.suffix_encoder(x_t, t, state)
+    streams = [None] * len(denoiser.stack.experts)
+    conds = [None] * len(denoiser.stack.experts)
+    streams[denoiser.expert], conds[denoiser.expert] = suffix.tokens, suffix.cond
+    return streams, conds
+
+
+def _observation(name: str, batch: int = 2):
+    torch.manual_seed(0)
+    vla = build(name).eval()
+    with torch.no_grad():
+        prefix, state = vla.encode(random_batch(vla, batch))
+    gen = torch.Generator().manual_seed(1)
+    x_t = torch.randn(batch, vla.config.horizon, vla.config.action_dim, generator=gen)
+    return vla, prefix, state, x_t, torch.rand(batch, generator=gen)
+
+
+def test_cross_attention_keys_values_are_projected_once_per_prepare_and_never_per_step():
+    vla, prefix, state, x_t, t = _observation("tiny_smolvla")
+    projections = [proj for layer in vla.denoiser.stack.layers for cross in getattr(layer, "cross_attention", ())
+                   for proj in (cross.k_proj, cross.v_proj)]
+    assert projections, "tiny_smolvla has cross-attention layers"
+    calls = []
+    for proj in projections:
+        proj.register_forward_hook(lambda module, args, out: calls.append(module))
+    with torch.no_grad():
+        context = vla.denoiser.prepare(prefix)
+        assert len(calls) == len(projections) and all(kv is not None for kv in context.cache.cross_key_values
+                                                     if kv is not None)
+        for _ in range(3):
+            vla.denoiser.velocity(context, x_t, t, state)
+        assert len(calls) == len(projections)
+        calls.clear()
+        vla.denoiser.joint_velocity(prefix, x_t, t, state)  # the joint pass has no cache: it projects itself
+        assert len(calls) == len(projections)
+        calls.clear()
+        vla.head.sample(prefix, state, num_steps=10)  # one prepare, ten velocity calls
+    assert len(calls) == len(projections)
+
+
+@pytest.mark.parametrize("name", ["tiny_smolvla", "tiny_pi05", "tiny_pi0"])
+def test_precomputed_context_gives_bitwise_the_per_step_computation(name):
+    """velocity over the context (projected cross keys/values, additive masks and RoPE tables
+    built in prepare) equals the stack run per step from the raw cache, bool mask and positions."""
+    vla, prefix, state, x_t, t = _observation(name)
+    denoiser = vla.denoiser
+    with torch.no_grad():
+        context = denoiser.prepare(prefix)
+        streams, conds = _suffix_inputs(vla, x_t, t, state)
+        raw_cache = replace(context.cache, cross_key_values=None)
+        per_step = denoiser.stack(streams, context.suffix_mask, context.suffix_positions, cache=raw_cache, conds=conds)
+        precomputed = denoiser.expert_hidden(context, x_t, t, state)
+    assert torch.equal(precomputed, per_step.hidden_states[denoiser.expert])
+    masks = [layer[0] for layer in context.layout.layers if layer is not None]
+    assert masks and all(mask.dtype == torch.float32 for mask in masks)  # made additive once
+    assert context.layout.past_len == prefix.embeds.shape[1]
+
+
+def test_prepare_under_autocast_builds_finite_masks_in_the_query_dtype():
+    vla, prefix, state, x_t, t = _observation("tiny_smolvla")
+    denoiser = vla.denoiser
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        context = denoiser.prepare(prefix)
+        streams, conds = _suffix_inputs(vla, x_t, t, state)
+        raw_cache = replace(context.cache, cross_key_values=None)
+        per_step = denoiser.stack(streams, context.suffix_mask, context.suffix_positions, cache=raw_cache, conds=conds)
+        precomputed = denoiser.expert_hidden(context, x_t, t, state)
+    masks = [layer[0] for layer in context.layout.layers if layer is not None]
+    assert all(mask.dtype == torch.bfloat16 and torch.isfinite(mask).all() for mask in masks)
+    assert torch.equal(precomputed, per_step.hidden_states[denoiser.expert])
+
+
+def _unread_by_the_cache_pass(stack) -> set[str]:
+    """The base parameters a cache-only prefix pass never reads: past the last cached layer's
+    keys/values, and the base's final norm."""
+    last, unread = stack.cached_layers[-1], set()
+    for name, _ in stack.expert_named_parameters(0):
+        layer = int(name.split(".")[1]) if name.startswith("layers.") else len(stack.layers)
+        if layer > last or (layer == last and not re.search(r"input_norms|k_proj|v_proj", name)):
+            unread.add(f"head.denoiser.stack.{name}")
+    return unread
+
+
+def test_every_trainable_parameter_of_tiny_smolvla_gets_a_gradient_through_the_context():
+    torch.manual_seed(0)
+    vla = build("tiny_smolvla").train()
+    vla(random_batch(vla, 2)).loss.backward()
+    trainable = {name: p for name, p in vla.named_parameters() if p.requires_grad}
+    missing = {name for name, p in trainable.items() if p.grad is None or not torch.isfinite(p.grad).all()}
+    assert missing == _unread_by_the_cache_pass(vla.denoiser.stack), "some parameters get no (finite) gradient"
+    cross = [name for name in trainable if ".cross_attention." in name and ("k_proj" in name or "v_proj" in name)]
+    assert cross and all(trainable[name].grad.abs().sum() > 0 for name in cross)

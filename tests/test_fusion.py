@@ -6,6 +6,7 @@ from transformers import GemmaConfig, GemmaModel, LlamaConfig, LlamaForCausalLM,
 
 from helpers import SPACE, joint_mask, random_prefix, tiny_stack
 from vlablocks.blocks.attention import HeadSpace
+from vlablocks.blocks.attention_layout import attention_dtype
 from vlablocks.blocks.fusion import DeepFusionStack, ExpertSpec, every_kth_layer, every_layer, first_n_layers
 from vlablocks.blocks.masks import as_additive_mask, block_causal_mask, positions_from_pad, suffix_mask_and_positions
 from vlablocks.blocks.transformers_import import base_spec_from_config, load_base_from_transformers
@@ -302,6 +303,8 @@ def test_key_value_cross_attention_follows_smolvla():
     scores = (q @ k.transpose(-1, -2)) / 4.0 + torch.where(mask, 0.0, float("-inf"))[:, None]
     expected = cross.o_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 3, 64))
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    # projecting once and attending the projected keys/values is the same computation
+    assert torch.equal(cross.attend(x, cos, sin, *cross.project_key_value(key, value), mask), out)
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])
@@ -331,3 +334,60 @@ def test_cross_attention_layers_cached_equals_joint_and_positions_restart(backen
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     names = dict(stack.expert_named_parameters(1))
     assert "layers.1.cross_attention.0.k_proj.weight" in names and names["layers.1.cross_attention.0.k_proj.weight"].shape == (32, 32)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+@pytest.mark.parametrize("cross_attention_layers", [(), (1, 3)])
+def test_precomputed_layout_and_cross_key_values_give_bitwise_the_plain_call(backend, cross_attention_layers):
+    torch.manual_seed(0)
+    base, expert = ExpertSpec("vlm", 64, 128, SPACE), ExpertSpec("action", 48, 96, SPACE, layers=(0, 1, 3))
+    stack = DeepFusionStack([base, expert], 4, attention_backend=backend,
+                            cross_attention_layers=cross_attention_layers).eval()
+    embeds, pad, ar = random_prefix()
+    suffix, suffix_pad, suffix_ar = _suffix(width=48)
+    mask, positions = joint_mask(pad, ar, suffix_pad, suffix_ar)
+    suffix_mask, suffix_positions = suffix_mask_and_positions(pad, ar, suffix_pad, suffix_ar)
+    with torch.no_grad():
+        cache = stack([embeds, None], mask[:, :7, :7], positions[:, :7], return_cache=True).cache
+        plain = stack([None, suffix], suffix_mask, suffix_positions, cache=cache).hidden_states[1]
+        projected = stack.project_cross_key_values(cache)
+        layout = stack.layout(suffix_mask, suffix_positions, (0, 5), past_len=7, mask_dtype=torch.float32)
+        fast = stack([None, suffix], cache=projected, layout=layout).hidden_states[1]
+        joint_layout = stack.layout(mask, positions, (7, 5))
+        joint = stack([embeds, suffix], layout=joint_layout).hidden_states[1]
+    assert torch.equal(fast, plain)
+    torch.testing.assert_close(joint, plain, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(projected.keys, cache.keys) if a is not None)
+    crossed = [i for i, kv in enumerate(projected.cross_key_values) if kv is not None]
+    assert crossed == list(cross_attention_layers)
+    assert all(kv[0][0].shape == (2, SPACE.num_kv_heads, 7, SPACE.head_dim) for kv in projected.cross_key_values if kv)
+    # one layout per token layout: the layers with the same experts share one mask/table slice
+    assert layout.layers[0] is layout.layers[1] and layout.layers[2] is None
+    assert layout.layers[0][0].dtype == torch.float32 and not layout.layers[0][0].dtype == torch.bool
+
+
+def test_layout_errors():
+    stack = tiny_stack(base_width=64, base_layers=2, expert_width=32, expert_layers=(0, 1))
+    suffix, suffix_pad, suffix_ar = _suffix()
+    embeds, pad, ar = random_prefix()
+    suffix_mask, suffix_positions = suffix_mask_and_positions(pad, ar, suffix_pad, suffix_ar)
+    with torch.no_grad():
+        cache = stack([embeds, None], block_causal_mask(pad, ar), positions_from_pad(pad), return_cache=True).cache
+    layout = stack.layout(suffix_mask, suffix_positions, (0, 5), past_len=7)
+    with pytest.raises(ValueError, match="either a layout or attention_mask"):
+        stack([None, suffix], suffix_mask, suffix_positions, cache=cache, layout=layout)
+    with pytest.raises(ValueError, match="needs attention_mask and position_ids, or a layout"):
+        stack([None, suffix], cache=cache)
+    with pytest.raises(ValueError, match=r"built for stream lengths \(0, 5\) after 7 cached tokens; this call has \(0, 4\)"):
+        stack([None, suffix[:, :4]], cache=cache, layout=layout)
+    with pytest.raises(ValueError, match=r"one length per expert \(2\); got 1"):
+        stack.layout(suffix_mask, suffix_positions, (5,))
+
+
+def test_attention_dtype_follows_the_weights_and_autocast():
+    weight = torch.empty(2, 2)
+    assert attention_dtype(weight) == torch.float32
+    assert attention_dtype(weight.to(torch.bfloat16)) == torch.bfloat16
+    assert attention_dtype(torch.empty(2, 2, device="meta")) == torch.float32  # no autocast on meta
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attention_dtype(weight) == torch.bfloat16
