@@ -5,6 +5,7 @@ dependencies, and the application layer stays in files and functions one can rea
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -147,3 +148,11 @@ def test_application_files_and_functions_are_readable_in_one_sitting():
                 if length > MAX_FUNCTION_LINES:
                     long_functions.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {length} lines")
     assert not long_files and not long_functions, "\n".join(long_files + long_functions)
+
+
+def test_every_package_ships_in_the_wheel():
+    """pyproject.toml lists packages by hand: a new subpackage missing there would be left out of
+    a non-editable install."""
+    block = re.search(r"^packages = \[(.*?)\]", (ROOT / "pyproject.toml").read_text(encoding="utf-8"), re.S | re.M)
+    listed = set(re.findall(r'"([\w.]+)"', block.group(1)))
+    assert PACKAGES == listed, f"add to pyproject.toml: {sorted(PACKAGES - listed)}; stale: {sorted(listed - PACKAGES)}"

@@ -161,7 +161,7 @@ class VLA(nn.Module):
             tasks = discretize_state_prompts(tasks, state, self.config.state_bins)
         embeds, pads = [], []
         if self.vision is not None:
-            image_tokens, image_pad = self._embed_images(batch)
+            image_tokens, image_pad = self.embed_images(batch)
             embeds.append(image_tokens)
             pads.append(image_pad)
         text_embeds, text_pad = self.text(tasks)
@@ -177,7 +177,9 @@ class VLA(nn.Module):
             ar[:, -1] = 1  # SmolVLA: the state token opens its own block at the end of the prefix
         return Encoded(Prefix(embeds_t, pad, ar), state if self.config.state_mode == "suffix" else None)
 
-    def _embed_images(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed_images(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image part of the prefix: ``images [B, N, 3, H, W]`` (+ geometry) -> tokens
+        ``[B, N * T, D]`` and their validity ``[B, N * T]`` (geometry-less or masked cameras False)."""
         images = batch[keys.IMAGES]
         if images.dim() != 5 or images.shape[2] != 3:
             raise ValueError(f"batch['images'] must be [B, N, 3, H, W]; got {list(images.shape)}")

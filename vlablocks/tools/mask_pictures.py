@@ -50,7 +50,7 @@ def recipe_layout(name: str) -> Layout:
     batch = {**random_batch(vla, 2), "task": [TASK, LONGER_TASK]}
     with torch.no_grad():
         prefix = vla.encode(batch).prefix
-        images = vla._embed_images(batch)[0].shape[1] if vla.vision is not None else 0
+        images = vla.embed_images(batch)[0].shape[1] if vla.vision is not None else 0
     length = prefix.embeds.shape[1]
     state_in_prefix = vla.state_proj is not None
     labels = ["I"] * images + ["T"] * (length - images - state_in_prefix) + ["S"] * state_in_prefix
