@@ -121,6 +121,7 @@ def test_a_goal_state_run_is_evaluated_with_the_goal_state(tmp_path):
     # tiny_pi0 predicts chunks of 4 actions: more executed steps than that is refused, not cut short
     with pytest.raises(ValueError, match=r"execute_steps=16 is more than the policy's chunk of horizon=4 actions"):
         main(["eval", str(run), "--tasks", "reach-v3", "--episodes", "1", "--execute-steps", "16"])
-    assert main(["eval", str(run), "--tasks", "reach-v3", "--episodes", "1", "--execute-steps", "4"]) == 0
+    assert main(["eval", str(run), "--tasks", "reach-v3", "--episodes", "1"]) == 0  # default: min(8, horizon)
     results = json.loads((run / "eval" / "results.json").read_text())
+    assert results["execute_steps"] == 4
     assert (results["state"], results["env"], results["camera"]) == ("proprio_goal", "metaworld", "corner")

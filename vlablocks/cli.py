@@ -243,7 +243,8 @@ def _add_eval_command(sub: Any) -> None:
     evaluate.add_argument("--env", choices=sorted(ENVS), default="metaworld")
     evaluate.add_argument("--tasks", required=True)
     evaluate.add_argument("--episodes", type=int, default=10)
-    evaluate.add_argument("--execute-steps", type=int, default=8, help="actions executed per predicted chunk")
+    evaluate.add_argument("--execute-steps", type=int, default=None,
+                          help="actions executed per predicted chunk (default: 8, or the policy's horizon if shorter)")
     evaluate.add_argument("--video", action="store_true", help="write one video per episode")
     evaluate.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights, not the EMA")
     evaluate.add_argument("--seed", type=int, default=0)

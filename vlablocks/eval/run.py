@@ -25,6 +25,7 @@ from vlablocks.train.workflow import DATA_INFO_FILE
 logger = logging.getLogger(__name__)
 
 VIDEO_SIZE = 256  # px of the rollout videos, whatever the policy's input resolution
+DEFAULT_EXECUTE_STEPS = 8  # actions executed per chunk when not given (at most the policy's horizon)
 
 
 @functools.lru_cache(maxsize=2)
@@ -50,7 +51,7 @@ def evaluate_run(
     run: str | Path,
     tasks: Sequence[str],
     episodes: int,
-    execute_steps: int = 8,
+    execute_steps: int | None = None,
     video: bool = False,
     use_ema: bool = True,
     seed: int = 0,
@@ -60,7 +61,8 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Closed-loop evaluation of a run in environment ``env``; writes ``eval/results.json`` (and videos).
 
-    The policy executes ``execute_steps`` actions of each chunk (at most its horizon). ``workers``
+    The policy executes ``execute_steps`` actions of each chunk (``None``: 8, or the policy's
+    horizon if shorter; a value above the horizon is an error). ``workers``
     rollout processes each get a copy of the policy; the results do not depend on it. The
     environment's settings (camera, image size, state layout, ...) come from the run's
     ``data.json`` (:func:`vlablocks.envs.eval_env_factory`); videos are ``video_size`` px.
@@ -73,6 +75,8 @@ def evaluate_run(
         env, info, image_size=policy.vision.image_size if policy.vision is not None else None,
         depth=policy.geometry is not None, seed=seed, video_size=video_size,
     )
+    if execute_steps is None:
+        execute_steps = min(DEFAULT_EXECUTE_STEPS, policy.config.horizon)
     predict = policy.predict_action if workers == 1 else CheckpointPolicy(checkpoint, use_ema)
     act = ChunkPolicy(predict, execute_steps=execute_steps, horizon=policy.config.horizon)
     eval_dir = run / "eval"
