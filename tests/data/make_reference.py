@@ -9,7 +9,9 @@ the commit it runs in (committed once, from commit 7df7761, before the restructu
   (live + EMA weights, trainer state, manifest) and ``legacy_actions.safetensors``: the batch
   it was asked about and the actions it predicted (raw and EMA weights).
 
-Run from the repository root: ``python tests/data/make_reference.py`` (it refuses to overwrite).
+Run from the root of a checkout of 7df7761 (it imports that commit's module paths, e.g.
+``vlablocks.trainer``, which the restructure replaced): ``python tests/data/make_reference.py``
+(it refuses to overwrite).
 The test side is ``tests/test_regression.py``; it reads only these files.
 """
 
