@@ -12,6 +12,8 @@ this is exactly LLaMA's attention.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -53,6 +55,8 @@ class HeadSpace:
             )
         if self.head_dim % 2:
             raise ValueError(f"HeadSpace.head_dim must be even for RoPE; got {self.head_dim}")
+        if not 0 < self.rope_theta < math.inf:  # NaN fails too
+            raise ValueError(f"HeadSpace.rope_theta must be a finite number > 0; got {self.rope_theta!r}")
 
     @property
     def query_dim(self) -> int:

@@ -16,7 +16,7 @@ from torch import nn
 
 from vlablocks.blocks.attention import HeadSpace
 from vlablocks.blocks.mlp import ActLayer
-from vlablocks.blocks.norms import AdaRMSNorm, RMSNorm
+from vlablocks.blocks.norms import AdaRMSNorm, RMSNorm, check_norm_eps
 
 
 # ------------------------------------------------------------------------------- layer maps
@@ -78,6 +78,13 @@ class ExpertSpec:
     adarms_cond_dim: int | None = None
     attention_bias: bool = False
     share_base_weights: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("width", "mlp_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ExpertSpec {self.name!r}: {name} must be an int >= 1; got {value!r}")
+        check_norm_eps(self.norm_eps)
 
     def make_norm(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
         """This expert's norm layer (RMSNorm or AdaRMSNorm)."""

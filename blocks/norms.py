@@ -6,8 +6,17 @@ bf16 autocast.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+
+
+def check_norm_eps(eps: float) -> None:
+    """ValueError unless ``eps`` is a finite number > 0 (a zero, negative or NaN epsilon divides
+    by zero or takes the root of a negative number on an all-zero row)."""
+    if isinstance(eps, bool) or not 0 < eps < math.inf:
+        raise ValueError(f"the norm epsilon must be a finite number > 0; got {eps!r}")
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -38,6 +47,7 @@ class RMSNorm(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        check_norm_eps(eps)
         self.eps = eps
         self.unit_offset = unit_offset
         init = torch.zeros if unit_offset else torch.ones
@@ -76,6 +86,7 @@ class AdaRMSNorm(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        check_norm_eps(eps)
         self.eps = eps
         self.modulation = nn.Linear(cond_dim, 3 * dim, device=device, dtype=dtype)
         nn.init.zeros_(self.modulation.weight)

@@ -123,12 +123,12 @@ class BetaTimeSampler:
     offset: float = 0.001
 
     def __post_init__(self) -> None:
-        if self.alpha <= 0 or self.beta <= 0:
+        if not (0 < self.alpha < math.inf and 0 < self.beta < math.inf):  # NaN fails too
             raise ValueError(
                 f"BetaTimeSampler needs alpha > 0 and beta > 0, got alpha={self.alpha}, "
                 f"beta={self.beta}"
             )
-        if self.scale <= 0 or self.offset < 0 or self.offset + self.scale > 1.0:
+        if not (self.scale > 0 and self.offset >= 0 and self.offset + self.scale <= 1.0):
             raise ValueError(
                 "BetaTimeSampler needs scale > 0, offset >= 0 and offset + scale <= 1 (t in "
                 f"[0, 1]), got scale={self.scale}, offset={self.offset}"

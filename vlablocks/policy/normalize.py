@@ -21,6 +21,19 @@ EPS = 1e-6
 DEFAULT_STATS = {"mean": 0.0, "std": 1.0, "q01": -1.0, "q99": 1.0}
 
 
+def _check_stats(stats: dict[str, torch.Tensor | None]) -> None:
+    """ValueError unless every statistic is finite, ``std >= 0`` and ``q01 <= q99``, naming the
+    first bad one (a NaN here would turn every normalised value and the loss into NaN)."""
+    for name, values in stats.items():
+        if values is not None and not bool(torch.isfinite(values).all()):
+            bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
+            raise ValueError(f"statistic {name!r} must be finite; dims {bad} are {values[bad].tolist()}")
+    if stats["std"] is not None and bool((stats["std"] < 0).any()):
+        raise ValueError(f"statistic 'std' must be >= 0; got {stats['std'].tolist()}")
+    if stats["q01"] is not None and stats["q99"] is not None and bool((stats["q01"] > stats["q99"]).any()):
+        raise ValueError(f"statistic 'q01' must be <= 'q99'; got q01 {stats['q01'].tolist()}, q99 {stats['q99'].tolist()}")
+
+
 class FeatureNormalizer(nn.Module):
     """Statistics of one feature (``state`` or ``action``) of model width ``dim``.
 
@@ -48,19 +61,25 @@ class FeatureNormalizer(nn.Module):
         q01: torch.Tensor | None = None,
         q99: torch.Tensor | None = None,
     ) -> None:
-        """Set the statistics of a ``[d]`` feature (``d <= dim``); the statistic the mode needs is required."""
+        """Set the statistics of a ``[d]`` feature (``d <= dim``); the statistic the mode needs is required.
+
+        Raises:
+            ValueError: a statistic is missing, of the wrong length, not finite, ``std < 0`` or ``q01 > q99``.
+        """
         needed = {"mean_std": ("mean", "std"), "quantile": ("q01", "q99"), "identity": ()}[self.mode]
         given = {"mean": mean, "std": std, "q01": q01, "q99": q99}
         missing = [name for name in needed if given[name] is None]
         if missing:
             raise ValueError(f"mode {self.mode!r} needs statistics {missing}")
+        given = {name: None if t is None else torch.as_tensor(t, dtype=torch.float32).flatten() for name, t in given.items()}
         sizes = {name: t.numel() for name, t in given.items() if t is not None}
         if len(set(sizes.values())) > 1 or any(n > self.dim for n in sizes.values()):
             raise ValueError(f"statistics must all have the same length <= {self.dim}; got {sizes}")
+        _check_stats(given)
         with torch.no_grad():
             for name, value in given.items():
                 if value is not None:
-                    getattr(self, name)[: value.numel()] = torch.as_tensor(value, dtype=torch.float32).flatten()
+                    getattr(self, name)[: value.numel()] = value.to(getattr(self, name).device)
             if sizes:
                 self._width = next(iter(sizes.values()))
                 self.data_dim.fill_(self._width)

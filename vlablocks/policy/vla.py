@@ -42,6 +42,10 @@ WEIGHTS_FILE = "model.safetensors"
 RECIPE_FILE = "recipe.yaml"
 
 
+class NonFiniteActionError(ValueError):
+    """``predict_action`` computed NaN or infinite actions (a robot must never receive them)."""
+
+
 class Encoded(NamedTuple):
     """What :meth:`VLA.encode` returns: the prefix, and the normalised state the suffix takes
     (``[B, state_dim]`` for pi0-style policies; ``None`` when the state is in the prefix or absent)."""
@@ -259,11 +263,19 @@ class VLA(nn.Module):
 
         Raises:
             BatchError: the batch does not fit the policy (:meth:`check_batch`).
+            NonFiniteActionError: the chunk holds NaN or infinite values (never returned).
         """
         self.check_batch(batch, actions=False)
         prefix, state = self.encode(batch)
         chunk = self.head.sample(prefix, state, noise=noise, num_steps=num_steps, generator=generator)
-        return self.normalizer["action"].unnormalize(chunk)
+        actions = self.normalizer["action"].unnormalize(chunk)
+        if not bool(torch.isfinite(actions).all()):  # one reduction, read back once per chunk
+            bad = int((~torch.isfinite(actions)).sum())
+            raise NonFiniteActionError(
+                f"predict_action produced {bad} non-finite of {actions.numel()} action values: check the inputs "
+                "(e.g. intrinsics with fx = 0, depth of 1e30) and the weights (a damaged checkpoint)"
+            )
+        return actions
 
     def batch_spec(self, actions: bool) -> keys.BatchSpec:
         """What this policy reads from a batch (``actions``: the training loss's targets too)."""

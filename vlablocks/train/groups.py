@@ -70,6 +70,9 @@ def set_normalization(vla: VLA, stats: Mapping[str, Mapping[str, Any]]) -> None:
 
     Features ``"observation.state"`` and ``"action"`` are used; a feature the policy has but
     ``stats`` lacks keeps its statistics (with a warning).
+
+    Raises:
+        ValueError: naming the feature, when its statistics are not finite, ``std < 0`` or ``q01 > q99``.
     """
     for feature, key in STATS_FEATURES.items():
         if key not in vla.normalizer:
@@ -79,7 +82,10 @@ def set_normalization(vla: VLA, stats: Mapping[str, Mapping[str, Any]]) -> None:
             continue
         values = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in stats[feature].items()
                   if k in ("mean", "std", "q01", "q99")}
-        vla.normalizer[key].set_stats(**values)
+        try:
+            vla.normalizer[key].set_stats(**values)
+        except ValueError as err:
+            raise ValueError(f"dataset statistics of {feature!r} (meta/stats.json) cannot normalise: {err}") from err
 
 
 def set_trainable(vla: VLA, groups: Sequence[ParameterGroup]) -> None:
