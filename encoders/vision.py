@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -576,12 +577,19 @@ def _token_layout(
 
 
 def _load_timm_weights(path: str, classifier: str | Sequence[str] | None) -> dict[str, torch.Tensor]:
-    """State dict from a safetensors or torch file (``weights_only=True``), classifier dropped."""
-    from timm.models import load_state_dict
+    """State dict from a ``.safetensors`` file (``module.`` prefixes stripped), classifier dropped.
 
+    Only safetensors is read: a torch/pickle file could run code when loaded, and a checkpoint's
+    recipe must never make vlablocks unpickle anything.
+    """
     if not Path(path).is_file():
         raise ValueError(f"weights_path must be an existing local file; got {path!r}")
-    state = load_state_dict(path, weights_only=True)  # unwraps "state_dict"/"model"/EMA, strips "module."
+    if Path(path).suffix != ".safetensors":
+        raise ValueError(
+            f"weights_path must be a .safetensors file (vlablocks reads no pickled weights); got {path!r}: convert it "
+            "once with safetensors.torch.save_file(torch.load(path, weights_only=True), 'weights.safetensors')"
+        )
+    state = {k.removeprefix("module."): v for k, v in load_file(path).items()}
     names = (classifier,) if isinstance(classifier, str) else tuple(classifier or ())
     for name in names:
         state.pop(f"{name}.weight", None)
@@ -611,7 +619,7 @@ class TimmVision(VisionBackbone):
         model_name: a timm architecture name, optionally with a pretrained tag
             (``"vit_base_patch16_224.augreg_in21k"``); hub names are rejected.
         image_size: input size in pixels (square).
-        weights_path: local weights file; ``None`` keeps timm's random initialisation.
+        weights_path: local ``.safetensors`` weights file; ``None`` keeps timm's random initialisation.
 
     Shapes: ``images [B, 3, S, S]`` -> ``tokens [B, gh * gw, out_dim]``.
     """

@@ -216,12 +216,11 @@ def test_siglip_argument_errors(siglip_dir):
 # ---------------------------------------------------------------- timm
 
 
-@pytest.mark.parametrize("suffix", ["safetensors", "pt"])
-def test_timm_vit_loads_local_weights_and_drops_prefix_tokens(tmp_path, suffix):
+def test_timm_vit_loads_local_weights_and_drops_prefix_tokens(tmp_path):
     torch.manual_seed(0)
     ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32).eval()  # with its 1000-class head
-    file = tmp_path / f"weights.{suffix}"
-    save_file(ref.state_dict(), file) if suffix == "safetensors" else torch.save(ref.state_dict(), file)
+    file = tmp_path / "weights.safetensors"
+    save_file({f"module.{k}": v for k, v in ref.state_dict().items()}, file)  # a DDP-saved state dict
     enc = TimmVision("vit_tiny_patch16_224", image_size=32, weights_path=str(file)).eval()
     assert (enc.out_dim, enc.patch_size, enc.grid) == (192, 16, (2, 2))
     x = images()
@@ -252,6 +251,10 @@ def test_timm_meta_build_and_errors(tmp_path):
         TimmVision("hf-hub:timm/vit_tiny_patch16_224", image_size=32)
     with pytest.raises(ValueError, match="weights_path must be an existing local file"):
         TimmVision("resnet18", image_size=32, weights_path=str(tmp_path / "missing.safetensors"))
+    pickled = tmp_path / "resnet.pt"
+    torch.save(timm.create_model("resnet18").state_dict(), pickled)
+    with pytest.raises(ValueError, match=r"weights_path must be a .safetensors file \(vlablocks reads no pickled"):
+        TimmVision("resnet18", image_size=32, weights_path=str(pickled))
     file = tmp_path / "vit.safetensors"
     save_file(timm.create_model("vit_tiny_patch16_224", img_size=32).state_dict(), file)
     with pytest.raises(ValueError, match="does not fit timm model 'resnet18'"):
