@@ -5,13 +5,15 @@ may name a parent with ``extends: NAME_OR_PATH`` (a bundled recipe name, or a pa
 the file); mappings merge key by key (the child wins) unless the child names a different
 ``type:`` (then its mapping replaces the parent's whole), anything else is replaced, and
 ``null`` replaces too (``geometry: null`` switches a section off). Overrides ``a.b.c=VALUE`` (VALUE
-parsed as YAML; list items by index, ``experts.1.width=512``) apply last. Every key remembers
+parsed as YAML, numbers as YAML 1.2 reads them: ``5e-4`` is a float; list items by index,
+``experts.1.width=512``) apply last. Every key remembers
 the file (or override) that set it, so errors can say where a bad key came from.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +60,19 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 PLAIN_TAGS = frozenset(f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq", "map", "merge"))
 #: nodes visited at most (aliases count each time they are used): a bound on alias bombs.
 MAX_NODES = 100_000
+
+
+#: YAML 1.2 floats that YAML 1.1 (PyYAML) reads as strings: scientific notation without a dot (``5e-4``, ``1E6``).
+_YAML12_FLOAT = re.compile(r"[-+]?[0-9]+[eE][-+]?[0-9]+")
+
+
+def parse_override_value(text: str, source: str = OVERRIDE_SOURCE, key_path: str = "") -> Any:
+    """The value of a ``key=VALUE`` override: YAML (checked as :func:`parse_yaml` checks a recipe),
+    except that a number in scientific notation without a dot (``5e-4``, ``-2e+3``) is the float
+    YAML 1.2 makes of it, not the string PyYAML's YAML 1.1 resolver returns."""
+    if _YAML12_FLOAT.fullmatch(text.strip()):
+        return float(text)
+    return parse_yaml(text, source, key_path)
 
 
 def _short_tag(tag: str) -> str:
@@ -161,6 +176,8 @@ def resolve_recipe_path(name_or_path: str | Path, relative_to: Path | None = Non
         for candidate in candidates:
             if candidate.is_file():
                 return candidate.resolve()
+        if any(candidate.is_dir() for candidate in candidates):
+            raise RecipeError(f"recipe file {text!r} is a directory; give a .yaml file or a bundled recipe name")
         raise RecipeError(f"recipe file {text!r} not found")
     bundled = bundled_recipes()
     if text not in bundled:
@@ -252,7 +269,7 @@ def _apply_override(recipe: Recipe, override: str) -> None:
     key_path = key_path.strip()
     if not sep or not key_path:
         raise RecipeError(f"an override must look like key.path=value; got {override!r}", source=OVERRIDE_SOURCE)
-    value = parse_yaml(text, OVERRIDE_SOURCE, key_path)
+    value = parse_override_value(text, OVERRIDE_SOURCE, key_path)
     parts = key_path.split(".")
     node: Any = recipe.data
     for depth, part in enumerate(parts[:-1]):

@@ -53,6 +53,12 @@ def test_check_refuses_full_size_on_cpu_and_reports_recipe_errors(capsys):
     assert code == 1 and "recipe error: <command-line override>: head.num_stepz: unknown key 'num_stepz'" in err
 
 
+def test_help_and_usage_errors_return_their_status(capsys):
+    assert main(["--help"]) == 0 and "--debug" in capsys.readouterr().out
+    assert main(["train", "tiny_pi0", "--data", "d", "--steps", "0"]) == 2
+    assert capsys.readouterr().err == "vlablocks train: argument --steps: must be >= 1; got 0 (see vlablocks train --help)\n"
+
+
 ENTRY_POINT = shutil.which("vlablocks", path=f"{sys.prefix}/bin")
 
 

@@ -205,17 +205,21 @@ def test_gradient_guard_skips_a_nan_step(tmp_path, monkeypatch):
         return dataclasses.replace(out, loss=out.loss * float("nan")) if len(calls) == 2 else out
 
     monkeypatch.setattr(trainer.vla.head, "loss", nan_at_step_2)
+    applied, optimizer_step = [], trainer.optimizer.step
+    trainer.optimizer.step = lambda *a, **k: (applied.append(trainer.step + 1), optimizer_step(*a, **k))[1]
     final = trainer.train()
     assert final["guard_hits"] == 1 and trainer.guard_hits == 1
+    assert applied == [1, 3]  # the NaN step updated nothing
     assert [int(r["guard_hits"]) for r in metrics(tmp_path)] == [0, 1, 1]
-    steps = [tmp_path / f"checkpoints/step_{n:07d}" for n in (1, 2, 3)]
+    # no periodic checkpoint inside a run of skipped steps (the last good one stays `latest`)
+    assert not (tmp_path / "checkpoints/step_0000002").exists()
+    steps = [tmp_path / f"checkpoints/step_{n:07d}" for n in (1, 3)]
     for name in ("model.safetensors", "ema.safetensors", "trainer_state.safetensors"):
-        one, two, three = (load_file(s / name) for s in steps)
+        one, three = (load_file(s / name) for s in steps)
         keys = [k for k in one if not k.startswith("rng.")]
-        assert all(torch.equal(one[k], two[k]) for k in keys), f"{name} changed by the skipped step"
-        assert not all(torch.equal(two[k], three[k]) for k in keys), f"{name} unchanged by the next step"
+        assert not all(torch.equal(one[k], three[k]) for k in keys), f"{name} unchanged by the next step"
     state = json.loads((steps[1] / "trainer_state.json").read_text())
-    assert state["guard_hits"] == 1 and state["scheduler"]["last_epoch"] == 2
+    assert state["guard_hits"] == 1 and state["scheduler"]["last_epoch"] == 3
 
 
 def test_guard_max_grad_norm_counts_large_gradients(tmp_path):

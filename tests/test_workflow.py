@@ -1,6 +1,7 @@
 """The command-line workflow end to end on a tiny scale: data -> train -> resume -> eval."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -47,10 +48,11 @@ def test_train_resume_and_eval_through_the_cli(data_dir, tmp_path, capsys):
     assert {p.name for p in (run / "report").iterdir()} == {"report.md", "report.json", "report.png"}
 
 
-def test_train_rejects_a_dataset_that_does_not_fit(data_dir, tmp_path):
-    with pytest.raises(ValueError, match=r"does not fit the recipe: images are 32x32 but vision.image_size is 96; the recipe has a "
-                                         r"geometry encoder but the dataset has no depth"):
-        main(["train", "tiny_llava3d_deepfusion", "--data", str(data_dir), "--out", str(tmp_path / "r"), "--steps", "200"])
+def test_train_rejects_a_dataset_that_does_not_fit(data_dir, tmp_path, capsys):
+    assert main(["train", "tiny_llava3d_deepfusion", "--data", str(data_dir), "--out", str(tmp_path / "r"), "--steps", "200"]) == 1
+    last = capsys.readouterr().err.splitlines()[-1]  # after the data-loading progress bar
+    assert re.fullmatch(r"vlablocks train: .*does not fit the recipe: images are 32x32 but vision.image_size is 96; the recipe "
+                        r"has a geometry encoder but the dataset has no depth.*", last)
 
 
 def test_a_run_is_reproducible_from_its_recipe_and_seed(data_dir, tmp_path):
@@ -70,7 +72,7 @@ def test_a_run_is_reproducible_from_its_recipe_and_seed(data_dir, tmp_path):
     assert not all(torch.equal(first[k], other[k]) for k in first)
 
 
-def test_training_refuses_a_bad_episode_unless_told_to_skip_it(data_dir, tmp_path):
+def test_training_refuses_a_bad_episode_unless_told_to_skip_it(data_dir, tmp_path, capsys):
     import shutil
 
     from vlablocks.data.format import episode_path
@@ -83,8 +85,10 @@ def test_training_refuses_a_bad_episode_unless_told_to_skip_it(data_dir, tmp_pat
     run = tmp_path / "run"
     common = ["train", "tiny_pi0", "--data", str(data), "--out", str(run), "policy.action_dim=4", "policy.state_dim=4",
               "train.batch_size=2", "--steps", "1"]
-    with pytest.raises(EpisodeError, match=r"episode_000001.parquet \(episode 1\): "):
-        main(common)
+    assert main(common) == 1
+    assert re.search(r"^vlablocks train: .*episode_000001.parquet \(episode 1\): ", capsys.readouterr().err.splitlines()[-1])
+    with pytest.raises(EpisodeError, match=r"episode_000001.parquet \(episode 1\): "):  # --debug: the exception itself
+        main(["--debug", *common])
     assert not (run / "checkpoints").exists()
     assert main([*common, "--skip-bad-episodes"]) == 0
     skipped = json.loads((run / "data.json").read_text())["skipped_episodes"]
@@ -109,7 +113,7 @@ def test_the_tutorial_recipe_trains_on_demo_format_data(tmp_path):
     assert policy.head.denoiser.state_expert == 1
 
 
-def test_a_goal_state_run_is_evaluated_with_the_goal_state(tmp_path):
+def test_a_goal_state_run_is_evaluated_with_the_goal_state(tmp_path, capsys):
     """The eval must feed the 7-number state the run trained on (a 4-number one would pass the
     state <= state_dim check silently): the layout comes from the names in data.json."""
     data, run = tmp_path / "goal", tmp_path / "run"
@@ -119,8 +123,8 @@ def test_a_goal_state_run_is_evaluated_with_the_goal_state(tmp_path):
                  "policy.state_dim=7", "train.batch_size=2"]) == 0
     assert json.loads((run / "data.json").read_text())["state_names"][4:] == ["goal_x", "goal_y", "goal_z"]
     # tiny_pi0 predicts chunks of 4 actions: more executed steps than that is refused, not cut short
-    with pytest.raises(ValueError, match=r"execute_steps=16 is more than the policy's chunk of horizon=4 actions"):
-        main(["eval", str(run), "--tasks", "reach-v3", "--episodes", "1", "--execute-steps", "16"])
+    assert main(["eval", str(run), "--tasks", "reach-v3", "--episodes", "1", "--execute-steps", "16"]) == 1
+    assert "execute_steps=16 is more than the policy's chunk of horizon=4 actions" in capsys.readouterr().err
     assert main(["eval", str(run), "--tasks", "reach-v3", "--episodes", "1"]) == 0  # default: min(8, horizon)
     results = json.loads((run / "eval" / "results.json").read_text())
     assert results["execute_steps"] == 4

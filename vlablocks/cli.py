@@ -6,9 +6,16 @@
     vlablocks eval RUN --env metaworld --tasks ... --episodes N [--video]
     vlablocks report RUN [--data DIR] [--samples N]            loss by flow time, action errors, gradients
     vlablocks bench RECIPE [--device cpu|cuda] [--dtype fp32|bf16] [--compile [step|chunk]] [--batch B] [--steps N] [--json FILE]
+    vlablocks --debug COMMAND ...                                full tracebacks (or VLABLOCKS_DEBUG=1)
 
 RECIPE is a bundled recipe name or a path to a YAML file; ``key.path=value`` arguments override
 recipe keys, and ``train.FIELD=value`` overrides a training setting (``vlablocks.train.config.TrainConfig``).
+
+A mistake is answered with one line on stderr, ``vlablocks COMMAND: what, where, what to do``:
+exit status 2 for a usage error (an unknown option, a value out of range), 1 for a failure (a
+bad recipe, dataset, run directory or file: the types in :data:`USER_ERRORS`). ``--debug`` (or
+``VLABLOCKS_DEBUG=1``) re-raises with the traceback; any other exception is a bug and keeps its
+traceback, followed by a line asking to report it.
 """
 
 from __future__ import annotations
@@ -17,20 +24,25 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 import yaml
 
 from vlablocks.envs import ENVS
-from vlablocks.envs.metaworld.tasks import STATE_LAYOUTS
+from vlablocks.data.reader import EpisodeError
+from vlablocks.envs.metaworld.tasks import CAMERAS, STATE_LAYOUTS
 from vlablocks.eval.run import evaluate_run, format_results
+from vlablocks.io.manifest import CheckpointError
+from vlablocks.policy.batch import BatchError
 from vlablocks.policy.checks import smoke_check
 from vlablocks.policy.vla import VLA
 from vlablocks.recipes.builder import build
 from vlablocks.recipes.loader import Recipe, RecipeError, bundled_recipes, load_recipe
 from vlablocks.tools.bench import BenchSettings, format_table, run_bench, write_result
 from vlablocks.tools.report import build_report, format_report, write_report
+from vlablocks.train.checkpoint import LatestPointerError
 from vlablocks.train.config import train_config
 from vlablocks.train.workflow import train_from_recipe
 
@@ -40,10 +52,71 @@ logger = logging.getLogger("vlablocks")
 CHECK_PARAMETER_LIMIT = 300_000_000
 #: exit status of ``train`` stopped by SIGTERM after its checkpoint (128 + 15, as a shell reports it).
 EXIT_TERMINATED = 143
+#: exit status of a usage error (argparse's) and of a failure answered with one line.
+EXIT_USAGE, EXIT_FAILURE = 2, 1
+#: set to 1 to re-raise errors with their traceback, as ``--debug`` does.
+DEBUG_ENV = "VLABLOCKS_DEBUG"
+#: errors of the toolkit and of its input, answered with one line (the named ``ValueError``
+#: subclasses are listed for the reader: ``ValueError`` covers them).
+USER_ERRORS: tuple[type[Exception], ...] = (
+    RecipeError, BatchError, CheckpointError, EpisodeError, LatestPointerError,
+    FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
+    ValueError, TypeError, KeyError,
+)
 
 
 def _out(text: str = "") -> None:
     sys.stdout.write(text + "\n")
+
+
+def _err(text: str) -> None:
+    sys.stderr.write(text + "\n")
+
+
+class UsageError(Exception):
+    """A command line argparse (or the CLI) refuses; its message is already one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """``ArgumentParser`` whose errors are one line naming the (sub)command, not usage + error."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {one_line(message)} (see {self.prog} --help)")
+
+
+def one_line(text: str) -> str:
+    """``text`` with its lines joined by spaces (each stripped, empty ones dropped)."""
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def describe_error(err: BaseException) -> str:
+    """One line for a user error: the message, the file an ``OSError`` names, the key of a ``KeyError``."""
+    if isinstance(err, RecipeError):
+        return f"recipe error: {one_line(str(err))}"
+    if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in str(err.strerror or ""):
+        return one_line(f"{err.filename}: {err.strerror or type(err).__name__}")
+    if isinstance(err, KeyError) and len(err.args) == 1:
+        key = err.args[0]
+        return one_line(key if isinstance(key, str) and " " in key else f"missing key {key!r}")
+    return one_line(str(err)) or type(err).__name__
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type=`` for integers ``>= low``: argparse names the option in its error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}; got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}; got {value}")
+        return value
+
+    return parse
+
+
+positive_int = int_at_least(1)
 
 
 def parameter_table(vla: VLA) -> list[tuple[str, int, int]]:
@@ -133,7 +206,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     run = train_from_recipe(
         args.recipe, args.data, out=args.out, overrides=args.overrides, steps=args.steps, resume=args.resume,
-        skip_bad_episodes=args.skip_bad_episodes,
+        skip_bad_episodes=args.skip_bad_episodes, move_aside=args.move_aside,
     )
     _out(f"run directory: {run.out_dir}")
     if run.interrupted:
@@ -170,9 +243,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             device=args.device, dtype=args.dtype, compile=args.compile, batch=args.batch, train_batch=args.train_batch,
             steps=args.steps, repeats=args.repeats, warmup=args.warmup, train=args.train, memory=args.memory,
         )
-    except ValueError as err:
-        sys.stderr.write(f"bench: {err}\n")
-        return 2
+    except ValueError as err:  # the settings are checked before anything runs: a usage error
+        _err(f"vlablocks bench: {one_line(str(err))} (see vlablocks bench --help)")
+        return EXIT_USAGE
     result = run_bench(args.recipe, args.overrides, settings, progress=lambda m: sys.stderr.write(f"bench: {m}\n"))
     _out(format_table(result))
     if args.json:
@@ -192,7 +265,7 @@ def _add_inspect_commands(sub: Any) -> None:
     check = sub.add_parser("check", help="build, one loss + backward + predict_action on random inputs")
     check.add_argument("recipe")
     check.add_argument("overrides", nargs="*", help="key.path=value")
-    check.add_argument("--batch", type=int, default=2)
+    check.add_argument("--batch", type=positive_int, default=2)
     check.add_argument("--force", action="store_true", help=f"run even above {CHECK_PARAMETER_LIMIT:,} parameters")
     check.set_defaults(fn=cmd_check)
 
@@ -203,17 +276,18 @@ def _add_data_commands(sub: Any) -> None:
     data_sub = data.add_subparsers(dest="source", required=True)
     mw = data_sub.add_parser("metaworld", help="Meta-World scripted-expert demos in the LeRobot layout")
     mw.add_argument("--tasks", required=True, help="comma-separated Meta-World v3 task names")
-    mw.add_argument("--episodes", type=int, required=True, help="successful episodes per task (layouts 0..N-1)")
+    mw.add_argument("--episodes", type=positive_int, required=True, help="successful episodes per task (layouts 0..N-1)")
     mw.add_argument("--out", required=True)
-    mw.add_argument("--image-size", type=int, default=128)
-    mw.add_argument("--camera", default="corner")
+    mw.add_argument("--image-size", type=positive_int, default=128)
+    mw.add_argument("--camera", default="corner", choices=list(CAMERAS))
     mw.add_argument("--depth", action="store_true", help="also record depth (with intrinsics and pose)")
     mw.add_argument("--state", default="proprio", choices=list(STATE_LAYOUTS),
                     help="the state vector: hand xyz + gripper opening, or that + the goal xyz "
                          "(as Meta-World's MT benchmarks observe it)")
     mw.add_argument("--seed", type=int, default=0)
-    mw.add_argument("--overwrite", action="store_true")
-    mw.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    mw.add_argument("--overwrite", action="store_true",
+                    help="replace the dataset in --out once the new one is complete (a directory that is not one is refused)")
+    mw.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
                     help="simulator processes (default: one per CPU; the dataset does not depend on it)")
     mw.set_defaults(fn=cmd_data)
 
@@ -227,9 +301,11 @@ def _add_train_command(sub: Any) -> None:
     train.add_argument("recipe")
     train.add_argument("overrides", nargs="*", help="key.path=value (recipe) or train.FIELD=value (training)")
     train.add_argument("--data", required=True)
-    train.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides train.steps)")
+    train.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (overrides train.steps)")
     train.add_argument("--out", default=None, help="run directory (default runs/<recipe>)")
     train.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    train.add_argument("--move-aside", action="store_true",
+                       help="rename a run already in --out to OUT.old-<timestamp> (nothing is deleted) and start a new one")
     train.add_argument("--skip-bad-episodes", action="store_true",
                        help="leave out episodes that cannot be read (missing, truncated, NaN) instead of stopping; "
                             "they are logged and listed in data.json")
@@ -242,13 +318,13 @@ def _add_eval_command(sub: Any) -> None:
     evaluate.add_argument("run", help="a run directory (its latest checkpoint) or a checkpoint directory")
     evaluate.add_argument("--env", choices=sorted(ENVS), default="metaworld")
     evaluate.add_argument("--tasks", required=True)
-    evaluate.add_argument("--episodes", type=int, default=10)
-    evaluate.add_argument("--execute-steps", type=int, default=None,
+    evaluate.add_argument("--episodes", type=positive_int, default=10)
+    evaluate.add_argument("--execute-steps", type=positive_int, default=None,
                           help="actions executed per predicted chunk (default: 8, or the policy's horizon if shorter)")
     evaluate.add_argument("--video", action="store_true", help="write one video per episode")
     evaluate.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights, not the EMA")
     evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--workers", type=int, default=1,
+    evaluate.add_argument("--workers", type=positive_int, default=1,
                           help="rollout processes, each with a copy of the policy (results do not depend on it)")
     evaluate.set_defaults(fn=cmd_eval)
 
@@ -258,9 +334,9 @@ def _add_tool_commands(sub: Any) -> None:
     report = sub.add_parser("report", help="why a run's loss is where it is: loss by flow time, action errors")
     report.add_argument("run", help="a training run directory")
     report.add_argument("--data", default=None, help="dataset (default: the one the run trained on)")
-    report.add_argument("--samples", type=int, default=256, help="dataset items to evaluate")
-    report.add_argument("--batch", type=int, default=32)
-    report.add_argument("--t-bins", type=int, default=10, help="flow-time bins")
+    report.add_argument("--samples", type=positive_int, default=256, help="dataset items to evaluate")
+    report.add_argument("--batch", type=positive_int, default=32)
+    report.add_argument("--t-bins", type=positive_int, default=10, help="flow-time bins")
     report.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights, not the EMA")
     report.add_argument("--seed", type=int, default=0)
     report.add_argument("--out", default=None, help="output folder (default RUN/report)")
@@ -285,23 +361,56 @@ def _add_tool_commands(sub: Any) -> None:
     bench.set_defaults(fn=cmd_bench)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vlablocks", description="Compose, inspect, train, evaluate and measure VLA recipes.")
+def build_parser() -> argparse.ArgumentParser:
+    """The ``vlablocks`` parser with every subcommand."""
+    parser = _Parser(prog="vlablocks", description="Compose, inspect, train, evaluate and measure VLA recipes.")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the full traceback of an error (also: {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_inspect_commands, _add_data_commands, _add_train_command, _add_eval_command, _add_tool_commands):
         add(sub)
-    # key=value overrides may also come after options (`train R --data D k=v`): argparse leaves those over
-    args, extra = parser.parse_known_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parsed arguments; ``key=value`` overrides may also come after options (``train R --data D
+    k=v``): argparse leaves those over. UsageError for anything it cannot place."""
+    args, extra = build_parser().parse_known_args(argv)
     if extra:
+        prog = f"vlablocks {args.command}" + (f" {args.source}" if getattr(args, "source", None) else "")
         if not hasattr(args, "overrides") or not all("=" in item and not item.startswith("-") for item in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            raise UsageError(f"{prog}: unrecognized arguments: {' '.join(extra)} (see {prog} --help)")
         args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns its exit status (see the module docstring for errors)."""
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    try:
+        args = parse_args(argv)
+    except UsageError as err:
+        _err(str(err))
+        return EXIT_USAGE
+    except SystemExit as exit_:  # --help
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    debug = debug or args.debug
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    command = " ".join(["vlablocks", args.command, *([args.source] if getattr(args, "source", None) else [])])
     try:
         return args.fn(args)
-    except RecipeError as err:
-        sys.stderr.write(f"recipe error: {err}\n")
-        return 1
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        _err(f"{command}: {describe_error(err)}")
+        return EXIT_FAILURE
+    except Exception as err:
+        if debug:
+            raise
+        traceback.print_exc()
+        _err(f"{command}: internal error ({type(err).__name__}: {one_line(str(err))}): this is a bug; "
+             "please report it with the traceback above")
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,8 +48,10 @@ class DatasetWriter:
     ``observation.depth.<cam> [T, H, W]`` (metres) and with ``cam_to_world``
     ``observation.cam_to_world.<cam> [T, 4, 4]``. Nothing else is accepted.
 
-    An existing non-empty ``root`` is refused unless ``overwrite=True``, which deletes its
-    ``meta/`` and ``data/`` folders (and nothing else) first.
+    An existing non-empty ``root`` is refused unless ``overwrite=True`` and it holds a dataset
+    this writer writes (:func:`is_dataset`): then the new dataset is written into a hidden sibling
+    directory and swapped in by :meth:`finalize`, the old one removed only after the swap (until
+    then ``root`` is untouched). :meth:`abort` removes what an unfinished writer wrote.
     """
 
     def __init__(
@@ -72,15 +76,15 @@ class DatasetWriter:
         if not cameras or len(set(cameras)) != len(cameras) or not all(CAMERA_NAME.match(c) for c in cameras):
             raise ValueError(f"cameras must be distinct non-empty names of letters, digits, '_' or '-'; got {list(cameras)}")
         self.root = Path(root)
+        check_output(self.root, overwrite)
+        #: where the episodes go: ``root`` itself, or (replacing a dataset) a hidden sibling
+        self._staging: Path | None = None
         if self.root.exists() and any(self.root.iterdir()):
-            if not overwrite:
-                raise FileExistsError(
-                    f"{self.root} exists and is not empty ({sorted(p.name for p in self.root.iterdir())[:5]}); "
-                    "pass overwrite=True to replace the dataset in it"
-                )
-            for folder in ("meta", "data"):
-                shutil.rmtree(self.root / folder, ignore_errors=True)
-        self.root.mkdir(parents=True, exist_ok=True)
+            self._staging = Path(tempfile.mkdtemp(prefix=f".{self.root.name}.", suffix=".tmp", dir=self.root.parent))
+            self._staging.chmod(0o755)
+        else:
+            self.root.mkdir(parents=True, exist_ok=True)
+        self._target = self._staging or self.root
         self.fps, self.cameras, self.robot_type = float(fps), list(cameras), robot_type
         self.state_dim, self.action_dim = state_dim, action_dim
         self.state_names = list(state_names) if state_names is not None else None
@@ -125,7 +129,7 @@ class DatasetWriter:
         columns["episode_index"] = pa.array(np.full(length, episode, dtype=np.int64))
         columns["index"] = pa.array(frame_index + self._total_frames)
         columns["task_index"] = pa.array(np.full(length, task_index, dtype=np.int64))
-        path = self.root / episode_path(episode)
+        path = self._target / episode_path(episode)
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             pq.write_table(pa.table(columns), tmp)
@@ -177,14 +181,29 @@ class DatasetWriter:
         """Write ``meta/`` (tasks, episodes, stats, info last); returns the dataset root."""
         if not self._episodes:
             raise ValueError(f"{self.root}: no episodes were added; refusing to write an empty dataset")
-        (self.root / "meta").mkdir(exist_ok=True)
-        _write_jsonl(self.root / TASKS_FILE, [{"task_index": i, "task": t} for t, i in self._tasks.items()])
-        _write_jsonl(self.root / EPISODES_FILE, self._episodes)
+        target = self._target
+        (target / "meta").mkdir(exist_ok=True)
+        _write_jsonl(target / TASKS_FILE, [{"task_index": i, "task": t} for t, i in self._tasks.items()])
+        _write_jsonl(target / EPISODES_FILE, self._episodes)
         stats = {STATE: feature_stats(np.concatenate(self._states)), ACTION: feature_stats(np.concatenate(self._actions))}
-        write_json(self.root / STATS_FILE, {name: {k: v.tolist() for k, v in s.items()} for name, s in stats.items()})
-        write_json(self.root / INFO_FILE, self._info())
-        self._finalized = True
+        write_json(target / STATS_FILE, {name: {k: v.tolist() for k, v in s.items()} for name, s in stats.items()})
+        write_json(target / INFO_FILE, self._info())
+        self._finalized = True  # complete: abort() leaves it (a failed swap names where it is)
+        if self._staging is not None:
+            swap_in(self._staging, self.root)
         return self.root
+
+    def abort(self) -> None:
+        """Remove what this unfinished writer wrote: its hidden directory, or the ``meta/`` and
+        ``data/`` it made in a ``root`` that was empty; an existing dataset stays as it was."""
+        if self._finalized:
+            return
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+        else:
+            for folder in ("meta", "data"):
+                shutil.rmtree(self.root / folder, ignore_errors=True)
+        self._finalized = True
 
     def _info(self) -> dict[str, Any]:
         def vector(dim: int, names: list[str] | None = None) -> dict[str, Any]:
@@ -223,6 +242,52 @@ class DatasetWriter:
             "video_path": None,
             "features": features,
         }
+
+
+def is_dataset(root: Path) -> bool:
+    """Whether ``root`` holds a dataset :class:`DatasetWriter` writes: ``meta/info.json`` with a
+    ``codebase_version``, and nothing but ``meta/`` and ``data/``."""
+    try:
+        info = json.loads((root / INFO_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and "codebase_version" in info and {p.name for p in root.iterdir()} <= {"meta", "data"}
+
+
+def check_output(root: Path, overwrite: bool) -> None:
+    """Refuse an output directory a writer must not touch (FileExistsError naming it): a file, a
+    non-empty directory without ``overwrite``, or (with it) one that is not a dataset."""
+    if root.exists() and not root.is_dir():
+        raise FileExistsError(f"{root} exists and is not a directory; choose another output directory")
+    if not root.exists() or not any(root.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"{root} exists and is not empty ({sorted(p.name for p in root.iterdir())[:5]}); "
+            "pass overwrite=True (--overwrite) to replace the dataset in it"
+        )
+    if not is_dataset(root):
+        raise FileExistsError(
+            f"{root} is not a dataset written by vlablocks (expected only meta/ and data/, with a codebase_version in "
+            f"{INFO_FILE}; it holds {sorted(p.name for p in root.iterdir())[:5]}); refusing to overwrite it, "
+            "nothing in it was touched: choose another output directory"
+        )
+
+
+def swap_in(staging: Path, root: Path) -> None:
+    """Replace the dataset ``root`` with the complete ``staging`` directory: the old one is renamed
+    aside, ``staging`` renamed into place, then the old one removed (only if still a dataset)."""
+    if not root.exists():
+        os.replace(staging, root)
+        return
+    if not is_dataset(root):
+        raise FileExistsError(f"{root} changed while the new dataset was written and is no longer a dataset; "
+                              f"left it as it is; the new dataset is in {staging}")
+    old = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".old", dir=root.parent))
+    os.replace(root, old)  # onto the empty directory just made: a unique name
+    os.replace(staging, root)
+    shutil.rmtree(old)
+    logger.info("replaced the dataset in %s", root)
 
 
 def _list_column(values: np.ndarray) -> pa.Array:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -39,16 +40,36 @@ logger = logging.getLogger(__name__)
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
 EMA_FILE = "ema.safetensors"
+#: the name of a checkpoint directory inside ``checkpoints/`` (``step_{N:07d}``; more digits past 9,999,999 steps).
+STEP_NAME = re.compile(r"step_[0-9]{7,}")
 #: full (unsharded) state dicts on the CPU, also under FSDP (every process joins the gather).
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
+class LatestPointerError(ValueError):
+    """``checkpoints/latest`` does not name a ``step_NNNNNNN`` directory of its own run."""
+
+
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The checkpoint named by ``out_dir/checkpoints/latest``, or ``None``."""
+    """The checkpoint named by ``out_dir/checkpoints/latest``, or ``None`` when there is no ``latest``.
+
+    The name must be a plain ``step_NNNNNNN`` directory inside ``checkpoints/`` (no ``/``, no
+    ``..``, no absolute path) that exists: anything else raises :class:`LatestPointerError`, so a
+    resume never continues another run's checkpoint.
+    """
     pointer = Path(out_dir) / CHECKPOINTS_DIR / LATEST_FILE
     if not pointer.is_file():
         return None
-    return pointer.parent / pointer.read_text(encoding="utf-8").strip()
+    name = pointer.read_text(encoding="utf-8").strip()
+    if not STEP_NAME.fullmatch(name):
+        raise LatestPointerError(
+            f"{pointer} says {name!r}; expected the name of a checkpoint directory in {pointer.parent} "
+            "(step_NNNNNNN: no '/', no '..', no absolute path)"
+        )
+    checkpoint = pointer.parent / name
+    if not checkpoint.is_dir():
+        raise LatestPointerError(f"{pointer} says {name!r} but {checkpoint} is not a directory; expected an existing checkpoint")
+    return checkpoint
 
 
 def load_ema_policy(checkpoint_dir: str | Path, map_location: str | torch.device = "cpu") -> VLA:

@@ -10,9 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import yaml
-
-from vlablocks.recipes.loader import Recipe, RecipeError
+from vlablocks.recipes.loader import OVERRIDE_SOURCE, Recipe, RecipeError, parse_override_value
 from vlablocks.recipes.schema import MAX_SETTING_INT, call_with
 
 #: command-line overrides of a training setting start with this (``train.lr=5e-4``).
@@ -35,6 +33,9 @@ class TrainConfig:
         clip_grad_norm: clip the total gradient norm to this (``None``: no clipping).
         guard_max_grad_norm: the gradient guard skips the optimizer step (and counts it) when the
             total gradient norm is non-finite, or above this (``None``: non-finite only).
+        max_guard_hits_in_a_row: stop the run with an error (no checkpoint written; the last good
+            one stays ``latest``) after this many consecutive steps the guard skipped: a diverged
+            run or NaN inputs (``None``: never stop).
         ema_decay: EMA decay of the trainable weights (``None``: no EMA); warmed up as
             ``min(ema_decay, (1 + step) / (10 + step))`` so that a short run's EMA is not half
             its random initialisation (0.999 ** 700 = 0.5).
@@ -63,6 +64,7 @@ class TrainConfig:
     grad_accumulation: int = 1
     clip_grad_norm: float | None = 1.0
     guard_max_grad_norm: float | None = None
+    max_guard_hits_in_a_row: int | None = 5
     ema_decay: float | None = None
     mixed_precision: Literal["no", "bf16"] = "no"
     gradient_checkpointing: bool = False
@@ -84,8 +86,10 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"TrainConfig.{name} must be an integer >= {low}; got {value!r}")
-        if self.save_every is not None and (not isinstance(self.save_every, int) or self.save_every < 1):
-            raise ValueError(f"TrainConfig.save_every must be an integer >= 1 or None; got {self.save_every!r}")
+        for name in ("save_every", "max_guard_hits_in_a_row"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"TrainConfig.{name} must be an integer >= 1 or None; got {value!r}")
         for name in ("lr", "backbone_lr_scale", "expert_lr_scale"):
             if not getattr(self, name) > 0:
                 hint = " (to keep parameters fixed, freeze them)" if name.endswith("scale") else ""
@@ -144,9 +148,9 @@ def train_config(recipe: Recipe, train_overrides: Sequence[str] = (), steps: int
     for override in train_overrides:
         key, sep, text = override[len(TRAIN_PREFIX) :].partition("=")
         if not sep or not key or "." in key:
-            raise RecipeError(f"a training override must look like train.FIELD=value; got {override!r}", source="<command-line override>")
-        node[key] = yaml.safe_load(text)
-        recipe.sources[f"train.{key}"] = "<command-line override>"
+            raise RecipeError(f"a training override must look like train.FIELD=value; got {override!r}", source=OVERRIDE_SOURCE)
+        node[key] = parse_override_value(text, OVERRIDE_SOURCE, f"train.{key}")
+        recipe.sources[f"train.{key}"] = OVERRIDE_SOURCE
     if steps is not None:
         node["steps"] = steps
     return call_with(TrainConfig, node, "train", recipe, max_int=MAX_SETTING_INT)

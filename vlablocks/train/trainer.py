@@ -59,6 +59,7 @@ from vlablocks.train.accelerator import make_accelerator
 from vlablocks.train.checkpoint import (
     CHECKPOINTS_DIR,
     EMA_FILE,
+    latest_checkpoint,
     load_model_state,
     recover_checkpoints,
     save_model_state,
@@ -97,6 +98,10 @@ from vlablocks.train.state import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """Training stopped: too many consecutive optimizer steps were skipped by the gradient guard."""
 
 
 class Trainer:
@@ -151,6 +156,7 @@ class Trainer:
 
         self.step = 0
         self.guard_hits = 0
+        self._hits_in_a_row = 0  # consecutive guard hits, for the divergence stop (not checkpointed)
         self._epoch = 0
         self._batch_in_epoch = 0
         self._epoch_generator_state: torch.Tensor | None = None
@@ -208,6 +214,7 @@ class Trainer:
                     window.append(self._train_step(stream))
                     self.step += 1
                     bar.update(1)
+                    self._stop_if_diverged(window, writer, clock)
                     self.interrupted = any_process_stopping(accel, stop.requested)
                     if self._end_of_step(window, writer, clock, bar):
                         window = []
@@ -220,6 +227,21 @@ class Trainer:
                 writer.close()
         return dict(self._rows[-1]) if self._rows else {}
 
+    def _stop_if_diverged(self, window: list[StepStats], writer: Any, clock: tuple[float, float]) -> None:
+        """Log the steps so far and raise :class:`TrainingDiverged` after ``max_guard_hits_in_a_row``
+        skipped steps in a row (the same on every process: the guard reads the global grad norm)."""
+        limit = self.config.max_guard_hits_in_a_row
+        if limit is None or self._hits_in_a_row < limit:
+            return
+        row = self._log(window, writer, clock)
+        latest = latest_checkpoint(self.out_dir)
+        raise TrainingDiverged(
+            f"step {self.step}: the gradient guard skipped {self._hits_in_a_row} optimizer steps in a row (loss "
+            f"{row['loss']:.4g}, total grad norm {row['grad_total_norm']:.4g}): the run diverged or its inputs hold "
+            f"NaN; no checkpoint was written, the last good one is {latest or 'none (no checkpoint yet)'} "
+            f"(metrics: {self.out_dir / METRICS_FILE}; raise train.max_guard_hits_in_a_row to allow more)"
+        )
+
     def _end_of_step(self, window: list[StepStats], writer: Any, clock: tuple[float, float], bar: Any) -> bool:
         """Log (and checkpoint) after a step as the config says; True if ``window`` was logged."""
         config = self.config
@@ -229,7 +251,8 @@ class Trainer:
             row = self._log(window, writer, clock)
             bar.set_postfix(loss=f"{row['loss']:.4f}", vel_cos=f"{row['vel_cosine']:.3f}",
                             lr=f"{max(window[-1].lrs.values()):.2e}", samples_s=f"{row['samples_per_s']:.1f}")
-        if (config.save_every and self.step % config.save_every == 0) or last:
+        # no periodic checkpoint inside a run of skipped steps: the last good one stays `latest`
+        if (config.save_every and self.step % config.save_every == 0 and not self._hits_in_a_row) or last:
             self.save_checkpoint()
         return logged
 
@@ -280,8 +303,10 @@ class Trainer:
             self.optimizer.step()
             if self._ema is not None:
                 self._ema.update(self.step)
+            self._hits_in_a_row = 0
         else:
             self.guard_hits += 1
+            self._hits_in_a_row += 1
             logger.warning("step %d: gradient guard skipped the update (total grad norm %s)", self.step + 1, norm)
         self.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():  # the schedule advances on skipped steps too

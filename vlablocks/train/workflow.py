@@ -8,6 +8,9 @@ dataset path, camera, image size, depth) and, after ``vlablocks eval``, ``eval/r
 
 from __future__ import annotations
 
+import logging
+import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +24,20 @@ from vlablocks.io.atomic import write_json
 from vlablocks.policy.vla import VLA
 from vlablocks.recipes.builder import build
 from vlablocks.recipes.loader import load_recipe
-from vlablocks.train.checkpoint import latest_checkpoint
+from vlablocks.train.checkpoint import CHECKPOINTS_DIR, latest_checkpoint, recover_checkpoints
 from vlablocks.train.config import split_overrides, train_config
+from vlablocks.train.metrics import METRICS_FILE
 from vlablocks.train.trainer import Trainer
 
+logger = logging.getLogger(__name__)
+
 DATA_INFO_FILE = "data.json"
+#: what makes a directory hold a run (training into it again would mix two runs).
+RUN_MARKERS = (METRICS_FILE, CHECKPOINTS_DIR, DATA_INFO_FILE)
+
+
+class RunExistsError(FileExistsError):
+    """The run directory already holds a run, and neither ``--resume`` nor ``--move-aside`` was given."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,54 @@ def data_info(dataset: LeRobotDataset, data: Path, sample: dict[str, Any]) -> di
             "skipped_episodes": [{"episode": e, "problem": problem} for e, problem in dataset.skipped]}
 
 
+def holds_run(out_dir: Path) -> bool:
+    """Whether ``out_dir`` holds a run (any of :data:`RUN_MARKERS`)."""
+    return any((out_dir / marker).exists() for marker in RUN_MARKERS)
+
+
+def launch_rank() -> int:
+    """This process's rank under ``accelerate launch`` / ``torchrun`` (0 when run alone): only rank 0
+    checks, moves aside and writes the run directory's own files, so the ranks do not race on it."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def check_run_dir(out_dir: Path, resume: bool, move_aside: bool) -> Path | None:
+    """Refuse a run directory that training would spoil; returns the checkpoint to resume from.
+
+    ``resume``: ``out_dir`` must have a checkpoint (FileNotFoundError). Otherwise a directory
+    holding a run is refused (:class:`RunExistsError`) unless ``move_aside`` (see
+    :func:`move_run_aside`, called once the run is known to start). Only an interrupted
+    checkpoint write is tidied (:func:`~vlablocks.train.checkpoint.recover_checkpoints`).
+    """
+    if resume and move_aside:
+        raise ValueError("--resume continues the run in the directory and --move-aside starts a new one; pass one of them")
+    if resume:
+        if launch_rank() == 0 and (out_dir / CHECKPOINTS_DIR).is_dir():  # a checkpoint write killed half-way
+            recover_checkpoints(out_dir / CHECKPOINTS_DIR)
+        checkpoint = latest_checkpoint(out_dir)
+        if checkpoint is None:
+            raise FileNotFoundError(f"--resume: {out_dir} has no checkpoint to resume from ({out_dir / CHECKPOINTS_DIR / 'latest'} "
+                                    "not found); train without --resume to start a run there")
+        return checkpoint
+    if holds_run(out_dir) and not move_aside and launch_rank() == 0:
+        raise RunExistsError(f"{out_dir} already holds a run; pass --resume to continue it, or --move-aside to rename it "
+                             f"to {out_dir.name}.old-<timestamp> and start a new one (or choose another --out)")
+    return None
+
+
+def move_run_aside(out_dir: Path) -> Path | None:
+    """Rename a run directory to ``<name>.old-<timestamp>`` (nothing is deleted); returns the new path."""
+    if not holds_run(out_dir):
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target, n = out_dir.with_name(f"{out_dir.name}.old-{stamp}"), 1
+    while target.exists():
+        target, n = out_dir.with_name(f"{out_dir.name}.old-{stamp}-{n}"), n + 1
+    os.replace(out_dir, target)
+    logger.warning("moved the earlier run %s aside to %s", out_dir, target)
+    return target
+
+
 def train_from_recipe(
     recipe: str | Path,
     data: str | Path,
@@ -73,6 +133,7 @@ def train_from_recipe(
     steps: int | None = None,
     resume: bool = False,
     skip_bad_episodes: bool = False,
+    move_aside: bool = False,
 ) -> RunResult:
     """Build a recipe, load a LeRobot-layout dataset, train, and return the run.
 
@@ -80,11 +141,15 @@ def train_from_recipe(
     The initial weights are drawn after ``torch.manual_seed(train.seed)``, so a run is
     reproducible from its recipe and data (torch seeds a fresh process at random). A bad episode
     stops the run before training (:class:`~vlablocks.data.reader.EpisodeError`) unless
-    ``skip_bad_episodes``: then it is left out and listed in ``data.json``.
+    ``skip_bad_episodes``: then it is left out and listed in ``data.json``. A directory that
+    already holds a run is refused (:class:`RunExistsError`) unless ``resume`` (continue it) or
+    ``move_aside`` (rename it to ``<out>.old-<timestamp>`` first); an empty one is fine.
     """
     recipe_overrides, train_overrides = split_overrides(overrides)
     loaded = load_recipe(recipe, recipe_overrides)
     config = train_config(loaded, train_overrides, steps)
+    out_dir = Path(out) if out is not None else Path("runs") / loaded.name
+    checkpoint = check_run_dir(out_dir, resume, move_aside)
     torch.manual_seed(config.seed)
     vla = build(loaded)
     data = Path(data)
@@ -92,14 +157,13 @@ def train_from_recipe(
                              skip_bad_episodes=skip_bad_episodes)
     sample = dataset[0]
     check_data_fits(vla, sample, data)
-    out_dir = Path(out) if out is not None else Path("runs") / loaded.name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / DATA_INFO_FILE, data_info(dataset, data, sample))
+    if launch_rank() == 0:
+        if move_aside:
+            move_run_aside(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(out_dir / DATA_INFO_FILE, data_info(dataset, data, sample))
     trainer = Trainer(vla, dataset, config, out_dir)
-    if resume:
-        checkpoint = latest_checkpoint(out_dir)
-        if checkpoint is None:
-            raise FileNotFoundError(f"--resume: {out_dir} has no checkpoint to resume from")
+    if checkpoint is not None:
         trainer.resume(checkpoint)
     metrics = trainer.train()
     return RunResult(out_dir, metrics, latest_checkpoint(out_dir), trainer.interrupted)

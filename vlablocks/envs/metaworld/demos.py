@@ -94,19 +94,38 @@ def generate_demos(
     entry ``state``, its names in ``meta/info.json``), ``action [4]``, the camera's image,
     intrinsics, pose and (with ``depth``) depth; fps 80, robot_type ``sawyer``, the task's
     instruction as its task. ``workers`` processes simulate in parallel; the dataset is the same
-    for any number.
+    for any number. Every argument is checked before ``out`` is touched; ``overwrite`` replaces
+    a dataset only once the new one is complete (:class:`~vlablocks.data.writer.DatasetWriter`).
     """
+    if image_size < 1:
+        raise ValueError(f"image_size must be >= 1; got {image_size}")
     make_env = MetaWorldEnvFactory(image_size=image_size, camera=camera, depth=depth, seed=seed, train=True,
                                    max_steps=max_steps, state=state)
     make_env.check(tasks, episodes_per_task)
     tasks = list(tasks)
     jobs = [DemoJob(make_env, task, layouts) for task, layouts in split_episodes(tasks, episodes_per_task, workers)]
+    # every argument is checked above (the factory: camera, state, steps; check: tasks, episodes; split: workers)
     writer = DatasetWriter(
         out, fps=FPS, cameras=[camera], state_dim=len(check_state(state)), action_dim=ACTION_DIM, depth=depth,
         cam_to_world=True, robot_type="sawyer", overwrite=overwrite, state_names=STATE_LAYOUTS[state][1],
     )
+    try:
+        failures = write_episodes(writer, jobs, workers, len(tasks) * episodes_per_task)
+        for task, count in failures.items():
+            logger.warning("%s: %d of %d expert episodes failed within %d steps and were dropped",
+                           task, count, episodes_per_task, max_steps)
+        total = len(tasks) * episodes_per_task
+        logger.info("%d of %d expert episodes kept", total - sum(failures.values()), total)
+        return writer.finalize()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def write_episodes(writer: DatasetWriter, jobs: Sequence[DemoJob], workers: int, total: int) -> dict[str, int]:
+    """Run the demo ``jobs`` on ``workers`` processes into ``writer``; returns the failed episodes per task."""
     failures: dict[str, int] = {}
-    with tqdm(total=len(tasks) * episodes_per_task, desc="expert demos", unit="episode") as bar:
+    with tqdm(total=total, desc="expert demos", unit="episode") as bar:
         for job, episodes in zip(jobs, run_jobs(jobs, workers, bar)):
             for frames, instruction in episodes:
                 if frames is None:
@@ -114,10 +133,4 @@ def generate_demos(
                 else:
                     writer.add_episode(frames, instruction)
             bar.set_postfix(failed=sum(failures.values()))
-    for task, count in failures.items():
-        logger.warning(
-            "%s: %d of %d expert episodes failed within %d steps and were dropped", task, count, episodes_per_task, max_steps
-        )
-    total = len(tasks) * episodes_per_task
-    logger.info("%d of %d expert episodes kept", total - sum(failures.values()), total)
-    return writer.finalize()
+    return failures
