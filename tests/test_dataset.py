@@ -268,3 +268,33 @@ def test_bad_episodes_can_be_skipped_explicitly_and_are_counted(tmp_path, caplog
     (root / episode_path(0)).unlink()
     with pytest.raises(ValueError, match=r"every episode is bad"):
         LeRobotDataset(root, horizon=2, skip_bad_episodes=True)
+
+
+@pytest.mark.parametrize("data_path", ["../elsewhere/episode_{episode_index:06d}.parquet",
+                                       "/tmp/episode_{episode_index:06d}.parquet"])
+def test_a_data_path_outside_the_dataset_is_refused(tmp_path, data_path):
+    root = tmp_path / "d"
+    write(root)
+    info = json.loads((root / "meta/info.json").read_text())
+    (tmp_path / "elsewhere").mkdir()
+    for i in range(3):  # a readable copy outside: refused all the same, never read
+        (tmp_path / "elsewhere" / f"episode_{i:06d}.parquet").write_bytes((root / episode_path(i)).read_bytes())
+    (root / "meta/info.json").write_text(json.dumps({**info, "data_path": data_path}))
+    with pytest.raises(ValueError, match=r"info.json: data_path .* points outside the dataset"):
+        LeRobotDataset(root, horizon=2)
+
+
+def test_a_duplicated_or_missing_episode_list_is_refused(tmp_path):
+    root = tmp_path / "d"
+    write(root)
+    episodes = (root / "meta/episodes.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in episodes]
+    rows[2] = {**rows[2], "episode_index": 1, "length": rows[2]["length"]}  # episode 1 twice, episode 2 never
+    (root / "meta/episodes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"episodes.jsonl: episode_index \[1\] listed more than once"):
+        LeRobotDataset(root, horizon=2)
+    (root / "meta/episodes.jsonl").write_text("")
+    info = json.loads((root / "meta/info.json").read_text())
+    (root / "meta/info.json").write_text(json.dumps({**info, "total_episodes": 0, "total_frames": 0}))
+    with pytest.raises(ValueError, match=r"episodes.jsonl: the dataset has no episodes"):
+        LeRobotDataset(root, horizon=2)

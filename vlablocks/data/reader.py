@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -141,6 +142,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
         tasks = {int(row["task_index"]): str(row["task"]) for row in task_rows}
         episodes = _read_jsonl(self.root / EPISODES_FILE)
         self._stats = _read_json(self.root / STATS_FILE)
+        files = self._episode_files(info, episodes)
         lengths = [int(e["length"]) for e in episodes]
         if sum(lengths) != info["total_frames"] or len(episodes) != info["total_episodes"]:
             raise ValueError(
@@ -154,9 +156,8 @@ class LeRobotDataset(torch.utils.data.Dataset):
         self.skipped: list[tuple[int, str]] = []
         with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
             progress = tqdm(episodes, desc=f"loading {self.root.name}", unit="episode")
-            for episode, (start, end) in zip(progress, self.episode_ranges):
+            for episode, (start, end), path in zip(progress, self.episode_ranges, files):
                 index = int(episode["episode_index"])
-                path = self.root / episode_path(index, info["data_path"], int(info["chunks_size"]))
                 try:
                     task_index[start:end] = self._load_episode(path, index, start, end, pool)
                 except EpisodeError as err:
@@ -180,6 +181,24 @@ class LeRobotDataset(torch.utils.data.Dataset):
         self.tasks: list[str] = [tasks[i] for i in sorted(tasks)]
         self._task_of = [tasks[int(i)] for i in task_index]
         self._episode_end = torch.from_numpy(np.repeat(starts[1:], lengths))
+
+    def _episode_files(self, info: Mapping[str, Any], episodes: Sequence[Mapping[str, Any]]) -> list[Path]:
+        """Each episode's parquet file: the episode indices must be distinct and every file must lie
+        inside the dataset (``data_path`` comes from a file a stranger may have written)."""
+        if not episodes:
+            raise ValueError(f"{self.root / EPISODES_FILE}: the dataset has no episodes")
+        counts = Counter(int(e["episode_index"]) for e in episodes)
+        repeated = sorted(i for i, n in counts.items() if n > 1)
+        if repeated:
+            raise ValueError(f"{self.root / EPISODES_FILE}: episode_index {repeated} listed more than once "
+                             "(each episode must be listed once)")
+        root = self.root.resolve()
+        files = [self.root / episode_path(i, info["data_path"], int(info["chunks_size"])) for i in counts]
+        outside = [str(f) for f in files if not f.resolve().is_relative_to(root)]
+        if outside:
+            raise ValueError(f"{self.root / INFO_FILE}: data_path {info['data_path']!r} points outside the dataset "
+                             f"({outside[0]}); it must be a path relative to {self.root}")
+        return files
 
     def _drop_episodes(self, kept: Sequence[int], task_index: np.ndarray) -> np.ndarray:
         """Keep only the frames of episodes ``kept`` (positions in ``episode_ranges``)."""
