@@ -225,18 +225,19 @@ class _Builder:
         return str(path)
 
 
-def from_pretrained(directory: str | Path, map_location: str | torch.device = "cpu") -> VLA:
+def from_pretrained(directory: str | Path, map_location: str | torch.device = "cpu", verify: bool = True) -> VLA:
     """Rebuild a policy from ``recipe.yaml`` and load ``model.safetensors`` (a directory written
     by ``VLA.save_pretrained`` or a trainer checkpoint).
 
-    The files are checked against ``manifest.json`` first (when there is one); the recipe is
+    The files are checked against ``manifest.json`` first (``verify=False`` skips that, for a
+    directory without a manifest the caller trusts; it is logged); the recipe is
     parsed by the recipe loader (plain YAML values only) and the weights are safetensors, so
     loading executes nothing from the directory.
 
     Raises:
         FileNotFoundError: ``recipe.yaml`` or ``model.safetensors`` is missing.
-        CheckpointError: a file listed in the manifest is missing, truncated or corrupted, or the
-            weights do not fit the recipe.
+        CheckpointError: there is no manifest (and ``verify`` is on), a file listed in it is
+            missing, truncated or corrupted, or the weights do not fit the recipe.
         RecipeError: ``recipe.yaml`` is not a valid recipe.
     """
     directory = Path(directory)
@@ -244,7 +245,7 @@ def from_pretrained(directory: str | Path, map_location: str | torch.device = "c
     for path in (recipe_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: not a vlablocks checkpoint directory")
-    verify_manifest(directory, required=(RECIPE_FILE, WEIGHTS_FILE))
+    verify_manifest(directory, required=(RECIPE_FILE, WEIGHTS_FILE), verify=verify)
     data = parse_yaml(recipe_path.read_text(encoding="utf-8"), source=str(recipe_path))
     recipe = recipe_from_dict(data, name=directory.name, source=str(recipe_path))
     model = build(recipe, load_weights=False, base_dir=directory)

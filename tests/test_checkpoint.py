@@ -102,10 +102,10 @@ def test_a_truncated_file_is_reported_with_both_sizes(saved, tmp_path):
     weights.write_bytes(weights.read_bytes()[: size // 2])
     with pytest.raises(CheckpointError, match=rf"model\.safetensors: {size // 2} bytes, the manifest records {size} \(truncated"):
         from_pretrained(policy)
-    # without a manifest the safetensors reader still refuses it, naming the file
+    # without a manifest (loaded unverified) the safetensors reader still refuses it, naming the file
     (policy / "manifest.json").unlink()
     with pytest.raises(CheckpointError, match=r"model\.safetensors: .*truncated"):
-        from_pretrained(policy)
+        from_pretrained(policy, verify=False)
 
 
 def test_an_edited_recipe_and_a_missing_file_are_detected(saved, tmp_path):
@@ -126,14 +126,30 @@ def test_an_edited_recipe_and_a_missing_file_are_detected(saved, tmp_path):
         from_pretrained(policy)
 
 
-def test_without_a_manifest_loading_warns_and_works(saved, tmp_path, caplog):
+def test_without_a_manifest_loading_needs_an_explicit_opt_out(saved, tmp_path, caplog):
     policy = copy_of(saved, tmp_path)
     (policy / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match=r"has no manifest.json, so its files cannot be checked for corruption; .*"
+                                              r"verify=False \(CLI: --no-verify\)"):
+        from_pretrained(policy)
     with caplog.at_level(logging.WARNING, logger="vlablocks.io.manifest"):
-        loaded = from_pretrained(policy)
-    assert "has no manifest.json: its files are not checked for corruption" in caplog.text
+        loaded = from_pretrained(policy, verify=False)
+    assert "loading WITHOUT verifying its files against manifest.json (verify=False)" in caplog.text
     reference = from_pretrained(saved)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), reference.state_dict().values()))
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda files: files["model.safetensors"].pop("bytes"), r"the entry of 'model.safetensors' lacks 'bytes' and a checksum"),
+    (lambda files: files.__setitem__("../outside.json", {"bytes": 1, "sha256": "0"}), r"lists '../outside.json', a path outside"),
+])
+def test_a_malformed_manifest_is_named(saved, tmp_path, edit, message):
+    policy = copy_of(saved, tmp_path)
+    manifest = json.loads((policy / "manifest.json").read_text())
+    edit(manifest["files"])
+    (policy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=message):
+        from_pretrained(policy)
 
 
 def test_weights_that_do_not_fit_the_recipe_are_named(saved, tmp_path):
@@ -155,7 +171,7 @@ def test_a_recipe_file_with_a_python_tag_constructs_nothing(saved, tmp_path):
         text + f"extra: !!python/object/apply:os.system ['touch {marker}']\n")
     (policy / "manifest.json").unlink()
     with pytest.raises(RecipeError, match=r"extra: YAML tag '!!python/object/apply:os.system' is not allowed"):
-        from_pretrained(policy)
+        from_pretrained(policy, verify=False)
     assert not marker.exists()
 
 

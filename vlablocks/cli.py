@@ -221,7 +221,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     results = evaluate_run(
         args.run, tasks=[t.strip() for t in args.tasks.split(",") if t.strip()], episodes=args.episodes,
-        execute_steps=args.execute_steps, video=args.video, use_ema=args.ema, seed=args.seed,
+        execute_steps=args.execute_steps, video=args.video, use_ema=args.ema, seed=args.seed, verify=args.verify,
         workers=args.workers, env=args.env,
     )
     _out(format_results(results))
@@ -230,7 +230,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     report = build_report(args.run, data=args.data, samples=args.samples, batch_size=args.batch,
-                          t_bins=args.t_bins, use_ema=args.ema, seed=args.seed)
+                          t_bins=args.t_bins, use_ema=args.ema, seed=args.seed, verify=args.verify)
     out = write_report(report, args.out)
     _out(format_report(report))
     _out(f"written to {out}/ (report.md, report.json, report.png)")
@@ -323,6 +323,8 @@ def _add_eval_command(sub: Any) -> None:
                           help="actions executed per predicted chunk (default: 8, or the policy's horizon if shorter)")
     evaluate.add_argument("--video", action="store_true", help="write one video per episode")
     evaluate.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights, not the EMA")
+    evaluate.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="load a checkpoint that has no manifest.json, without checking its files (logged)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--workers", type=positive_int, default=1,
                           help="rollout processes, each with a copy of the policy (results do not depend on it)")
@@ -338,6 +340,8 @@ def _add_tool_commands(sub: Any) -> None:
     report.add_argument("--batch", type=positive_int, default=32)
     report.add_argument("--t-bins", type=positive_int, default=10, help="flow-time bins")
     report.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights, not the EMA")
+    report.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="load a checkpoint that has no manifest.json, without checking its files (logged)")
     report.add_argument("--seed", type=int, default=0)
     report.add_argument("--out", default=None, help="output folder (default RUN/report)")
     report.set_defaults(fn=cmd_report)

@@ -29,8 +29,8 @@ DEFAULT_EXECUTE_STEPS = 8  # actions executed per chunk when not given (at most 
 
 
 @functools.lru_cache(maxsize=2)
-def _loaded_policy(checkpoint: Path, use_ema: bool) -> VLA:
-    return load_policy(checkpoint, use_ema)[0]
+def _loaded_policy(checkpoint: Path, use_ema: bool, verify: bool) -> VLA:
+    return load_policy(checkpoint, use_ema, verify)[0]
 
 
 @dataclass(frozen=True)
@@ -42,9 +42,10 @@ class CheckpointPolicy:
 
     checkpoint: Path
     use_ema: bool = True
+    verify: bool = True
 
     def __call__(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        return _loaded_policy(self.checkpoint, self.use_ema).predict_action(batch)
+        return _loaded_policy(self.checkpoint, self.use_ema, self.verify).predict_action(batch)
 
 
 def evaluate_run(
@@ -58,6 +59,7 @@ def evaluate_run(
     workers: int = 1,
     env: str = "metaworld",
     video_size: int = VIDEO_SIZE,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """Closed-loop evaluation of a run in environment ``env``; writes ``eval/results.json`` (and videos).
 
@@ -66,9 +68,10 @@ def evaluate_run(
     rollout processes each get a copy of the policy; the results do not depend on it. The
     environment's settings (camera, image size, state layout, ...) come from the run's
     ``data.json`` (:func:`vlablocks.envs.eval_env_factory`); videos are ``video_size`` px.
+    ``verify=False`` loads a checkpoint without a manifest (see :func:`~vlablocks.recipes.from_pretrained`).
     """
     run = Path(run)
-    policy, checkpoint = load_policy(run, use_ema)
+    policy, checkpoint = load_policy(run, use_ema, verify)
     info_path = run / DATA_INFO_FILE
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     make_env = eval_env_factory(
@@ -77,7 +80,7 @@ def evaluate_run(
     )
     if execute_steps is None:
         execute_steps = min(DEFAULT_EXECUTE_STEPS, policy.config.horizon)
-    predict = policy.predict_action if workers == 1 else CheckpointPolicy(checkpoint, use_ema)
+    predict = policy.predict_action if workers == 1 else CheckpointPolicy(checkpoint, use_ema, verify)
     act = ChunkPolicy(predict, execute_steps=execute_steps, horizon=policy.config.horizon)
     eval_dir = run / "eval"
     results = evaluate(make_env, act, tasks, episodes, seed=seed, video_dir=eval_dir / "videos" if video else None,

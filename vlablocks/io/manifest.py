@@ -120,27 +120,40 @@ def read_manifest(directory: str | Path) -> dict[str, Any] | None:
     return manifest
 
 
-def verify_manifest(directory: str | Path, required: tuple[str, ...] = ()) -> bool:
+def verify_manifest(directory: str | Path, required: tuple[str, ...] = (), verify: bool = True) -> bool:
     """Check every file listed in ``directory``'s manifest: present, of the recorded size and
-    checksums. Returns ``False`` (with a warning) when there is no manifest to check against.
+    checksums. ``verify=False`` checks nothing (and says so); returns whether the files were checked.
 
     Args:
         required: files that must be listed (a manifest that omits one is an error).
+        verify: ``False`` loads a directory without a manifest (or skips the checks) at the
+            caller's explicit request.
 
     Raises:
-        CheckpointError: naming the file (and the tensor) that is missing, truncated or corrupted.
+        CheckpointError: naming the file (and the tensor) that is missing, truncated or corrupted,
+            or saying that there is no manifest to check against (unless ``verify=False``).
     """
     directory = Path(directory)
+    if not verify:
+        logger.warning("%s: loading WITHOUT verifying its files against %s (verify=False)", directory, MANIFEST_FILE)
+        return False
     manifest = read_manifest(directory)
     if manifest is None:
-        logger.warning("%s has no %s: its files are not checked for corruption", directory, MANIFEST_FILE)
-        return False
+        raise CheckpointError(
+            f"{directory} has no {MANIFEST_FILE}, so its files cannot be checked for corruption; if you trust it, load "
+            "it unverified: verify=False (CLI: --no-verify)"
+        )
     files = manifest["files"]
     for name in required:
         if name not in files:
             raise CheckpointError(f"{directory / MANIFEST_FILE} does not list {name!r}")
+    root = directory.resolve()
     for name, entry in files.items():
         path = directory / name
+        if not path.resolve().is_relative_to(root):
+            raise CheckpointError(f"{directory / MANIFEST_FILE} lists {name!r}, a path outside {directory}")
+        if not isinstance(entry, dict) or "bytes" not in entry or not ("sha256" in entry or "tensors" in entry):
+            raise CheckpointError(f"{directory / MANIFEST_FILE}: the entry of {name!r} lacks 'bytes' and a checksum")
         if not path.is_file():
             raise CheckpointError(f"{path} is missing (listed in {MANIFEST_FILE})")
         size = path.stat().st_size

@@ -158,8 +158,9 @@ def diagnose(
 
 
 def build_report(run: str | Path, data: str | Path | None = None, samples: int = 256, batch_size: int = 32,
-                 t_bins: int = 10, use_ema: bool = True, seed: int = 0) -> RunReport:
-    """Diagnose a training run (its latest checkpoint) on its training data (or ``data``)."""
+                 t_bins: int = 10, use_ema: bool = True, seed: int = 0, verify: bool = True) -> RunReport:
+    """Diagnose a training run (its latest checkpoint) on its training data (or ``data``);
+    ``verify=False`` loads a checkpoint without a manifest."""
     run = Path(run)
     metrics = run / METRICS_FILE
     if not metrics.is_file():
@@ -169,7 +170,7 @@ def build_report(run: str | Path, data: str | Path | None = None, samples: int =
         if not info_path.is_file():
             raise FileNotFoundError(f"{info_path} not found: give the dataset with --data")
         data = json.loads(info_path.read_text())["data"]
-    vla, checkpoint = load_policy(run, use_ema)
+    vla, checkpoint = load_policy(run, use_ema, verify)
     dataset = LeRobotDataset(data, horizon=vla.config.horizon, load_depth=vla.geometry is not None)
     found = diagnose(vla, dataset, samples, batch_size, t_bins, seed)
     return RunReport(run=str(run), checkpoint=str(checkpoint), data=str(data), training=training_summary(metrics),

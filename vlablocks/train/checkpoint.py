@@ -72,13 +72,14 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return checkpoint
 
 
-def load_ema_policy(checkpoint_dir: str | Path, map_location: str | torch.device = "cpu") -> VLA:
-    """The policy of a checkpoint with its EMA weights (``ema.safetensors``)."""
+def load_ema_policy(checkpoint_dir: str | Path, map_location: str | torch.device = "cpu", verify: bool = True) -> VLA:
+    """The policy of a checkpoint with its EMA weights (``ema.safetensors``); ``verify`` as in
+    :func:`~vlablocks.recipes.builder.from_pretrained`."""
     checkpoint_dir = Path(checkpoint_dir)
     path = checkpoint_dir / EMA_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the run had no ema_decay, or this is not a trainer checkpoint")
-    vla = from_pretrained(checkpoint_dir, map_location=map_location)
+    vla = from_pretrained(checkpoint_dir, map_location=map_location, verify=verify)
     load_weights(vla, read_safetensors(path, map_location), path)
     return vla
 
@@ -165,12 +166,13 @@ def recover_checkpoints(root: Path) -> None:
             logger.warning("removed %s, left by an interrupted checkpoint write", path)
 
 
-def load_policy(run: str | Path, use_ema: bool = True) -> tuple[VLA, Path]:
-    """The policy of a run (its latest checkpoint) or of a checkpoint directory; EMA weights when present."""
+def load_policy(run: str | Path, use_ema: bool = True, verify: bool = True) -> tuple[VLA, Path]:
+    """The policy of a run (its latest checkpoint) or of a checkpoint directory; EMA weights when
+    present; ``verify=False`` loads without checking the manifest (and says so)."""
     run = Path(run)
     checkpoint = latest_checkpoint(run) or run
     if use_ema and (checkpoint / EMA_FILE).is_file():
-        return load_ema_policy(checkpoint).eval(), checkpoint
+        return load_ema_policy(checkpoint, verify=verify).eval(), checkpoint
     if use_ema:
         logger.warning("%s has no EMA weights; evaluating the raw weights", checkpoint)
-    return from_pretrained(checkpoint).eval(), checkpoint
+    return from_pretrained(checkpoint, verify=verify).eval(), checkpoint
