@@ -15,8 +15,8 @@ import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
+from helpers import write_toy_dataset
 import torch
 from ddp_worker import make_trainer
 from safetensors import safe_open
@@ -27,7 +27,6 @@ from vlablocks.recipes.loader import RecipeError
 from vlablocks.io.manifest import CheckpointError, read_manifest, verify_manifest, write_manifest
 from vlablocks.policy.checks import random_batch
 from vlablocks.cli import EXIT_TERMINATED, main
-from vlablocks.data import DatasetWriter
 from vlablocks.train.checkpoint import latest_checkpoint, recover_checkpoints
 from vlablocks.train.config import TrainConfig
 from vlablocks.recipes.builder import from_pretrained
@@ -300,18 +299,7 @@ def test_a_writer_killed_mid_write_leaves_the_previous_checkpoint_intact(tmp_pat
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory) -> Path:
     """A 3-episode LeRobot dataset that fits ``tiny_pi0`` with 4-dim state and actions."""
-    root = tmp_path_factory.mktemp("data") / "toy"
-    rng = np.random.default_rng(0)
-    writer = DatasetWriter(root, fps=10, cameras=["corner"], state_dim=4, action_dim=4)
-    for length in (9, 12, 10):
-        writer.add_episode({
-            "observation.state": rng.normal(size=(length, 4)).astype(np.float32),
-            "action": rng.uniform(-1, 1, size=(length, 4)).astype(np.float32),
-            "observation.images.corner": rng.integers(0, 256, size=(length, 32, 32, 3), dtype=np.uint8),
-            "observation.intrinsics.corner": np.tile(np.array([[32.0, 0, 16], [0, 32, 16], [0, 0, 1]], np.float32), (length, 1, 1)),
-        }, "push the button")
-    writer.finalize()
-    return root
+    return write_toy_dataset(tmp_path_factory.mktemp("data") / "toy", lengths=(9, 12, 10))
 
 
 def test_sigterm_writes_a_checkpoint_and_resume_loses_no_step(demo_data, tmp_path):

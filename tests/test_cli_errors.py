@@ -8,12 +8,11 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
+from helpers import write_toy_dataset
 
 from vlablocks import cli
 from vlablocks.cli import describe_error, main, one_line
-from vlablocks.data import DatasetWriter
 from vlablocks.recipes.loader import RecipeError, load_recipe, parse_override_value
 from vlablocks.train.config import train_config
 
@@ -24,16 +23,7 @@ MW = ["data", "metaworld", "--tasks", "reach-v3", "--out", "new_data"]
 
 def _write_dataset(root: Path) -> None:
     """Two 6-step episodes of one 32 px camera, state and action [4] (tiny_pi0 with dims 4 trains on it)."""
-    writer = DatasetWriter(root, fps=10, cameras=["corner"], state_dim=4, action_dim=4)
-    rng = np.random.default_rng(0)
-    for _ in range(2):
-        writer.add_episode({
-            "observation.state": rng.normal(size=(6, 4)).astype(np.float32),
-            "action": rng.uniform(-1, 1, size=(6, 4)).astype(np.float32),
-            "observation.images.corner": rng.integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8),
-            "observation.intrinsics.corner": np.tile(np.eye(3, dtype=np.float32), (6, 1, 1)),
-        }, "press the button")
-    writer.finalize()
+    write_toy_dataset(root, lengths=(6, 6))
 
 
 @pytest.fixture(scope="module")

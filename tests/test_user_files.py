@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import write_toy_dataset
 
 from vlablocks.cli import main
 from vlablocks.data import DatasetWriter, LeRobotDataset
@@ -30,23 +31,11 @@ def tree_hashes(root: Path) -> dict[str, str]:
     }
 
 
-def write_toy(root: Path, lengths: tuple[int, ...] = (6, 5), seed: int = 0, **kwargs) -> Path:
-    """A tiny dataset that fits ``tiny_pi0`` (4-dim state and actions, 32 px images)."""
-    rng = np.random.default_rng(seed)
-    writer = DatasetWriter(root, fps=10, cameras=["corner"], state_dim=4, action_dim=4, **kwargs)
-    for length in lengths:
-        writer.add_episode({
-            "observation.state": rng.normal(size=(length, 4)).astype(np.float32),
-            "action": rng.uniform(-1, 1, size=(length, 4)).astype(np.float32),
-            "observation.images.corner": rng.integers(0, 256, size=(length, 32, 32, 3), dtype=np.uint8),
-            "observation.intrinsics.corner": np.tile(np.array([[32.0, 0, 16], [0, 32, 16], [0, 0, 1]], np.float32), (length, 1, 1)),
-        }, "push the button")
-    return writer.finalize()
 
 
 @pytest.fixture(scope="module")
 def toy_data(tmp_path_factory) -> Path:
-    return write_toy(tmp_path_factory.mktemp("data") / "toy")
+    return write_toy_dataset(tmp_path_factory.mktemp("data") / "toy")
 
 
 def train(data: Path, run: Path, *extra: str) -> int:
@@ -114,22 +103,22 @@ def test_overwrite_refuses_what_is_not_a_dataset(tmp_path):
     (mine / "notes.txt").write_text("my notes")
     before = tree_hashes(mine)
     with pytest.raises(FileExistsError, match=rf"{mine} is not a dataset written by vlablocks.*nothing in it was touched"):
-        write_toy(mine, overwrite=True)
+        write_toy_dataset(mine, overwrite=True)
     with pytest.raises(FileExistsError, match=rf"{mine} exists and is not empty"):
-        write_toy(mine)
+        write_toy_dataset(mine)
     assert tree_hashes(mine) == before
     # a dataset with a file of the user's in it is not one the writer wrote either
-    data = write_toy(tmp_path / "data")
+    data = write_toy_dataset(tmp_path / "data")
     (data / "README.md").write_text("mine")
     before = tree_hashes(data)
     with pytest.raises(FileExistsError, match=r"is not a dataset written by vlablocks"):
-        write_toy(data, overwrite=True)
+        write_toy_dataset(data, overwrite=True)
     assert tree_hashes(data) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left
 
 
 def test_overwrite_swaps_the_new_dataset_in_only_when_complete(tmp_path):
-    root = write_toy(tmp_path / "d")
+    root = write_toy_dataset(tmp_path / "d")
     before = tree_hashes(root)
     writer = DatasetWriter(root, fps=10, cameras=["corner"], state_dim=4, action_dim=4, overwrite=True)
     with pytest.raises(ValueError, match="must have exactly the keys"):
@@ -138,7 +127,7 @@ def test_overwrite_swaps_the_new_dataset_in_only_when_complete(tmp_path):
     writer.abort()
     assert tree_hashes(root) == before and sorted(p.name for p in tmp_path.iterdir()) == ["d"]
 
-    write_toy(root, lengths=(3,), seed=1, overwrite=True)
+    write_toy_dataset(root, lengths=(3,), seed=1, overwrite=True)
     assert json.loads((root / INFO_FILE).read_text())["total_episodes"] == 1
     assert len(LeRobotDataset(root, horizon=1)) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # the old one and the staging dir are gone
@@ -147,7 +136,7 @@ def test_overwrite_swaps_the_new_dataset_in_only_when_complete(tmp_path):
 @pytest.mark.parametrize("bad", [["--image-size", "-5"], ["--camera", "bogus"], ["--episodes", "0"], ["--workers", "0"],
                                  ["--tasks", "no-such-task-v3"]])
 def test_data_validates_every_argument_before_touching_the_output(tmp_path, bad, capsys):
-    root = write_toy(tmp_path / "d")
+    root = write_toy_dataset(tmp_path / "d")
     before = tree_hashes(root)
     args = {"--tasks": TASK, "--episodes": "1", "--image-size": "32", "--workers": "1", bad[0]: bad[1]}
     refused(capsys, ["data", "metaworld", *[x for kv in args.items() for x in kv], "--out", str(root), "--overwrite"],
