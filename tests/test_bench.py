@@ -54,7 +54,7 @@ def test_run_bench_reports_consistent_figures_for_a_deep_fusion_recipe():
     assert result.prefix_tokens == vla.encode(random_batch(vla, 1)).prefix.embeds.shape[1]
     assert result.suffix_tokens == 20 + 2  # state token, 20 action tokens, time token
     assert result.parameters == sum(p.numel() for p in vla.parameters())
-    for name in ("encode_ms", "input_checks_ms", "prefix_ms", "step_ms", "chunk_cached_ms", "chunk_recompute_ms",
+    for name in ("encode_ms", "input_checks_ms", "output_checks_ms", "prefix_ms", "step_ms", "chunk_cached_ms", "chunk_recompute_ms",
                  "train_step_ms", "train_step_checkpointed_ms"):
         assert getattr(result, name) > 0, name
     assert result.speedup == pytest.approx(result.chunk_recompute_ms / result.chunk_cached_ms)

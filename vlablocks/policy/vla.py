@@ -269,13 +269,19 @@ class VLA(nn.Module):
         prefix, state = self.encode(batch)
         chunk = self.head.sample(prefix, state, noise=noise, num_steps=num_steps, generator=generator)
         actions = self.normalizer["action"].unnormalize(chunk)
-        if not bool(torch.isfinite(actions).all()):  # one reduction, read back once per chunk
+        self.check_actions(actions)
+        return actions
+
+    @staticmethod
+    def check_actions(actions: torch.Tensor) -> None:
+        """Raise :class:`NonFiniteActionError` unless every value of ``actions [B, H, A]`` is
+        finite: one reduction on the device, read back once per chunk (``vlablocks bench`` times it)."""
+        if not bool(torch.isfinite(actions).all()):
             bad = int((~torch.isfinite(actions)).sum())
             raise NonFiniteActionError(
                 f"predict_action produced {bad} non-finite of {actions.numel()} action values: check the inputs "
                 "(e.g. intrinsics with fx = 0, depth of 1e30) and the weights (a damaged checkpoint)"
             )
-        return actions
 
     def batch_spec(self, actions: bool) -> keys.BatchSpec:
         """What this policy reads from a batch (``actions``: the training loss's targets too)."""

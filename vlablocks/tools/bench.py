@@ -12,6 +12,7 @@ What is timed, for a batch of random observations (:func:`~vlablocks.policy.chec
                             ``encode_ms + chunk_cached_ms`` is observation to actions)
 ``chunk_recompute_ms``      ``N`` joint passes over ``[prefix ; suffix]`` (no cache), deep fusion only
 ``input_checks_ms``         ``vla.check_batch``: what ``predict_action`` spends validating its batch
+``output_checks_ms``        ``vla.check_actions``: what it spends checking the chunk is finite
 ``train_step_ms``           loss, backward and an AdamW step at ``train_batch``
 ==========================  ==================================================================
 
@@ -80,6 +81,7 @@ class BenchResult:
     step_ms: float
     chunk_cached_ms: float
     input_checks_ms: float | None = None
+    output_checks_ms: float | None = None
     chunk_recompute_ms: float | None = None
     speedup: float | None = None
     token_work_ratio: float | None = None
@@ -231,6 +233,7 @@ def bench_inference(vla: VLA, settings: BenchSettings) -> dict[str, Any]:
         timed = {
             "encode_ms": lambda: vla.encode(batch),
             "input_checks_ms": lambda: vla.check_batch(batch, actions=False),
+            "output_checks_ms": lambda: vla.check_actions(noise),
             "prefix_ms": lambda: prepare(prefix),
             "step_ms": lambda: velocity(context, noise, t, state),
             **{name: (lambda fn=fn: fn(prefix, state, noise)) for name, fn in chunks.items()},
@@ -277,6 +280,7 @@ def run_bench(
         prefix_tokens=inference["prefix_tokens"], suffix_tokens=inference["suffix_tokens"],
         encode_ms=inference["encode_ms"], prefix_ms=inference["prefix_ms"], step_ms=inference["step_ms"],
         chunk_cached_ms=inference["chunk_cached_ms"], input_checks_ms=inference["input_checks_ms"],
+        output_checks_ms=inference["output_checks_ms"],
         compile_s=inference.get("compile_s"),
     )
     if "chunk_recompute_ms" in inference:
@@ -332,6 +336,9 @@ def format_table(result: BenchResult) -> str:
     if result.input_checks_ms is not None:
         row("batch checks of predict_action", result.input_checks_ms)
         row("  share of observation to actions", 100 * result.input_checks_ms / (result.encode_ms + result.chunk_cached_ms), "%")
+    if result.output_checks_ms is not None:
+        row("action checks of predict_action", result.output_checks_ms)
+        row("  share of observation to actions", 100 * result.output_checks_ms / (result.encode_ms + result.chunk_cached_ms), "%")
     if result.speedup is not None:
         row("cache speed-up", result.speedup, "x")
         row("  theoretical (token work)", result.token_work_ratio, "x")
