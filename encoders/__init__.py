@@ -19,14 +19,10 @@ from vlablocks.encoders.suffix import (
 )
 from vlablocks.encoders.text import ByteTokenizer, HFTokenizer, TextEncoder
 from vlablocks.encoders.time import TimestepEmbedder, sinusoidal_embedding
-from vlablocks.encoders.vision import (
-    LinearProjector,
-    Mlp2xGeluProjector,
-    PatchViT,
-    PixelShuffleProjector,
-    SiglipVision,
-    TimmVision,
-)
+from vlablocks.encoders.projectors import LinearProjector, Mlp2xGeluProjector, PixelShuffleProjector
+from vlablocks.encoders.siglip import SiglipVision
+from vlablocks.encoders.timm_vision import TimmVision
+from vlablocks.encoders.vision import PatchViT
 
 __all__ = [
     "AdaRMSTimeFusion",

@@ -15,15 +15,10 @@ from vlablocks.blocks.mlp import get_activation
 from vlablocks.encoders.geometry import FrequencyPositionEncoding, LLaVA3DPositionEncoding
 from vlablocks.encoders.suffix import AdaRMSTimeFusion, ConcatMlpTimeFusion, TimeTokenFusion
 from vlablocks.encoders.text import ByteTokenizer, HFTokenizer
-from vlablocks.encoders.vision import (
-    ConvNet,
-    LinearProjector,
-    Mlp2xGeluProjector,
-    PatchViT,
-    PixelShuffleProjector,
-    SiglipVision,
-    TimmVision,
-)
+from vlablocks.encoders.projectors import LinearProjector, Mlp2xGeluProjector, PixelShuffleProjector
+from vlablocks.encoders.siglip import SiglipVision
+from vlablocks.encoders.timm_vision import TimmVision
+from vlablocks.encoders.vision import ConvNet, PatchViT
 from vlablocks.heads.deep_fusion import DeepFusionDenoiser
 from vlablocks.heads.dit import HybridDenoiser, LastLayerDiTDenoiser, LayerwiseDiTDenoiser
 from vlablocks.heads.time_samplers import BetaTimeSampler, UniformTimeSampler

@@ -27,7 +27,7 @@ from typing import Literal
 
 import torch
 from vlablocks.blocks.transformers_import import load_base_from_transformers
-from vlablocks.encoders.vision import llava_projector_state_dict
+from vlablocks.encoders.projectors import llava_projector_state_dict
 
 from vlablocks.io.manifest import read_safetensors
 from vlablocks.policy.vla import VLA

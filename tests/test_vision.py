@@ -10,17 +10,10 @@ from transformers import SiglipImageProcessor
 
 from helpers import TINY_SIGLIP, save_tiny_siglip
 
-from vlablocks.encoders.vision import (
-    SIGLIP_SO400M_PATCH14_224,
-    ConvNet,
-    LinearProjector,
-    Mlp2xGeluProjector,
-    PatchViT,
-    SiglipVision,
-    TimmVision,
-    VisionBackbone,
-    llava_projector_state_dict,
-)
+from vlablocks.encoders.projectors import LinearProjector, Mlp2xGeluProjector, llava_projector_state_dict
+from vlablocks.encoders.siglip import SIGLIP_SO400M_PATCH14_224, SiglipVision
+from vlablocks.encoders.timm_vision import TimmVision
+from vlablocks.encoders.vision import ConvNet, PatchViT, VisionBackbone
 
 def images(batch=2, size=32, seed=0):
     return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
@@ -301,7 +294,7 @@ def test_llava_projector_checkpoint_maps_onto_the_projectors():
 
 
 def test_pixel_shuffle_matches_smolvlm_layout():
-    from vlablocks.encoders.vision import PixelShuffleProjector, pixel_shuffle
+    from vlablocks.encoders.projectors import PixelShuffleProjector, pixel_shuffle
 
     b, side, d, r = 2, 4, 3, 2
     tokens = torch.randn(b, side * side, d)
