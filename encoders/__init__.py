@@ -5,11 +5,9 @@ from vlablocks.encoders.geometry import (
     GeometryEncoder,
     LLaVA3DPositionEncoding,
     nerf_encoding,
-    patch_points,
-    points_from_rays,
-    unproject_depth,
     voxel_mean_pool,
 )
+from vlablocks.encoders.points import patch_points, points_from_rays, unproject_depth
 from vlablocks.encoders.suffix import (
     AdaRMSTimeFusion,
     ConcatMlpTimeFusion,

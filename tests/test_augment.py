@@ -3,7 +3,7 @@
 import torch
 
 from vlablocks.policy.augment import random_shift
-from vlablocks.encoders.geometry import unproject_depth
+from vlablocks.encoders.points import unproject_depth
 
 
 def test_shift_moves_pixels_and_principal_point_together():

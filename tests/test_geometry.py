@@ -13,12 +13,14 @@ from vlablocks.encoders.geometry import (
     GeometryEncoder,
     LLaVA3DPositionEncoding,
     nerf_encoding,
+    voxel_mean_pool,
+)
+from vlablocks.encoders.points import (
     patch_points,
     points_from_geometry,
     points_from_rays,
     unproject_depth,
     valid_depth_mask,
-    voxel_mean_pool,
 )
 
 H, W = 12, 16

@@ -18,7 +18,7 @@ from metaworld.policies import ENV_POLICY_MAP  # noqa: E402
 
 from vlablocks.policy import batch as keys  # noqa: E402
 from vlablocks.data import LeRobotDataset  # noqa: E402
-from vlablocks.encoders.geometry import unproject_depth  # noqa: E402
+from vlablocks.encoders.points import unproject_depth  # noqa: E402
 from vlablocks.envs import eval_env_factory  # noqa: E402
 from vlablocks.envs.metaworld.demos import generate_demos  # noqa: E402
 from vlablocks.envs.metaworld.env import RAW_STATE, MetaWorldEnv, MetaWorldEnvFactory, expert_policy  # noqa: E402

@@ -133,7 +133,7 @@ def check_batch(batch: Mapping[str, Any], spec: BatchSpec, device: torch.device)
     """Check the keys a policy reads: presence, type, shape, batch size, dtype, device, finite
     values and images in ``[0, 1]``. Keys the policy does not read are ignored. Per-pixel
     geometry (``depth``, ``points``, rays) may hold NaN / inf / non-positive depth: that marks
-    invalid pixels (:func:`vlablocks.encoders.geometry.valid_depth_mask`), not an error.
+    invalid pixels (:func:`vlablocks.encoders.points.valid_depth_mask`), not an error.
 
     The value checks are reduced on the tensors' device and read back once.
 
