@@ -10,8 +10,8 @@ creation (:mod:`.device`) and weight import from transformers decoders (:mod:`.t
 from vlablocks.blocks.attention import ATTENTION_BACKENDS, HeadSpace, MultiExpertAttention
 from vlablocks.blocks.attention_layout import AttentionLayout, RopeTables, attention_dtype, attention_layout
 from vlablocks.blocks.device import device_context
+from vlablocks.blocks.fusion_layers import DeepFusionBlock
 from vlablocks.blocks.fusion import (
-    DeepFusionBlock,
     DeepFusionStack,
     ExpertSpec,
     FusionOutput,
