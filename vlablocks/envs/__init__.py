@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from vlablocks.eval.protocol import EnvFactory
+from vlablocks.eval.video import VIDEO_SIZE
 
 ENVS: dict[str, str] = {
     "metaworld": "vlablocks.envs.metaworld.env",
@@ -20,7 +21,7 @@ ENVS: dict[str, str] = {
 
 
 def eval_env_factory(
-    name: str, data_info: Mapping[str, Any], image_size: int | None, depth: bool, seed: int, video_size: int = 256
+    name: str, data_info: Mapping[str, Any], image_size: int | None, depth: bool, seed: int, video_size: int = VIDEO_SIZE
 ) -> EnvFactory:
     """The factory of environment ``name`` for evaluating a run trained on ``data_info``.
 

@@ -17,6 +17,7 @@ import torch
 from vlablocks.envs import eval_env_factory
 from vlablocks.eval.policy import ChunkPolicy
 from vlablocks.eval.rollout import evaluate
+from vlablocks.eval.video import VIDEO_SIZE
 from vlablocks.io.atomic import write_json
 from vlablocks.policy.vla import VLA
 from vlablocks.train.checkpoint import EMA_FILE, load_policy
@@ -24,7 +25,6 @@ from vlablocks.train.workflow import DATA_INFO_FILE
 
 logger = logging.getLogger(__name__)
 
-VIDEO_SIZE = 256  # px of the rollout videos, whatever the policy's input resolution
 DEFAULT_EXECUTE_STEPS = 8  # actions executed per chunk when not given (at most the policy's horizon)
 
 

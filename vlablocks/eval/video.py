@@ -12,6 +12,7 @@ import numpy as np
 from vlablocks.io.atomic import atomic_path
 
 GIF_MAX_FPS = 25  # browsers slow down GIF frames shorter than 20 ms: GIFs keep every k-th frame
+VIDEO_SIZE = 256  # px of rollout videos for people, whatever the policy's input resolution (96-128 px)
 
 
 def write_video(frames: Sequence[np.ndarray], stem: str | Path, fps: float) -> Path:

@@ -25,6 +25,7 @@ from vlablocks.envs.metaworld.tasks import (
     ACTION_DIM, BUCKETS, DIFFICULTY, FPS, INSTRUCTIONS, MAX_STEPS, NUM_LAYOUTS, check_camera, check_state,
     check_tasks, layout_seed, state_layout,
 )
+from vlablocks.eval.video import VIDEO_SIZE
 from vlablocks.policy import batch as keys
 
 try:
@@ -34,7 +35,6 @@ except ImportError as error:  # pragma: no cover - depends on the installed extr
     raise ImportError(INSTALL_HINT) from error
 
 RAW_STATE = "raw_state"  # the privileged 39-d observation; in the policy batch [1, 39], for scripted/state baselines
-VIDEO_SIZE = 256  # px of the video frames (policies see 96-128 px)
 
 
 class MetaWorldEnv:
@@ -228,5 +228,5 @@ def expert_policy(task: str) -> Callable[[np.ndarray], np.ndarray]:
     return lambda raw_state: np.clip(policy.get_action(raw_state), -1.0, 1.0).astype(np.float32)
 
 
-__all__ = ["RAW_STATE", "VIDEO_SIZE", "MetaWorldEnv", "MetaWorldEnvFactory", "eval_env_factory",
+__all__ = ["RAW_STATE", "MetaWorldEnv", "MetaWorldEnvFactory", "eval_env_factory",
            "expert_policy"]
