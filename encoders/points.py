@@ -20,6 +20,11 @@ GEOMETRY_FORMS = (
     "each with an optional cam_to_world"
 )
 
+#: A point with a coordinate beyond this (in the geometry's units: 10 km for metric depth) is
+#: invalid, like a non-finite one: sensors' "no return" codes (1e30, 65535 m) and degenerate
+#: intrinsics would otherwise overflow the encoders' float32 arithmetic.
+MAX_POINT_COORDINATE = 1e4
+
 
 def check_shape(name: str, tensor: torch.Tensor, expected: Sequence[int | None], layout: str) -> None:
     """Raise a ValueError unless ``tensor.shape`` matches ``expected`` (``None``: any size)."""
@@ -122,7 +127,8 @@ def points_from_geometry(
     positive and finite), ``points`` (valid where finite; camera-frame points if
     ``cam_to_world`` is given, otherwise used as they are, e.g. MapAnything's world ``pts3d``)
     or ``(ray_directions, depth_along_ray)`` (valid where the depth is positive and everything
-    finite). ``pixel_valid`` (e.g. MapAnything's ``mask``) is AND-ed with the default validity.
+    finite). In every form a point with a coordinate beyond :data:`MAX_POINT_COORDINATE` is
+    invalid. ``pixel_valid`` (e.g. MapAnything's ``mask``) is AND-ed with the default validity.
 
     Shapes: ``[B, H, W]`` depths and masks, ``[B, H, W, 3]`` points and rays, ``[B, 3, 3]`` K,
     ``[B, 4, 4]`` pose -> ``(points [B, H, W, 3], valid [B, H, W] bool)``.
@@ -158,6 +164,7 @@ def points_from_geometry(
         check_shape("points", points, (None, None, None, 3), "[B, H, W, 3]")
         xyz = points if cam_to_world is None else transform_points(points.to(float_dtype(points)), cam_to_world)
         valid = torch.isfinite(points).all(-1)
+    valid = valid & (xyz.abs() <= MAX_POINT_COORDINATE).all(-1)  # False for NaN and inf too
     if pixel_valid is not None:
         check_shape("pixel_valid", pixel_valid, valid.shape, "[B, H, W] (the geometry's B, H, W)")
         valid = valid & pixel_valid.bool()

@@ -39,7 +39,7 @@ from vlablocks.encoders.geometry import GeometryEncoder
 from vlablocks.encoders.suffix import SuffixEncoder
 from vlablocks.encoders.text import TextEncoder
 from vlablocks.heads.flow_matching import FlowMatchingHead
-from vlablocks.io.manifest import load_weights as load_state, read_safetensors, verify_manifest
+from vlablocks.io.manifest import CheckpointError, load_weights as load_state, read_safetensors, verify_manifest
 from vlablocks.policy.config import PolicyConfig
 from vlablocks.policy.vla import RECIPE_FILE, VLA, WEIGHTS_FILE
 from vlablocks.recipes.components import expert
@@ -225,6 +225,20 @@ class _Builder:
         return str(path)
 
 
+def _path_values(node: Any, key_path: str = "") -> Iterable[tuple[str, Any]]:
+    """``(dotted key path, value)`` of every :data:`PATH_KEYS` entry in a recipe mapping."""
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            child = f"{key_path}.{key}" if key_path else str(key)
+            if key in PATH_KEYS and value is not None:
+                yield child, value
+            else:
+                yield from _path_values(value, child)
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _path_values(value, f"{key_path}.{index}")
+
+
 def from_pretrained(directory: str | Path, map_location: str | torch.device = "cpu", verify: bool = True) -> VLA:
     """Rebuild a policy from ``recipe.yaml`` and load ``model.safetensors`` (a directory written
     by ``VLA.save_pretrained`` or a trainer checkpoint).
@@ -237,7 +251,8 @@ def from_pretrained(directory: str | Path, map_location: str | torch.device = "c
     Raises:
         FileNotFoundError: ``recipe.yaml`` or ``model.safetensors`` is missing.
         CheckpointError: there is no manifest (and ``verify`` is on), a file listed in it is
-            missing, truncated or corrupted, or the weights do not fit the recipe.
+            missing, truncated or corrupted, the weights do not fit the recipe, or the recipe
+            names a path (``path``, ``weights_path``) outside the directory.
         RecipeError: ``recipe.yaml`` is not a valid recipe.
     """
     directory = Path(directory)
@@ -247,6 +262,10 @@ def from_pretrained(directory: str | Path, map_location: str | torch.device = "c
             raise FileNotFoundError(f"{path} not found: not a vlablocks checkpoint directory")
     verify_manifest(directory, required=(RECIPE_FILE, WEIGHTS_FILE), verify=verify)
     data = parse_yaml(recipe_path.read_text(encoding="utf-8"), source=str(recipe_path))
+    for key_path, value in _path_values(data):
+        if not isinstance(value, str) or not (directory / Path(value).expanduser()).resolve().is_relative_to(directory.resolve()):
+            raise CheckpointError(f"{recipe_path}: {key_path}: {value!r} points outside the checkpoint; a checkpoint's "
+                                  "recipe names only files inside it (its weights are in model.safetensors)")
     recipe = recipe_from_dict(data, name=directory.name, source=str(recipe_path))
     model = build(recipe, load_weights=False, base_dir=directory)
     load_state(model, read_safetensors(weights_path, map_location), weights_path)

@@ -141,11 +141,13 @@ class Recipe:
         name: the bundled name or the file stem.
         data: the merged mapping (``extends`` resolved and removed, overrides applied).
         sources: dotted key path -> the file or override that set it.
+        overrides: dotted key path -> the ``key=value`` override text that set it, in order.
     """
 
     name: str
     data: dict[str, Any]
     sources: dict[str, str] = field(default_factory=dict)
+    overrides: dict[str, str] = field(default_factory=dict)
 
     def source_of(self, key_path: str) -> str:
         """The file that set ``key_path`` (or its nearest ancestor)."""
@@ -158,8 +160,21 @@ class Recipe:
         return self.sources.get("", "")
 
     def error(self, message: str, key_path: str) -> RecipeError:
-        """A :class:`RecipeError` located at ``key_path`` in this recipe."""
-        return RecipeError(message, key_path, self.source_of(key_path))
+        """A :class:`RecipeError` located at ``key_path`` in this recipe; the source names the
+        command-line overrides at or under ``key_path`` too (the likely culprits)."""
+        source = self.source_of(key_path)
+        inside = [text for path, text in self.overrides.items()
+                  if not key_path or path == key_path or path.startswith(key_path + ".")]
+        if inside and source != OVERRIDE_SOURCE:
+            source = f"{source} with override {', '.join(inside)}"
+        elif inside:
+            source = f"override {', '.join(inside)}"
+        return RecipeError(message, key_path, source)
+
+    def record_override(self, key_path: str, text: str) -> None:
+        """Note that the override ``text`` set ``key_path`` (for :meth:`error`)."""
+        self.overrides.pop(key_path, None)
+        self.overrides[key_path] = text.strip()
 
 
 def bundled_recipes() -> dict[str, Path]:
@@ -284,6 +299,7 @@ def _apply_override(recipe: Recipe, override: str) -> None:
     for stale in [p for p in recipe.sources if p == key_path or p.startswith(key_path + ".")]:
         del recipe.sources[stale]
     _record(value, key_path, OVERRIDE_SOURCE, recipe.sources)
+    recipe.record_override(key_path, override)
 
 
 def _child(node: Any, part: str, key_path: str) -> Any:

@@ -55,7 +55,7 @@ def test_run_bench_reports_consistent_figures_for_a_deep_fusion_recipe():
     assert result.suffix_tokens == 20 + 2  # state token, 20 action tokens, time token
     assert result.parameters == sum(p.numel() for p in vla.parameters())
     for name in ("encode_ms", "input_checks_ms", "output_checks_ms", "prefix_ms", "step_ms", "chunk_cached_ms", "chunk_recompute_ms",
-                 "train_step_ms", "train_step_checkpointed_ms"):
+                 "train_step_ms", "train_step_checkpointed_ms", "train_checks_ms"):
         assert getattr(result, name) > 0, name
     assert result.speedup == pytest.approx(result.chunk_recompute_ms / result.chunk_cached_ms)
     assert result.token_work_ratio == pytest.approx(token_work_ratio(result.prefix_tokens, 22, 4))
@@ -65,7 +65,7 @@ def test_run_bench_reports_consistent_figures_for_a_deep_fusion_recipe():
     assert result.flop_ratio > result.token_work_ratio > 1
     table = format_table(result)
     assert "cache speed-up" in table and "achieved / token-work ratio" in table and "training step (batch 2)" in table
-    assert "batch checks of predict_action" in table
+    assert "batch checks of predict_action" in table and "share of the training step" in table
 
 
 def test_counted_flops_of_a_matmul():

@@ -66,6 +66,20 @@ def tensor_span(path: Path, name: str) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------ manifests
 
 
+def test_every_checkpoint_file_gets_the_usual_permissions(tmp_path):
+    """safetensors recreates its file 0600; a checkpoint's files all get ``0666 & ~umask`` (0644)."""
+    old = os.umask(0o022)
+    try:
+        trainer = make_trainer(tmp_path, TrainConfig(steps=1, batch_size=2, save_every=1))
+        trainer.train()
+        policy = build("tiny_pi0").save_pretrained(tmp_path / "policy")
+    finally:
+        os.umask(old)
+    files = [p for d in (latest_checkpoint(tmp_path), policy) for p in d.iterdir()]
+    assert {p.suffix for p in files} >= {".safetensors", ".json", ".yaml"}
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: "0o644" for p in files}
+
+
 def test_manifest_lists_every_file_with_per_tensor_checksums(saved):
     manifest = read_manifest(saved)
     assert set(manifest["files"]) == {"model.safetensors", "recipe.yaml"}

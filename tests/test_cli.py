@@ -50,7 +50,7 @@ def test_check_refuses_full_size_on_cpu_and_reports_recipe_errors(capsys):
     code, out, _ = run(capsys, "check", "llava3d_deepfusion")
     assert code == 2 and "too many for a CPU check" in out
     code, _, err = run(capsys, "show", "tiny_pi0", "head.num_stepz=3")
-    assert code == 1 and "recipe error: <command-line override>: head.num_stepz: unknown key 'num_stepz'" in err
+    assert code == 1 and "recipe error: override head.num_stepz=3: head.num_stepz: unknown key 'num_stepz'" in err
 
 
 def test_help_and_usage_errors_return_their_status(capsys):

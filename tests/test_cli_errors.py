@@ -28,7 +28,7 @@ def _write_dataset(root: Path) -> None:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    """A folder with a dataset, a 1-step run, an empty folder, a file, a broken dataset and bad recipes."""
+    """A folder with a dataset, a 1-step run, an empty folder, a file, broken datasets and bad recipes."""
     root = tmp_path_factory.mktemp("cli_errors")
     _write_dataset(root / "data")
     assert main(["train", "tiny_pi0", "--data", str(root / "data"), "--out", str(root / "run"), "--steps", "1",
@@ -37,6 +37,10 @@ def world(tmp_path_factory) -> Path:
     (root / "a_file.txt").write_text("not a dataset\n")
     shutil.copytree(root / "data", root / "broken")
     (root / "broken" / "meta" / "info.json").write_text("{not json")
+    shutil.copytree(root / "data", root / "nan_stats")
+    stats = json.loads((root / "nan_stats" / "meta" / "stats.json").read_text())
+    stats["action"]["mean"][1] = float("nan")
+    (root / "nan_stats" / "meta" / "stats.json").write_text(json.dumps(stats))
     (root / "bad.yaml").write_text("extends: tiny_pi0\nhead: {num_steps: 3\n")
     (root / "dir.yaml").mkdir()
     return root
@@ -76,6 +80,9 @@ CASES = [
     ([*SHOW, "head.num_stepz=3"], FAILURE, "head.num_stepz"),
     ([*SHOW, "head.num_steps=ten"], FAILURE, "head.num_steps"),
     ([*SHOW, "train.lr=abc"], FAILURE, "train.lr"),
+    ([*SHOW, "train.lr=-1"], FAILURE, "override train.lr=-1"),
+    ([*SHOW, "head.num_steps=0"], FAILURE, "override head.num_steps=0"),
+    ([*SHOW, "backbone.experts.0.norm_eps=-1"], FAILURE, "override backbone.experts.0.norm_eps=-1"),
     ([*SHOW, "train.lrr=0.1"], FAILURE, "lrr"),
     ([*SHOW, "backbone.experts.7.width=8"], FAILURE, "backbone.experts.7"),
     (["show", "bad.yaml"], FAILURE, "bad.yaml"),
@@ -86,6 +93,10 @@ CASES = [
     (["train", "tiny_pi0", "--data", "empty", "--out", "run_new"], FAILURE, "empty"),
     (["train", "tiny_pi0", "--data", "a_file.txt", "--out", "run_new"], FAILURE, "a_file.txt"),
     (["train", "tiny_pi0", "--data", "broken", "--out", "run_new"], FAILURE, "info.json"),
+    (["train", "tiny_pi0", "--data", "nan_stats", "--out", "run_new", "policy.action_dim=4", "policy.state_dim=4"],
+     FAILURE, "meta/stats.json"),
+    (["train", "tiny_pi0", "--data", "data", "--out", "run_new", "backbone.experts.1.norm_eps=-1"], FAILURE,
+     "override backbone.experts.1.norm_eps=-1"),
     (["train", "tiny_pi0", "--data", "data", "--out", "run_new", "--resume"], FAILURE, "run_new"),
     (["eval", "empty", "--tasks", "reach-v3"], FAILURE, "empty"),
     (["eval", "nowhere", "--tasks", "reach-v3"], FAILURE, "nowhere"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -297,4 +298,20 @@ def test_a_duplicated_or_missing_episode_list_is_refused(tmp_path):
     info = json.loads((root / "meta/info.json").read_text())
     (root / "meta/info.json").write_text(json.dumps({**info, "total_episodes": 0, "total_frames": 0}))
     with pytest.raises(ValueError, match=r"episodes.jsonl: the dataset has no episodes"):
+        LeRobotDataset(root, horizon=2)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda s: s["action"]["mean"].__setitem__(1, math.nan), r"stats.json: action.mean must be finite; dims \[1\] are \[nan\]"),
+    (lambda s: s["observation.state"]["std"].__setitem__(0, -1.0), r"stats.json: observation.state.std must be >= 0"),
+    (lambda s: s["action"].__setitem__("q99", [1.0]), r"stats.json: action.q99 has 1 values; the feature has \d+"),
+    (lambda s: s["action"].__setitem__("min", "low"), r"stats.json: action.min must be a list of numbers; got low"),
+])
+def test_statistics_are_checked_when_the_dataset_opens(tmp_path, edit, message):
+    root = tmp_path / "d"
+    write(root)
+    stats = json.loads((root / "meta/stats.json").read_text())
+    edit(stats)
+    (root / "meta/stats.json").write_text(json.dumps(stats))
+    with pytest.raises(ValueError, match=message):
         LeRobotDataset(root, horizon=2)

@@ -57,3 +57,26 @@ def test_isolated_guard_hits_do_not_stop_the_run(tmp_path):
 def test_max_guard_hits_in_a_row_is_validated(value):
     with pytest.raises(ValueError, match=r"TrainConfig.max_guard_hits_in_a_row must be an integer >= 1 or None"):
         TrainConfig(max_guard_hits_in_a_row=value)
+
+
+def test_vlablocks_train_exits_non_zero_on_divergence_and_keeps_latest(tmp_path, monkeypatch, capsys):
+    from helpers import write_toy_dataset  # noqa: PLC0415 (the tests' helper, not the package)
+    from vlablocks.cli import main  # noqa: PLC0415
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    monkeypatch.delenv("VLABLOCKS_DEBUG", raising=False)
+    write_toy_dataset(tmp_path / "data", lengths=(6, 6))
+    run = tmp_path / "run"
+    common = ["train", "tiny_pi0", "--data", str(tmp_path / "data"), "--out", str(run), "policy.action_dim=4",
+              "policy.state_dim=4", "train.batch_size=2", "train.save_every=1"]
+    assert main([*common, "--steps", "2"]) == 0
+    last_good, before = latest_checkpoint(run), digests(run / "checkpoints")
+    capsys.readouterr()
+    code = main([*common, "--steps", "20", "--resume", "train.guard_max_grad_norm=1e-30",
+                 "train.max_guard_hits_in_a_row=2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err[-1].startswith("vlablocks train: ") and "gradient guard skipped 2 optimizer steps in a row" in err[-1]
+    assert "Traceback" not in "\n".join(err)
+    assert latest_checkpoint(run) == last_good and digests(run / "checkpoints") == before
+    assert [r["step"] for r in read_metrics(run / "metrics.csv")][-1] == 4  # 2 good + K = 2 skipped

@@ -12,6 +12,7 @@ from vlablocks.blocks.attention import HeadSpace
 from vlablocks.blocks.experts import ExpertSpec
 from vlablocks.blocks.norms import AdaRMSNorm, RMSNorm
 from vlablocks.heads.time_samplers import BetaTimeSampler
+from vlablocks.policy.batch import BatchError
 from vlablocks.policy.checks import random_batch
 from vlablocks.policy.normalize import FeatureNormalizer
 from vlablocks.policy.vla import NonFiniteActionError
@@ -93,3 +94,31 @@ def test_predict_action_refuses_to_return_non_finite_actions():
         vla.denoiser.suffix_encoder.action_out_proj.weight[0, 0] = math.nan  # as a damaged, unverified checkpoint would
     with pytest.raises(NonFiniteActionError, match=r"predict_action produced \d+ non-finite of 128 action values"):
         vla.predict_action(batch)
+
+
+@pytest.mark.parametrize("focal", [0.0, -96.0])
+def test_intrinsics_without_positive_focal_lengths_are_refused(focal):
+    vla = build("tiny_llava3d_deepfusion", overrides=["head.num_steps=2"]).eval()
+    batch = random_batch(vla, batch_size=2)
+    batch["intrinsics"][1, 0, 0, 0] = focal
+    with pytest.raises(BatchError, match=rf"batch\['intrinsics'\]: expected pinhole K with focal lengths fx, fy > 0; "
+                                         rf"got smallest {focal:g}"):
+        vla.predict_action(batch)
+
+
+@pytest.mark.parametrize("far", [1e30, 3e38, 2e4])
+def test_depth_beyond_the_point_limit_is_invalid_like_inf(far):
+    """A sensor's "no return" code (1e30) is documented as an invalid pixel: the actions are finite
+    and equal to those for depth = inf, for every pixel or for one."""
+    torch.manual_seed(0)
+    vla = build("mt10_deepfusion", load_weights=False).eval()
+    batch = random_batch(vla, batch_size=2)
+    for pixels in (slice(None), (0, 0, 3, 3)):
+        actions = {}
+        for value in (far, math.inf):
+            edited = {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}
+            edited["depth"][pixels] = value
+            torch.manual_seed(1)
+            actions[value] = vla.predict_action(edited)
+        assert torch.isfinite(actions[far]).all()
+        torch.testing.assert_close(actions[far], actions[math.inf], rtol=0, atol=0)

@@ -1,6 +1,7 @@
 """Checkpoints: save_pretrained -> from_pretrained is bitwise, pickle-free; local SigLIP / LLaVA-layout weights load."""
 
 import pickle
+import re
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from vlablocks.policy.checks import random_batch
 from vlablocks.recipes.builder import build
 from vlablocks.recipes.loader import load_recipe
 from vlablocks.recipes.builder import from_pretrained
+from vlablocks.io.manifest import CheckpointError, write_manifest
 
 
 @pytest.fixture
@@ -181,3 +183,30 @@ def test_a_checkpoint_that_is_not_paligemma_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match=r"is not a PaliGemma checkpoint: expected keys under .*model\.language_model\."):
         load_pretrained(build("tiny_pi0"), llava_path, layout="paligemma")
+
+
+@pytest.mark.parametrize("where", ["absolute", "relative"])
+def test_a_checkpoints_recipe_naming_a_file_outside_it_is_refused(tmp_path, no_pickle, where):
+    """A checkpoint's weights are its model.safetensors: a timm ``weights_path`` in its recipe.yaml
+    that leaves the directory (here a pickle beside it) is refused, naming the file and the key,
+    and nothing is opened or unpickled."""
+    torch.manual_seed(0)
+    vla = build("tiny_pi0", overrides=["vision={type: timm, model_name: resnet18, image_size: 32}"]).eval()
+    directory = vla.save_pretrained(tmp_path / "policy")
+    outside = tmp_path / "outside.pt"
+    outside.write_bytes(b"\x80\x04not really a pickle")
+    recipe = (directory / "recipe.yaml").read_text()
+    assert "model_name: resnet18" in recipe and "weights_path" not in recipe  # saved self-contained
+    value = str(outside) if where == "absolute" else "../outside.pt"
+    (directory / "recipe.yaml").write_text(recipe.replace("model_name: resnet18", f"model_name: resnet18\n  weights_path: {value}"))
+    write_manifest(directory)
+    with pytest.raises(CheckpointError, match=rf"policy/recipe.yaml: vision.weights_path: '{re.escape(value)}' points "
+                                              r"outside the checkpoint"):
+        from_pretrained(directory)
+    (directory / "recipe.yaml").write_text(recipe)
+    write_manifest(directory)
+    loaded, batch = from_pretrained(directory).eval(), random_batch(vla, 2)
+    torch.manual_seed(1)
+    expected = vla.predict_action(batch)
+    torch.manual_seed(1)
+    assert torch.equal(loaded.predict_action(batch), expected)

@@ -30,20 +30,21 @@ from typing import Any, NoReturn
 
 import yaml
 
-from vlablocks.envs import ENVS
 from vlablocks.data.reader import EpisodeError
+from vlablocks.envs import ENVS
 from vlablocks.envs.metaworld.tasks import CAMERAS, STATE_LAYOUTS
 from vlablocks.eval.run import evaluate_run, format_results
 from vlablocks.io.manifest import CheckpointError
 from vlablocks.policy.batch import BatchError
 from vlablocks.policy.checks import smoke_check
-from vlablocks.policy.vla import VLA
+from vlablocks.policy.vla import VLA, NonFiniteActionError
 from vlablocks.recipes.builder import build
 from vlablocks.recipes.loader import Recipe, RecipeError, bundled_recipes, load_recipe
 from vlablocks.tools.bench import BenchSettings, format_table, run_bench, write_result
 from vlablocks.tools.report import build_report, format_report, write_report
 from vlablocks.train.checkpoint import LatestPointerError
 from vlablocks.train.config import train_config
+from vlablocks.train.trainer import TrainingDiverged
 from vlablocks.train.workflow import train_from_recipe
 
 logger = logging.getLogger("vlablocks")
@@ -59,7 +60,7 @@ DEBUG_ENV = "VLABLOCKS_DEBUG"
 #: errors of the toolkit and of its input, answered with one line (the named ``ValueError``
 #: subclasses are listed for the reader: ``ValueError`` covers them).
 USER_ERRORS: tuple[type[Exception], ...] = (
-    RecipeError, BatchError, CheckpointError, EpisodeError, LatestPointerError,
+    RecipeError, BatchError, CheckpointError, EpisodeError, LatestPointerError, TrainingDiverged, NonFiniteActionError,
     FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
     ValueError, TypeError, KeyError,
 )

@@ -25,6 +25,7 @@ from vlablocks.data.format import (
     IMAGE_PREFIX,
     INDEX_COLUMNS,
     INFO_FILE,
+    STAT_NAMES,
     STATE,
     STATS_FILE,
     TASKS_FILE,
@@ -142,6 +143,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
         tasks = {int(row["task_index"]): str(row["task"]) for row in task_rows}
         episodes = _read_jsonl(self.root / EPISODES_FILE)
         self._stats = _read_json(self.root / STATS_FILE)
+        self._check_stats()
         files = self._episode_files(info, episodes)
         lengths = [int(e["length"]) for e in episodes]
         if sum(lengths) != info["total_frames"] or len(episodes) != info["total_episodes"]:
@@ -220,6 +222,29 @@ class LeRobotDataset(torch.utils.data.Dataset):
         for name in (STATE, ACTION):
             if name not in info["features"]:
                 raise ValueError(f"{path}: features must include {name!r}; got {sorted(info['features'])}")
+
+    def _check_stats(self) -> None:
+        """The statistics of the features training normalises (state, action), when present: numbers,
+        finite, as wide as the feature, ``std >= 0``. Checked on open, before any frame is read."""
+        path = self.root / STATS_FILE
+        for name in (STATE, ACTION):
+            width = int(np.prod(self.features[name].get("shape", [0])))
+            for stat, values in (self._stats.get(name) or {}).items():
+                if stat not in STAT_NAMES:
+                    continue
+                try:
+                    array = np.asarray(values, dtype=np.float64).reshape(-1)
+                except (TypeError, ValueError):
+                    raise ValueError(f"{path}: {name}.{stat} must be a list of numbers; got {str(values)[:80]}") from None
+                if array.size != width:
+                    raise ValueError(f"{path}: {name}.{stat} has {array.size} values; the feature has {width} "
+                                     f"({INFO_FILE})")
+                bad = np.flatnonzero(~np.isfinite(array))
+                if bad.size:
+                    raise ValueError(f"{path}: {name}.{stat} must be finite; dims {bad[:10].tolist()} are "
+                                     f"{array[bad[:10]].tolist()}")
+                if stat == "std" and (array < 0).any():
+                    raise ValueError(f"{path}: {name}.std must be >= 0; got {array.min():.4g}")
 
     def _select_cameras(self, cameras: Sequence[str] | None) -> list[str]:
         path = self.root / INFO_FILE

@@ -132,8 +132,9 @@ def _layout(key: str, value: Any, dims: Sequence[int | str | None], layout: str,
 def check_batch(batch: Mapping[str, Any], spec: BatchSpec, device: torch.device) -> None:
     """Check the keys a policy reads: presence, type, shape, batch size, dtype, device, finite
     values and images in ``[0, 1]``. Keys the policy does not read are ignored. Per-pixel
-    geometry (``depth``, ``points``, rays) may hold NaN / inf / non-positive depth: that marks
-    invalid pixels (:func:`vlablocks.encoders.points.valid_depth_mask`), not an error.
+    geometry (``depth``, ``points``, rays) may hold NaN / inf / non-positive depth or points
+    beyond ``MAX_POINT_COORDINATE``: that marks invalid pixels
+    (:func:`vlablocks.encoders.points.points_from_geometry`), not an error.
 
     The value checks are reduced on the tensors' device and read back once.
 
@@ -204,20 +205,36 @@ def _check_tasks(tasks: Any, sizes: dict[str, int]) -> None:
 
 
 def _check_values(floats: list[tuple[str, torch.Tensor]], device: torch.device) -> None:
-    """Finite values everywhere and images in [0, 1], reduced on ``device`` and read back once."""
+    """Finite values everywhere, images in [0, 1] and intrinsics with focal lengths > 0: one
+    reduction per tensor on ``device``, read back once."""
     if not floats:
         return
-    flags = [torch.isfinite(v).all() for _, v in floats]
-    bounds = [(k, v) for k, v in floats if k == IMAGES]
-    flags += [((v >= 0) & (v <= 1)).all() for _, v in bounds]
-    ok = torch.stack([f.to(device) for f in flags]).tolist()  # one read-back for all checks
-    if all(ok):
-        return
+    ok = torch.stack([_value_flag(key, value).to(device) for key, value in floats]).tolist()
     for (key, value), fine in zip(floats, ok):
-        if not fine:
-            bad = int((~torch.isfinite(value)).sum())
+        if fine:
+            continue
+        bad = int((~torch.isfinite(value)).sum())
+        if bad:
             raise BatchError(f"batch[{key!r}]: expected finite values; got {bad} NaN / inf of {value.numel()}")
-    for (key, value), fine in zip(bounds, ok[len(floats):]):
-        if not fine:
+        if key == IMAGES:
             raise BatchError(f"batch[{key!r}]: expected values in [0, 1]; got min {value.min().item():.4g}, "
                              f"max {value.max().item():.4g}")
+        raise BatchError(f"batch[{key!r}]: expected pinhole K with focal lengths fx, fy > 0; got smallest "
+                         f"{_focal_lengths(value).min().item():.4g}")
+
+
+def _value_flag(key: str, value: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool: the values of ``key`` are fine. Images: in [0, 1] (one min / max pass, which NaN
+    and inf fail too); intrinsics: finite with fx, fy > 0; anything else: finite."""
+    if key == IMAGES:
+        low, high = torch.aminmax(value)
+        return (low >= 0) & (high <= 1)
+    finite = torch.isfinite(value).all()
+    if key == INTRINSICS:
+        return finite & (_focal_lengths(value) > 0).all()
+    return finite
+
+
+def _focal_lengths(intrinsics: torch.Tensor) -> torch.Tensor:
+    """``[..., 3, 3]`` K -> ``[..., 2]`` (fx, fy), a view."""
+    return torch.diagonal(intrinsics, dim1=-2, dim2=-1)[..., :2]

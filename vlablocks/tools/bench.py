@@ -14,6 +14,8 @@ What is timed, for a batch of random observations (:func:`~vlablocks.policy.chec
 ``input_checks_ms``         ``vla.check_batch``: what ``predict_action`` spends validating its batch
 ``output_checks_ms``        ``vla.check_actions``: what it spends checking the chunk is finite
 ``train_step_ms``           loss, backward and an AdamW step at ``train_batch``
+``train_checks_ms``         ``vla.check_batch`` at ``train_batch``: what a training step spends on
+                            its batch checks (the gradient guard reuses the clipped norm: free)
 ==========================  ==================================================================
 
 The cache's speed-up ``chunk_recompute_ms / chunk_cached_ms`` is reported next to the
@@ -90,6 +92,7 @@ class BenchResult:
     train_step_ms: float | None = None
     train_samples_per_s: float | None = None
     train_step_checkpointed_ms: float | None = None
+    train_checks_ms: float | None = None
     memory_mib: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -246,13 +249,18 @@ def bench_inference(vla: VLA, settings: BenchSettings) -> dict[str, Any]:
 
 
 def bench_training(vla: VLA, settings: BenchSettings) -> dict[str, float]:
-    """Training step time without and with gradient checkpointing."""
+    """Training step time without and with gradient checkpointing, and its batch checks' time."""
     out = {}
+    repeats, warmup = max(3, settings.repeats // 2), max(1, settings.warmup)
+    batch = to_device(random_batch(vla, settings.train_batch, seed=settings.seed), settings.device)
     for checkpointed in (False, True):
         vla.set_gradient_checkpointing(checkpointed)
         step = make_train_step(vla, settings)
         name = "train_step_checkpointed_ms" if checkpointed else "train_step_ms"
-        out.update(median_ms({name: step}, max(3, settings.repeats // 2), max(1, settings.warmup), settings.device))
+        timed = {name: step}
+        if not checkpointed:
+            timed["train_checks_ms"] = lambda: vla.check_batch(batch, actions=True)
+        out.update(median_ms(timed, repeats, warmup, settings.device))
     vla.set_gradient_checkpointing(False)
     out["train_samples_per_s"] = 1000 * settings.train_batch / out["train_step_ms"]
     return out
@@ -349,6 +357,9 @@ def format_table(result: BenchResult) -> str:
         row(f"training step (batch {s['train_batch']})", result.train_step_ms)
         row("  samples / s", result.train_samples_per_s, "")
         row("  with gradient checkpointing", result.train_step_checkpointed_ms)
+    if result.train_checks_ms is not None and result.train_step_ms is not None:
+        row("batch checks of a training step", result.train_checks_ms)
+        row("  share of the training step", 100 * result.train_checks_ms / result.train_step_ms, "%")
     memory = result.memory_mib
     for kind, label in (("inference", "inference"), ("train", "training"),
                         ("train_checkpointed", "training, checkpointed")):

@@ -151,6 +151,7 @@ def train_config(recipe: Recipe, train_overrides: Sequence[str] = (), steps: int
             raise RecipeError(f"a training override must look like train.FIELD=value; got {override!r}", source=OVERRIDE_SOURCE)
         node[key] = parse_override_value(text, OVERRIDE_SOURCE, f"train.{key}")
         recipe.sources[f"train.{key}"] = OVERRIDE_SOURCE
+        recipe.record_override(f"train.{key}", override)
     if steps is not None:
         node["steps"] = steps
     return call_with(TrainConfig, node, "train", recipe, max_int=MAX_SETTING_INT)
