@@ -36,6 +36,7 @@ LAZY_IMPORTS = {
     "mujoco": "optional (the sim extra)",
     "imageio": "optional (the sim extra)",
     "imageio_ffmpeg": "optional: mp4 videos when installed, GIF otherwise",
+    "torchcodec": "optional: the alternative video decoder (needs the system FFmpeg libraries)",
     "vlablocks.envs.metaworld": "imports metaworld and mujoco (optional) and starts a GL stack",
     "matplotlib": "heavy import, only for plots written after training / by reports",
     "torch.utils.tensorboard": "heavy import (tensorboard), only when a run logs",

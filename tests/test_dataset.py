@@ -241,7 +241,7 @@ def test_a_corrupt_frame_is_named_by_column_and_frame(tmp_path):
     frames[3] = {**frames[3], "bytes": frames[3]["bytes"][:40]}  # a PNG cut short
     _rewrite(parquet, lambda t: t.set_column(t.schema.get_field_index(column), column,
                                              pa.array(frames, table.schema.field(column).type)))
-    with pytest.raises(EpisodeError, match=rf"episode_000000.parquet \(episode 0\): column '{column}', frame 3: not a readable PNG"):
+    with pytest.raises(EpisodeError, match=rf"episode_000000.parquet \(episode 0\): column .{column}., row 3: not a readable image"):
         LeRobotDataset(root, horizon=2)
 
 
@@ -281,7 +281,7 @@ def test_a_data_path_outside_the_dataset_is_refused(tmp_path, data_path):
     for i in range(3):  # a readable copy outside: refused all the same, never read
         (tmp_path / "elsewhere" / f"episode_{i:06d}.parquet").write_bytes((root / episode_path(i)).read_bytes())
     (root / "meta/info.json").write_text(json.dumps({**info, "data_path": data_path}))
-    with pytest.raises(ValueError, match=r"info.json: data_path .* points outside the dataset"):
+    with pytest.raises(ValueError, match=r"info.json: data_path gives .* points outside the dataset"):
         LeRobotDataset(root, horizon=2)
 
 

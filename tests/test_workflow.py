@@ -51,7 +51,7 @@ def test_train_resume_and_eval_through_the_cli(data_dir, tmp_path, capsys):
 def test_train_rejects_a_dataset_that_does_not_fit(data_dir, tmp_path, capsys):
     assert main(["train", "tiny_llava3d_deepfusion", "--data", str(data_dir), "--out", str(tmp_path / "r"), "--steps", "200"]) == 1
     last = capsys.readouterr().err.splitlines()[-1]  # after the data-loading progress bar
-    assert re.fullmatch(r"vlablocks train: .*does not fit the recipe: images are 32x32 but vision.image_size is 96; the recipe "
+    assert re.fullmatch(r"vlablocks train: .*does not fit the recipe: the recipe "
                         r"has a geometry encoder but the dataset has no depth.*", last)
 
 
@@ -76,7 +76,7 @@ def test_training_refuses_a_bad_episode_unless_told_to_skip_it(data_dir, tmp_pat
     import shutil
 
     from vlablocks.data.format import episode_path
-    from vlablocks.data.reader import EpisodeError
+    from vlablocks.data.table import EpisodeError
 
     data = tmp_path / "data"
     shutil.copytree(data_dir, data)

@@ -30,7 +30,7 @@ from typing import Any, NoReturn
 
 import yaml
 
-from vlablocks.data.reader import EpisodeError
+from vlablocks.data.table import EpisodeError
 from vlablocks.envs import ENVS
 from vlablocks.envs.metaworld.tasks import CAMERAS, STATE_LAYOUTS
 from vlablocks.eval.run import evaluate_run, format_results

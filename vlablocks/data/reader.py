@@ -1,126 +1,64 @@
-"""Read a dataset in the LeRobot layout (:mod:`vlablocks.data.format`) into memory and serve
-the policy's batch keys with action chunks and their padding masks."""
+"""Serve a LeRobot dataset (format v2.1 or v3.0; frames as images or video) as policy batch items
+with action chunks and their padding masks, streaming frames from disk or from a memory cache."""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-from collections import Counter
-from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
+from vlablocks.data import video
 from vlablocks.data.format import (
     ACTION,
+    CAM_TO_WORLD_PREFIX,
+    DEPTH_PREFIX,
     DEPTH_UNITS_PER_METRE,
-    EPISODES_FILE,
     IMAGE_PREFIX,
-    INDEX_COLUMNS,
-    INFO_FILE,
+    INTRINSICS_PREFIX,
     STAT_NAMES,
     STATE,
-    STATS_FILE,
-    TASKS_FILE,
-    camera_columns,
-    decode_png,
-    episode_path,
 )
+from vlablocks.data.frames import ParquetImages
+from vlablocks.data.meta import STATS_FILE, DatasetMeta, EpisodeMeta, read_meta
+from vlablocks.data.resize import PadResize
+from vlablocks.data.table import EpisodeError, FrameTable, read_table
 from vlablocks.policy import batch as keys
 
 logger = logging.getLogger(__name__)
 
-
-def _missing(path: Path) -> FileNotFoundError:
-    needed = ", ".join((INFO_FILE, EPISODES_FILE, TASKS_FILE, STATS_FILE))
-    return FileNotFoundError(f"{path}: missing; a LeRobot dataset needs {needed} and the episodes' parquet files")
-
-
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise _missing(path)
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from error
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise _missing(path)
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not valid JSON ({error})") from error
-    return rows
-
-
-def _vectors(table: pa.Table, column: str, dim: int) -> np.ndarray:
-    """A list<float> column -> ``[T, dim]`` float32."""
-    array = table.column(column).combine_chunks()
-    lengths = array.value_lengths().to_numpy(zero_copy_only=False) if pa.types.is_list(array.type) else None
-    if lengths is not None and (lengths != dim).any():
-        raise ValueError(f"column {column!r} must hold {dim} values per frame; got lengths {sorted(set(lengths.tolist()))}")
-    flat = array.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-    if flat.size != len(array) * dim:
-        raise ValueError(f"column {column!r} must hold {dim} values per frame; got {flat.size} values for {len(array)} frames")
-    return flat.reshape(len(array), dim)
-
-
-def _png_frames(table: pa.Table, column: str, pool: ThreadPoolExecutor) -> list[np.ndarray]:
-    """The decoded PNG frames of an image / depth column (ValueError naming the first bad frame)."""
-    field = table.column(column).combine_chunks()
-    data = field.field("bytes") if pa.types.is_struct(field.type) else field
-    values = data.to_pylist()
-    if any(v is None for v in values):
-        raise ValueError(f"column {column!r} has frames without embedded bytes (image paths are not supported)")
-
-    def decode(item: tuple[int, bytes]) -> np.ndarray:
-        try:
-            return decode_png(item[1])
-        except (OSError, ValueError, SyntaxError) as err:  # Pillow: UnidentifiedImageError, truncated data
-            raise ValueError(f"column {column!r}, frame {item[0]}: not a readable PNG ({err})") from None
-
-    return list(pool.map(decode, enumerate(values)))
-
-
-class EpisodeError(ValueError):
-    """One episode of a dataset cannot be used: its file is missing, unreadable or inconsistent,
-    or its values are not finite. ``path`` and ``episode`` say which."""
-
-    def __init__(self, path: Path, episode: int, problem: str) -> None:
-        super().__init__(f"{path} (episode {episode}): {problem}")
-        self.path, self.episode, self.problem = path, episode, problem
+#: ``cache=None`` keeps decoded frames in memory when they take at most this many bytes.
+CACHE_LIMIT_BYTES = 2 * 1024**3
+#: how far (seconds) a decoded video frame may lie from the timestamp asked for: LeRobot's default.
+TOLERANCE_S = 1e-4
 
 
 class LeRobotDataset(torch.utils.data.Dataset):
-    """A LeRobot v2.x dataset with image frames, loaded into memory; samples are policy batch items.
+    """A LeRobot dataset; sample ``i`` (a frame of the whole dataset) is a policy batch item.
 
-    Sample ``i`` (a frame of the whole dataset): ``images [N_cam, 3, H, W]`` float in [0, 1],
-    ``task`` (str), ``state [S]``, ``actions [horizon, A]`` (the chunk starting at frame ``i``;
-    steps past the episode end repeat its last action) and ``action_mask [horizon]`` (False past
-    the episode end), plus, when every selected camera has them, ``depth [N_cam, H, W]`` metres
-    (0 = no depth; only with ``load_depth``), ``intrinsics [N_cam, 3, 3]`` and
-    ``cam_to_world [N_cam, 4, 4]``; all float32. ``cameras=None`` takes every camera of the dataset.
+    ``images [N_cam, 3, S, S]`` float in [0, 1] (each camera resized-with-pad to ``image_size``
+    ``S`` when given, else at its own size), ``task`` (str), ``state [S_dim]``, ``actions [horizon,
+    A]`` (the chunk starting at frame ``i``; steps past the episode end repeat its last action)
+    and ``action_mask [horizon]`` (False past the episode end), plus, when every selected camera
+    has them (vlablocks' geometry features), ``depth [N_cam, S, S]`` metres (0 = no depth; only
+    with ``load_depth``), ``intrinsics [N_cam, 3, 3]`` and ``cam_to_world [N_cam, 4, 4]``.
 
-    Memory: images are kept as uint8 (``3 H W`` bytes per camera and frame: 49 KB at 128 px) and
-    depth as uint16 millimetres.
+    ``cameras``: camera names (``front`` for ``observation.images.front``) or whole feature
+    keys; ``None`` takes every camera. ``state_key`` / ``action_key`` name the features read as
+    state and actions. Frames are read when a sample is asked for (one parquet row group or one
+    video seek; DataLoader workers each open their own files), or, with ``cache``, decoded once
+    into memory as uint8: ``None`` caches when that takes at most :data:`CACHE_LIMIT_BYTES`. A
+    video frame is the decoded frame nearest to the episode's offset in the file plus the frame's
+    ``timestamp``, and must lie within ``tolerance_s`` of it (LeRobot's rule and default).
 
-    Every episode is checked while it loads (file present and readable, columns, frame count and
-    indices, finite state and actions, decodable frames of the right size); a bad one raises
-    :class:`EpisodeError` naming the file and the episode, so training never starts on partial
-    data. ``skip_bad_episodes=True`` leaves such episodes out instead, logs each, and lists them
-    in ``skipped`` (``(episode, problem)``). Dataset-wide problems (``meta/`` files) always raise.
+    The frame table (every non-image value) is read and checked at once, episode by episode: a bad
+    episode raises :class:`~vlablocks.data.table.EpisodeError` naming the file and the episode,
+    unless ``skip_bad_episodes`` leaves it out (listed in ``skipped``). A frame that cannot be
+    decoded raises an EpisodeError too, when it is cached or asked for.
     """
 
     def __init__(
@@ -128,108 +66,100 @@ class LeRobotDataset(torch.utils.data.Dataset):
         root: str | Path,
         horizon: int,
         cameras: Sequence[str] | None = None,
+        image_size: int | None = None,
         load_depth: bool = True,
         skip_bad_episodes: bool = False,
+        cache: bool | None = None,
+        state_key: str = STATE,
+        action_key: str = ACTION,
+        tolerance_s: float = TOLERANCE_S,
     ) -> None:
         if horizon < 1:
             raise ValueError(f"horizon must be >= 1; got {horizon}")
-        self.root, self.horizon = Path(root), horizon
-        info = _read_json(self.root / INFO_FILE)
-        self._check_info(info)
-        self.fps: float = float(info["fps"])
-        self.features: dict[str, dict[str, Any]] = info["features"]
-        self.cameras = self._select_cameras(cameras)
-        task_rows = _read_jsonl(self.root / TASKS_FILE)
-        tasks = {int(row["task_index"]): str(row["task"]) for row in task_rows}
-        episodes = _read_jsonl(self.root / EPISODES_FILE)
-        self._stats = _read_json(self.root / STATS_FILE)
+        self.root, self.horizon, self.image_size, self.tolerance_s = Path(root), horizon, image_size, tolerance_s
+        self.meta: DatasetMeta = read_meta(self.root)
+        self.fps, self.features, self.state_key, self.action_key = self.meta.fps, self.meta.features, state_key, action_key
+        self.camera_keys = self._select_cameras(cameras)
+        self.cameras = [k.removeprefix(IMAGE_PREFIX) for k in self.camera_keys]
+        sizes = sorted({self._shape(c) for c in self.camera_keys})
+        if image_size is None and len(sizes) > 1:
+            raise ValueError(f"{self.root / 'meta/info.json'}: the selected cameras {self.cameras} have different image "
+                             f"sizes {sizes}; pass image_size to resize them to one, or select cameras of one size")
+        self.state_dim, self.action_dim = self._width(state_key), self._width(action_key)
         self._check_stats()
-        files = self._episode_files(info, episodes)
-        lengths = [int(e["length"]) for e in episodes]
-        if sum(lengths) != info["total_frames"] or len(episodes) != info["total_episodes"]:
-            raise ValueError(
-                f"{self.root / INFO_FILE}: total_episodes={info['total_episodes']}, total_frames={info['total_frames']} "
-                f"but {self.root / EPISODES_FILE} lists {len(episodes)} episodes with {sum(lengths)} frames"
-            )
-        starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        self.episode_ranges: list[tuple[int, int]] = [(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
-        self._allocate(int(starts[-1]), load_depth)
-        task_index = np.empty(int(starts[-1]), dtype=np.int64)
-        self.skipped: list[tuple[int, str]] = []
-        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-            progress = tqdm(episodes, desc=f"loading {self.root.name}", unit="episode")
-            for episode, (start, end), path in zip(progress, self.episode_ranges, files):
-                index = int(episode["episode_index"])
-                try:
-                    task_index[start:end] = self._load_episode(path, index, start, end, pool)
-                except EpisodeError as err:
-                    if not skip_bad_episodes:
-                        raise
-                    logger.warning("skipping %s", err)
-                    self.skipped.append((index, err.problem))
-        if self.skipped:
-            kept = [i for i, e in enumerate(episodes) if int(e["episode_index"]) not in {b for b, _ in self.skipped}]
-            if not kept:
-                raise ValueError(f"{self.root}: every episode is bad (skip_bad_episodes left nothing to train on)")
-            task_index = self._drop_episodes(kept, task_index)
-            lengths = [lengths[i] for i in kept]
-            starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-            self.episode_ranges = [(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
-            logger.warning("%s: skipped %d of %d episodes (%d frames kept)", self.root, len(self.skipped),
-                           len(episodes), int(starts[-1]))
-        unknown = sorted(set(np.unique(task_index).tolist()) - set(tasks))
-        if unknown:
-            raise ValueError(f"{self.root / TASKS_FILE}: task_index {unknown} used by the episodes is not listed")
-        self.tasks: list[str] = [tasks[i] for i in sorted(tasks)]
-        self._task_of = [tasks[int(i)] for i in task_index]
-        self._episode_end = torch.from_numpy(np.repeat(starts[1:], lengths))
+        self._geometry = {kind: self._present(prefix) for kind, prefix in
+                          (("depth", DEPTH_PREFIX), ("intrinsics", INTRINSICS_PREFIX), ("cam_to_world", CAM_TO_WORLD_PREFIX))}
+        self._geometry["depth"] &= load_depth
+        vectors = {state_key: self.state_dim, action_key: self.action_dim}
+        for kind, dim in (("intrinsics", 9), ("cam_to_world", 16)):
+            if self._geometry[kind]:
+                vectors.update({self._column(kind, c): dim for c in self.camera_keys})
+        self.table: FrameTable = read_table(self.meta, vectors, skip_bad_episodes)
+        self.skipped = self.table.skipped
+        self.episode_ranges = self.table.ranges
+        self._check_tasks()
+        self._episode = self.table.episode_of(np.arange(len(self.table))).astype(np.int32)
+        self._episode_end = np.repeat([end for _, end in self.table.ranges], [e - s for s, e in self.table.ranges])
+        self._images = {c: ParquetImages(c) for c in self.camera_keys if c not in self.meta.video_keys}
+        self._depths = {c: ParquetImages(self._column("depth", c)) for c in self.camera_keys} if self._geometry["depth"] else {}
+        self._resize = {c: PadResize(*self._shape(c), image_size) for c in self.camera_keys} if image_size else {}
+        for camera, resize in self._resize.items():
+            if not resize.identity:
+                logger.info("%s: %s frames are %dx%d; resized with padding to %dx%d", self.root.name, camera,
+                            resize.height, resize.width, image_size, image_size)
+        self._cache: dict[str, torch.Tensor] | None = None
+        if cache or (cache is None and self.decoded_bytes() <= CACHE_LIMIT_BYTES):
+            self._fill_cache()
 
-    def _episode_files(self, info: Mapping[str, Any], episodes: Sequence[Mapping[str, Any]]) -> list[Path]:
-        """Each episode's parquet file: the episode indices must be distinct and every file must lie
-        inside the dataset (``data_path`` comes from a file a stranger may have written)."""
-        if not episodes:
-            raise ValueError(f"{self.root / EPISODES_FILE}: the dataset has no episodes")
-        counts = Counter(int(e["episode_index"]) for e in episodes)
-        repeated = sorted(i for i, n in counts.items() if n > 1)
-        if repeated:
-            raise ValueError(f"{self.root / EPISODES_FILE}: episode_index {repeated} listed more than once "
-                             "(each episode must be listed once)")
-        root = self.root.resolve()
-        files = [self.root / episode_path(i, info["data_path"], int(info["chunks_size"])) for i in counts]
-        outside = [str(f) for f in files if not f.resolve().is_relative_to(root)]
-        if outside:
-            raise ValueError(f"{self.root / INFO_FILE}: data_path {info['data_path']!r} points outside the dataset "
-                             f"({outside[0]}); it must be a path relative to {self.root}")
-        return files
+    # ------------------------------------------------------------------ layout
 
-    def _drop_episodes(self, kept: Sequence[int], task_index: np.ndarray) -> np.ndarray:
-        """Keep only the frames of episodes ``kept`` (positions in ``episode_ranges``)."""
-        frames = torch.cat([torch.arange(*self.episode_ranges[i]) for i in kept])
-        for name in ("_images", "_state", "_actions", "_depth", "_intrinsics", "_cam_to_world"):
-            tensor = getattr(self, name)
-            if tensor is not None:
-                setattr(self, name, tensor[frames])
-        return task_index[frames.numpy()]
+    def _select_cameras(self, cameras: Sequence[str] | None) -> list[str]:
+        """Feature keys of the selected cameras (``front`` and ``observation.images.front`` both name one)."""
+        available = [k for k in self.meta.image_keys if not k.startswith(DEPTH_PREFIX)]
+        if cameras is None:
+            if not available:
+                raise ValueError(f"{self.root / 'meta/info.json'}: the dataset has no image or video features")
+            return available
+        chosen = [c if c in available else IMAGE_PREFIX + c for c in cameras]
+        unknown = [c for c, k in zip(cameras, chosen) if k not in available]
+        if unknown or not chosen:
+            names = [k[len(IMAGE_PREFIX):] if k.startswith(IMAGE_PREFIX) else k for k in available]
+            raise ValueError(f"cameras {list(cameras)} requested; the dataset has image cameras {names}")
+        return chosen
 
-    def _check_info(self, info: Mapping[str, Any]) -> None:
-        path = self.root / INFO_FILE
-        fields = ("codebase_version", "fps", "features", "data_path", "chunks_size", "total_frames", "total_episodes")
-        missing = [k for k in fields if k not in info]
-        if missing:
-            raise ValueError(f"{path}: missing field(s) {missing}")
-        if not str(info["codebase_version"]).startswith("v2."):
-            raise ValueError(f"{path}: codebase_version must be v2.x (v2.1 is written); got {info['codebase_version']!r}")
-        for name in (STATE, ACTION):
-            if name not in info["features"]:
-                raise ValueError(f"{path}: features must include {name!r}; got {sorted(info['features'])}")
+    def _width(self, key: str) -> int:
+        feature = self.features.get(key)
+        if feature is None:
+            raise ValueError(f"{self.root / 'meta/info.json'}: features must include {key!r}; got {sorted(self.features)}")
+        return int(np.prod(feature["shape"]))
+
+    def _shape(self, camera: str) -> tuple[int, int]:
+        """``(H, W)`` of a camera feature (shape ``[H, W, C]``, or ``[C, H, W]`` when its names say so)."""
+        feature = self.features[camera]
+        shape, names = list(feature["shape"]), feature.get("names") or []
+        if len(names) == 3 and names[0] in ("channel", "channels"):
+            return int(shape[1]), int(shape[2])
+        return int(shape[0]), int(shape[1])
+
+    def _column(self, kind: str, camera: str) -> str:
+        prefix = {"depth": DEPTH_PREFIX, "intrinsics": INTRINSICS_PREFIX, "cam_to_world": CAM_TO_WORLD_PREFIX}[kind]
+        return prefix + camera.removeprefix(IMAGE_PREFIX)
+
+    def _present(self, prefix: str) -> bool:
+        """Whether every selected camera has the feature ``prefix + camera``."""
+        have = [prefix + c.removeprefix(IMAGE_PREFIX) in self.features for c in self.camera_keys]
+        if any(have) and not all(have):
+            with_it = [c for c, h in zip(self.camera_keys, have) if h]
+            raise ValueError(f"{self.root / 'meta/info.json'}: cameras {with_it} have {prefix}* but {self.camera_keys} were "
+                             "selected; select cameras that all have it or none")
+        return all(have)
 
     def _check_stats(self) -> None:
-        """The statistics of the features training normalises (state, action), when present: numbers,
-        finite, as wide as the feature, ``std >= 0``. Checked on open, before any frame is read."""
+        """The statistics of the state and action features, when present: numbers, finite, as wide
+        as the feature, ``std >= 0``. Checked on open, before any frame is read."""
         path = self.root / STATS_FILE
-        for name in (STATE, ACTION):
-            width = int(np.prod(self.features[name].get("shape", [0])))
-            for stat, values in (self._stats.get(name) or {}).items():
+        for name, width in ((self.state_key, self.state_dim), (self.action_key, self.action_dim)):
+            for stat, values in (self.meta.stats.get(name) or {}).items():
                 if stat not in STAT_NAMES:
                     continue
                 try:
@@ -237,8 +167,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
                 except (TypeError, ValueError):
                     raise ValueError(f"{path}: {name}.{stat} must be a list of numbers; got {str(values)[:80]}") from None
                 if array.size != width:
-                    raise ValueError(f"{path}: {name}.{stat} has {array.size} values; the feature has {width} "
-                                     f"({INFO_FILE})")
+                    raise ValueError(f"{path}: {name}.{stat} has {array.size} values; the feature has {width} (meta/info.json)")
                 bad = np.flatnonzero(~np.isfinite(array))
                 if bad.size:
                     raise ValueError(f"{path}: {name}.{stat} must be finite; dims {bad[:10].tolist()} are "
@@ -246,138 +175,127 @@ class LeRobotDataset(torch.utils.data.Dataset):
                 if stat == "std" and (array < 0).any():
                     raise ValueError(f"{path}: {name}.std must be >= 0; got {array.min():.4g}")
 
-    def _select_cameras(self, cameras: Sequence[str] | None) -> list[str]:
-        path = self.root / INFO_FILE
-        videos = sorted(k for k, f in self.features.items() if f.get("dtype") == "video")
-        available = [
-            k[len(IMAGE_PREFIX):] for k, f in self.features.items() if k.startswith(IMAGE_PREFIX) and f.get("dtype") == "image"
-        ]
-        if cameras is None:
-            if videos:
-                raise ValueError(
-                    f"{path}: features {videos} are stored as video; only image frames are supported "
-                    f"(choose cameras among {available})"
-                )
-            cameras = available
-        unknown = [c for c in cameras if c not in available]
-        if unknown or not cameras:
-            raise ValueError(f"{path}: cameras {list(cameras)} requested; the dataset has image cameras {available}")
-        return list(cameras)
-
-    def _present(self, kind: str) -> bool:
-        """Whether every selected camera has the ``kind`` feature (``depth``, ``intrinsics``, ``cam_to_world``)."""
-        have = [camera_columns(c)[kind] in self.features for c in self.cameras]
-        if any(have) and not all(have):
-            with_it = [c for c, h in zip(self.cameras, have) if h]
-            raise ValueError(
-                f"{self.root / INFO_FILE}: cameras {with_it} have {kind} but {self.cameras} were selected; "
-                "select cameras that all have it or none"
-            )
-        return all(have)
-
-    def _allocate(self, frames: int, load_depth: bool) -> None:
-        sizes = {tuple(self.features[camera_columns(c)["image"]]["shape"][:2]) for c in self.cameras}
-        if len(sizes) != 1:
-            raise ValueError(
-                f"{self.root / INFO_FILE}: the selected cameras {self.cameras} have different image sizes "
-                f"{sorted(sizes)}; select cameras of one size"
-            )
-        (height, width), n = sizes.pop(), len(self.cameras)
-        self.state_dim = int(self.features[STATE]["shape"][0])
-        self.action_dim = int(self.features[ACTION]["shape"][0])
-        self._images = torch.empty(frames, n, 3, height, width, dtype=torch.uint8)
-        self._state = torch.empty(frames, self.state_dim)
-        self._actions = torch.empty(frames, self.action_dim)
-        load_depth = load_depth and self._present("depth")
-        self._depth = torch.empty(frames, n, height, width, dtype=torch.uint16) if load_depth else None
-        self._intrinsics = torch.empty(frames, n, 3, 3) if self._present("intrinsics") else None
-        self._cam_to_world = torch.empty(frames, n, 4, 4) if self._present("cam_to_world") else None
-
-    def _load_episode(self, path: Path, episode: int, start: int, end: int, pool: ThreadPoolExecutor) -> np.ndarray:
-        """Fill frames ``[start, end)`` from one parquet file; returns its task indices.
-
-        Raises:
-            EpisodeError: the file is missing, unreadable (not parquet, truncated) or inconsistent.
-        """
-        if not path.is_file():
-            raise EpisodeError(path, episode, f"missing (listed in {self.root / EPISODES_FILE})")
-        try:
-            return self._read_episode(path, episode, start, end, pool)
-        except (ValueError, OSError, pa.ArrowException) as err:
-            raise EpisodeError(path, episode, str(err)) from None
-
-    def _read_episode(self, path: Path, episode: int, start: int, end: int, pool: ThreadPoolExecutor) -> np.ndarray:
-        loaded = {"image": True, "depth": self._depth is not None, "intrinsics": self._intrinsics is not None,
-                  "cam_to_world": self._cam_to_world is not None}
-        columns = [STATE, ACTION, *INDEX_COLUMNS]
-        columns += [name for c in self.cameras for kind, name in camera_columns(c).items() if loaded[kind]]
-        present = pq.read_schema(path).names
-        missing = [c for c in columns if c not in present]
-        if missing:
-            raise ValueError(f"missing column(s) {missing}; the file has {present}")
-        table = pq.read_table(path, columns=columns)
-        if table.num_rows != end - start:
-            raise ValueError(f"{table.num_rows} frames, but {self.root / EPISODES_FILE} says the episode has length {end - start}")
-        if (table.column("episode_index").to_numpy() != episode).any():
-            raise ValueError(f"the episode_index column is not {episode} on every row")
-        if (table.column("frame_index").to_numpy() != np.arange(end - start)).any():
-            raise ValueError(f"frame_index must run 0..{end - start - 1} in order")
-        for name, target, dim in ((STATE, self._state, self.state_dim), (ACTION, self._actions, self.action_dim)):
-            values = _vectors(table, name, dim)
-            bad = np.flatnonzero(~np.isfinite(values).all(1))
-            if bad.size:
-                raise ValueError(f"NaN or inf in {name!r} at frame(s) {bad[:10].tolist()}")
-            target[start:end] = torch.from_numpy(values)
-        for slot, camera in enumerate(self.cameras):
-            names = camera_columns(camera)
-            images = _png_frames(table, names["image"], pool)
-            expected = (*self._images.shape[3:], 3)
-            if any(image.shape != expected for image in images):
-                shapes = sorted({image.shape for image in images})
-                raise ValueError(f"{names['image']!r} frames must be {list(expected)} (info.json); got {shapes}")
-            self._images[start:end, slot] = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
-            if self._depth is not None:
-                depth = _png_frames(table, names["depth"], pool)
-                if any(d.shape != expected[:2] or d.dtype != np.uint16 for d in depth):
-                    got = sorted({(d.shape, str(d.dtype)) for d in depth})
-                    raise ValueError(f"{names['depth']!r} frames must be {list(expected[:2])} uint16; got {got}")
-                self._depth[start:end, slot] = torch.from_numpy(np.stack(depth))
-            for kind, target, dim in (("intrinsics", self._intrinsics, 3), ("cam_to_world", self._cam_to_world, 4)):
-                if target is not None:
-                    values = _vectors(table, names[kind], dim * dim)
-                    bad = np.flatnonzero(~np.isfinite(values).all(1))
-                    if bad.size:
-                        raise ValueError(f"NaN or inf in {names[kind]!r} at frame(s) {bad[:10].tolist()}")
-                    target[start:end, slot] = torch.from_numpy(values.reshape(-1, dim, dim))
-        return table.column("task_index").to_numpy()
+    def _check_tasks(self) -> None:
+        unknown = sorted(set(np.unique(self.table.task_index).tolist()) - set(self.meta.tasks))
+        if unknown:
+            raise ValueError(f"{self.root / 'meta'}: task_index {unknown} used by the episodes is not listed in the tasks")
+        self.tasks: list[str] = [self.meta.tasks[i] for i in sorted(self.meta.tasks)]
 
     @property
     def stats(self) -> dict[str, dict[str, torch.Tensor]]:
-        """``meta/stats.json`` as float32 tensors: ``{feature: {mean, std, min, max, q01, q99, ...}}``."""
-        return {
-            name: {stat: torch.tensor(value, dtype=torch.float32) for stat, value in values.items()}
-            for name, values in self._stats.items()
-        }
+        """The dataset statistics as float32 tensors: ``{feature: {mean, std, min, max, q01, q99, ...}}``."""
+        return {name: {stat: torch.tensor(value, dtype=torch.float32) for stat, value in values.items()}
+                for name, values in self.meta.stats.items() if isinstance(values, dict)}
+
+    # ------------------------------------------------------------------ frames
+
+    def decoded_bytes(self) -> int:
+        """Bytes the decoded frames of the selected cameras take as uint8 (+ 16-bit depth)."""
+        per_frame = sum(3 * h * w + (2 * h * w if self._depths else 0) for h, w in map(self._shape, self.camera_keys))
+        return per_frame * len(self.table)
+
+    def _fill_cache(self) -> None:
+        """Decode every frame of the selected cameras into uint8 tensors, episode by episode."""
+        cache: dict[str, torch.Tensor] = {}
+        for camera in self.camera_keys:
+            h, w = self._shape(camera)
+            cache[camera] = torch.empty(len(self.table), 3, h, w, dtype=torch.uint8)
+            if self._depths:
+                cache[self._column("depth", camera)] = torch.empty(len(self.table), h, w, dtype=torch.uint16)
+        ranges = tqdm(list(enumerate(self.table.ranges)), desc=f"loading {self.root.name}", unit="episode")
+        for slot, (start, end) in ranges:
+            for camera in self.camera_keys:
+                cache[camera][start:end] = self._decode_images(camera, slot, np.arange(start, end))
+                if self._depths:
+                    cache[self._column("depth", camera)][start:end] = self._decode_depth(camera, slot, np.arange(start, end))
+        self._cache = cache
+
+    def _decode_images(self, camera: str, slot: int, frames: np.ndarray) -> torch.Tensor:
+        """uint8 ``[T, 3, H, W]`` of ``camera`` at the given frames of one episode (EpisodeError
+        naming the file and the episode when a frame cannot be decoded)."""
+        episode = self.table.episodes[slot]
+        path = episode.data_file if camera in self._images else episode.videos[camera].path
+        try:
+            decoded = self._decode(camera, episode, frames)
+        except ValueError as err:  # the video module's errors, an unreadable image
+            raise EpisodeError(path, episode.index, str(err).removeprefix(f"{path}: ")) from None
+        expected = (3, *self._shape(camera))
+        if tuple(decoded.shape[1:]) != expected:
+            raise EpisodeError(path, episode.index, f"{camera!r} frames are {list(decoded.shape[1:])}; "
+                                                    f"meta/info.json says {list(expected)}")
+        return decoded
+
+    def _decode_depth(self, camera: str, slot: int, frames: np.ndarray) -> torch.Tensor:
+        """uint16 millimetres ``[T, H, W]`` of ``camera``'s depth at the given frames of one episode."""
+        episode = self.table.episodes[slot]
+        try:
+            depth = [self._depths[camera].frame(episode.data_file, int(self.table.file_row[i])) for i in frames]
+        except ValueError as err:
+            raise EpisodeError(episode.data_file, episode.index, str(err)) from None
+        if any(d.dtype != np.uint16 or d.shape != self._shape(camera) for d in depth):
+            got = sorted({(d.shape, str(d.dtype)) for d in depth})
+            raise EpisodeError(episode.data_file, episode.index, f"{self._column('depth', camera)!r} frames must be "
+                                                                 f"{list(self._shape(camera))} uint16; got {got}")
+        return torch.from_numpy(np.stack(depth))
+
+    def _decode(self, camera: str, episode: EpisodeMeta, frames: np.ndarray) -> torch.Tensor:
+        """Embedded images by their rows, video frames by their timestamps (the episode's offset in
+        the file plus the frames' own ``timestamp``)."""
+        if camera in self._images:
+            images = [self._images[camera].frame(episode.data_file, int(self.table.file_row[i])) for i in frames]
+            return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+        span = episode.videos[camera]
+        times = (span.from_timestamp + self.table.timestamp[frames]).tolist()
+        return video.decode_frames(span.path, times, self.tolerance_s)
+
+    def _frame(self, camera: str, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One frame of ``camera``: uint8 ``[3, H, W]`` and (with depth) uint16 ``[H, W]``."""
+        if self._cache is not None:
+            depth = self._cache.get(self._column("depth", camera))
+            return self._cache[camera][index], None if depth is None else depth[index]
+        slot = int(self._episode[index])
+        image = self._decode_images(camera, slot, np.array([index]))[0]
+        if not self._depths:
+            return image, None
+        return image, self._decode_depth(camera, slot, np.array([index]))[0]
+
+    # ------------------------------------------------------------------ samples
 
     def __len__(self) -> int:
-        return self._images.shape[0]
+        return len(self.table)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self):
             raise IndexError(f"frame {index} out of range for {len(self)} frames")
         end = int(self._episode_end[index])
-        steps = torch.arange(index, index + self.horizon)
+        steps = np.minimum(np.arange(index, index + self.horizon), end - 1)
+        vectors = self.table.vectors
         sample: dict[str, Any] = {
-            keys.IMAGES: self._images[index].float().div_(255.0),
-            keys.TASK: self._task_of[index],
-            keys.STATE: self._state[index].clone(),
-            keys.ACTIONS: self._actions[steps.clamp(max=end - 1)],
-            keys.ACTION_MASK: steps < end,
+            keys.TASK: self.meta.tasks[int(self.table.task_index[index])],
+            keys.STATE: torch.from_numpy(vectors[self.state_key][index].copy()),
+            keys.ACTIONS: torch.from_numpy(vectors[self.action_key][steps]),
+            keys.ACTION_MASK: torch.arange(index, index + self.horizon) < end,
         }
-        if self._depth is not None:
-            sample[keys.DEPTH] = self._depth[index].float().div_(DEPTH_UNITS_PER_METRE)
-        if self._intrinsics is not None:
-            sample[keys.INTRINSICS] = self._intrinsics[index].clone()
-        if self._cam_to_world is not None:
-            sample[keys.CAM_TO_WORLD] = self._cam_to_world[index].clone()
+        images, depths, intrinsics = [], [], []
+        for camera in self.camera_keys:
+            image, depth = self._frame(camera, index)
+            image = image.float().div_(255.0)
+            depth = None if depth is None else depth.float().div_(DEPTH_UNITS_PER_METRE)
+            resize = self._resize.get(camera)
+            if resize is not None:
+                image = resize.images(image)
+                depth = None if depth is None else resize.depth(depth)
+            images.append(image)
+            depths.append(depth)
+            if self._geometry["intrinsics"]:
+                k = torch.from_numpy(vectors[self._column("intrinsics", camera)][index].reshape(3, 3).copy())
+                intrinsics.append(k if resize is None else resize.intrinsics(k))
+        sample[keys.IMAGES] = torch.stack(images)
+        if self._depths:
+            sample[keys.DEPTH] = torch.stack(depths)
+        if intrinsics:
+            sample[keys.INTRINSICS] = torch.stack(intrinsics)
+        if self._geometry["cam_to_world"]:
+            sample[keys.CAM_TO_WORLD] = torch.stack([torch.from_numpy(vectors[self._column("cam_to_world", c)][index].reshape(4, 4).copy())
+                                                     for c in self.camera_keys])
         return sample

@@ -30,7 +30,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vlablocks.data import LeRobotDataset
 from vlablocks.heads.flow_matching import gaussian_loss_curve, residual_var_at
 from vlablocks.io.atomic import atomic_path, write_json, write_text
 from vlablocks.policy import batch as keys
@@ -38,7 +37,7 @@ from vlablocks.policy.batch import collate, to_device
 from vlablocks.policy.vla import VLA
 from vlablocks.train.checkpoint import load_policy
 from vlablocks.train.metrics import METRICS_FILE, read_metrics
-from vlablocks.train.workflow import DATA_INFO_FILE
+from vlablocks.train.workflow import DATA_INFO_FILE, open_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +170,7 @@ def build_report(run: str | Path, data: str | Path | None = None, samples: int =
             raise FileNotFoundError(f"{info_path} not found: give the dataset with --data")
         data = json.loads(info_path.read_text())["data"]
     vla, checkpoint = load_policy(run, use_ema, verify)
-    dataset = LeRobotDataset(data, horizon=vla.config.horizon, load_depth=vla.geometry is not None)
+    dataset = open_dataset(vla, data)
     found = diagnose(vla, dataset, samples, batch_size, t_bins, seed)
     return RunReport(run=str(run), checkpoint=str(checkpoint), data=str(data), training=training_summary(metrics),
                      **found)

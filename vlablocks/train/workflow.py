@@ -51,13 +51,9 @@ class RunResult:
 
 
 def check_data_fits(vla: VLA, sample: dict[str, Any], data: Path) -> None:
-    """Clear errors when a dataset cannot feed a policy (image size, depth, widths)."""
+    """Clear errors when a dataset cannot feed a policy (depth, widths; images are resized to fit)."""
     config = vla.config
     problems = []
-    if vla.vision is not None:
-        size = tuple(sample["images"].shape[-2:])
-        if size != (vla.vision.image_size, vla.vision.image_size):
-            problems.append(f"images are {size[0]}x{size[1]} but vision.image_size is {vla.vision.image_size}")
     if vla.geometry is not None and "depth" not in sample:
         problems.append("the recipe has a geometry encoder but the dataset has no depth (generate it with --depth)")
     if sample["actions"].shape[-1] > config.action_dim:
@@ -66,6 +62,14 @@ def check_data_fits(vla: VLA, sample: dict[str, Any], data: Path) -> None:
         problems.append(f"state has {sample['state'].shape[-1]} dims but policy.state_dim is {config.state_dim}")
     if problems:
         raise ValueError(f"dataset {data} does not fit the recipe: " + "; ".join(problems))
+
+
+def open_dataset(vla: VLA, data: str | Path, skip_bad_episodes: bool = False) -> LeRobotDataset:
+    """The dataset at ``data`` as ``vla`` reads it: its horizon, its image size (frames of another
+    size are resized with padding), depth only when it has a geometry encoder."""
+    return LeRobotDataset(data, horizon=vla.config.horizon, load_depth=vla.geometry is not None,
+                          image_size=None if vla.vision is None else vla.vision.image_size,
+                          skip_bad_episodes=skip_bad_episodes)
 
 
 def data_info(dataset: LeRobotDataset, data: Path, sample: dict[str, Any]) -> dict[str, Any]:
@@ -153,8 +157,7 @@ def train_from_recipe(
     torch.manual_seed(config.seed)
     vla = build(loaded)
     data = Path(data)
-    dataset = LeRobotDataset(data, horizon=vla.config.horizon, load_depth=vla.geometry is not None,
-                             skip_bad_episodes=skip_bad_episodes)
+    dataset = open_dataset(vla, data, skip_bad_episodes)
     sample = dataset[0]
     check_data_fits(vla, sample, data)
     if launch_rank() == 0:

@@ -1,0 +1,88 @@
+"""vlablocks reads datasets that LeRobot's own code wrote (v3.0 with video, v3.0 with images, v2.1
+with one video and one image camera) to the values LeRobot's own loader returned for them.
+
+The fixtures and reference values are made by ``tests/data/lerobot/generate.py`` in LeRobot's own
+environments (README there); this suite does not need LeRobot.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vlablocks.data import LeRobotDataset
+from vlablocks.data.meta import read_meta
+from vlablocks.policy import batch as keys
+
+FIXTURES = Path(__file__).resolve().parent / "data" / "lerobot"
+NAMES = ("v30_video", "v30_images", "v21")
+CAMERAS = ("observation.images.front", "observation.images.wrist")
+HORIZON = 4  # the reference's delta_timestamps: action at 0, 0.1, 0.2, 0.3 s (fps 10)
+
+
+def reference(name: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    return (json.loads((FIXTURES / f"{name}_reference.json").read_text()),
+            load_file(FIXTURES / f"{name}_reference.safetensors"))
+
+
+@pytest.mark.parametrize("cache", [False, True], ids=["streamed", "cached"])
+@pytest.mark.parametrize("name", NAMES)
+def test_samples_equal_lerobots_loader(name, cache):
+    ref, frames = reference(name)
+    for camera in CAMERAS:  # one camera at a time: their sizes differ (48 x 64 and 32 x 32)
+        dataset = LeRobotDataset(FIXTURES / name, horizon=HORIZON, cameras=[camera], cache=cache)
+        assert (dataset._cache is not None) == cache
+        assert len(dataset) == ref["meta"]["num_frames"] == 21
+        assert dataset.episode_ranges == [tuple(b) for b in ref["meta"]["episode_bounds"]]
+        for index in ref["indices"]:
+            item, sample = ref["items"][str(index)], dataset[index]
+            assert sample[keys.TASK] == item["task"]["value"]
+            assert sample[keys.STATE].tolist() == item["observation.state"]["value"]
+            assert sample[keys.ACTIONS].tolist() == item["action"]["value"]
+            assert (~sample[keys.ACTION_MASK]).tolist() == item["action_is_pad"]["value"]
+            ours = (sample[keys.IMAGES][0] * 255).round().to(torch.uint8)
+            assert torch.equal(ours, frames[f"{index}/{camera}"]), (index, camera)  # the same decoder: bit-exact
+    with pytest.raises(ValueError, match=r"different image sizes \[\(32, 32\), \(48, 64\)\]; pass image_size"):
+        LeRobotDataset(FIXTURES / name, horizon=HORIZON)
+    both = LeRobotDataset(FIXTURES / name, horizon=HORIZON, image_size=32)
+    assert both.camera_keys == list(CAMERAS) and both[0][keys.IMAGES].shape == (2, 3, 32, 32)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_metadata_and_statistics_equal_lerobots(name):
+    ref, _ = reference(name)
+    meta = read_meta(FIXTURES / name)
+    assert meta.version == ref["meta"]["codebase_version"] and meta.fps == ref["meta"]["fps"]
+    assert [e.length for e in meta.episodes] == [7, 5, 9] and meta.total_frames == 21
+    assert sorted(meta.tasks.values()) == ["open the drawer", "pick the cube"]
+    assert [e.tasks for e in meta.episodes] == [("pick the cube",), ("open the drawer",), ("pick the cube",)]
+    assert sorted(meta.video_keys) == sorted(k for k, f in ref["meta"]["features"].items() if f["dtype"] == "video")
+    for feature in ("observation.state", "action"):
+        theirs = ref["meta"]["stats"][feature]
+        for stat in ("min", "max", "mean", "std"):  # v2.1: pooled from episodes_stats.jsonl, as LeRobot pools them
+            np.testing.assert_allclose(meta.stats[feature][stat], theirs[stat], rtol=1e-6, atol=1e-9, err_msg=f"{feature}.{stat}")
+
+
+def test_video_episodes_sit_one_after_another_in_a_v30_file():
+    meta = read_meta(FIXTURES / "v30_video")
+    spans = [e.videos["observation.images.front"] for e in meta.episodes]
+    assert len({s.path for s in spans}) == 1 and [s.from_timestamp for s in spans] == pytest.approx([0.0, 0.7, 1.2])
+    v21 = read_meta(FIXTURES / "v21")
+    assert [e.videos["observation.images.front"].path.name for e in v21.episodes] == [
+        f"episode_{i:06d}.mp4" for i in range(3)]
+    assert "observation.images.wrist" not in v21.episodes[0].videos  # stored as images in this fixture
+
+
+def test_frames_are_resized_with_padding_to_the_recipe_size():
+    dataset = LeRobotDataset(FIXTURES / "v30_images", horizon=2, image_size=32, cameras=["front"])
+    image = dataset[3][keys.IMAGES][0]  # 48 x 64 -> 24 x 32, 4 black rows above and below
+    assert image.shape == (3, 32, 32)
+    assert image[:, :4].abs().max() == 0 and image[:, 28:].abs().max() == 0 and image[:, 4:28].min() > 0
+    native = LeRobotDataset(FIXTURES / "v30_images", horizon=2, cameras=["front"])[3][keys.IMAGES][0]
+    expected = torch.nn.functional.interpolate(native[None], size=(24, 32), mode="bilinear", antialias=True)[0]
+    torch.testing.assert_close(image[:, 4:28], expected.clamp(0, 1), rtol=0, atol=1e-6)
