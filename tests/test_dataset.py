@@ -42,7 +42,8 @@ def make_episode(length: int, seed: int, cameras=CAMERAS, depth: bool = True, po
 
 def write(root: Path, episodes: list[dict[str, np.ndarray]] | None = None, **kwargs) -> list[dict[str, np.ndarray]]:
     episodes = episodes if episodes is not None else [make_episode(n, seed) for seed, n in enumerate(LENGTHS)]
-    options = {"fps": 10, "cameras": CAMERAS, "state_dim": 4, "action_dim": 3, "depth": True, "cam_to_world": True, "robot_type": "toy"}
+    options = {"fps": 10, "cameras": CAMERAS, "state_dim": 4, "action_dim": 3, "depth": True, "cam_to_world": True,
+               "robot_type": "toy", "version": "v2.1"}
     writer = DatasetWriter(root, **{**options, **kwargs})
     for frames, task in zip(episodes, TASKS):
         writer.add_episode(frames, task)
@@ -69,7 +70,7 @@ def test_layout_and_metadata(written):
     tasks = [json.loads(line) for line in (root / "meta/tasks.jsonl").read_text().splitlines()]
     assert tasks == [{"task_index": 0, "task": TASKS[0]}, {"task_index": 1, "task": TASKS[1]}]
     table = pq.read_table(root / "data/chunk-000/episode_000002.parquet")
-    assert table.schema.field("observation.state").type == pa.list_(pa.float32())
+    assert table.schema.field("observation.state").type == pa.list_(pa.float32(), 4)  # fixed size, as LeRobot writes
     assert table.schema.field("observation.images.front").type == pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     assert table.column("index").to_pylist() == list(range(6, 13))
     assert table.column("task_index").to_pylist() == [0] * 7
@@ -109,7 +110,7 @@ def test_stats_equal_numpy(written):
         values = np.concatenate([e[name] for e in episodes]).astype(np.float64)
         expected = {
             "mean": values.mean(0), "std": values.std(0), "min": values.min(0), "max": values.max(0),
-            "q01": np.quantile(values, 0.01, axis=0), "q99": np.quantile(values, 0.99, axis=0),
+            "q01": np.quantile(values, 0.01, axis=0), "q99": np.quantile(values, 0.99, axis=0), "count": [len(values)],
         }
         assert set(stats[name]) == set(expected)
         for stat, value in expected.items():

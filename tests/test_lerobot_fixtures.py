@@ -1,5 +1,7 @@
 """vlablocks reads datasets that LeRobot's own code wrote (v3.0 with video, v3.0 with images, v2.1
-with one video and one image camera) to the values LeRobot's own loader returned for them.
+with one video and one image camera) to the values LeRobot's own loader returned for them; and
+LeRobot's loader read the datasets vlablocks wrote (v3.0 and v2.1 with video) to the values
+vlablocks' reader returns.
 
 The fixtures and reference values are made by ``tests/data/lerobot/generate.py`` in LeRobot's own
 environments (README there); this suite does not need LeRobot.
@@ -25,15 +27,32 @@ CAMERAS = ("observation.images.front", "observation.images.wrist")
 HORIZON = 4  # the reference's delta_timestamps: action at 0, 0.1, 0.2, 0.3 s (fps 10)
 
 
-def reference(name: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    return (json.loads((FIXTURES / f"{name}_reference.json").read_text()),
-            load_file(FIXTURES / f"{name}_reference.safetensors"))
+def reference(name: str, suffix: str = "reference") -> tuple[dict, dict[str, torch.Tensor]]:
+    return (json.loads((FIXTURES / f"{name}_{suffix}.json").read_text()),
+            load_file(FIXTURES / f"{name}_{suffix}.safetensors"))
 
 
 @pytest.mark.parametrize("cache", [False, True], ids=["streamed", "cached"])
 @pytest.mark.parametrize("name", NAMES)
 def test_samples_equal_lerobots_loader(name, cache):
-    ref, frames = reference(name)
+    check_samples(name, "reference", cache)
+
+
+@pytest.mark.parametrize("name", ["vlablocks_v30_video", "vlablocks_v21_video"])
+def test_lerobot_reads_what_vlablocks_writes(name):
+    """``write_vlablocks.py`` wrote these with DatasetWriter; LeRobot 0.6.1 (v3.0) and 0.3.3 (v2.1)
+    loaded them without error to the same frames, states, action chunks, pads and tasks."""
+    ref, _ = reference(name, "lerobot")
+    assert ref["ok"] and "error" not in ref
+    assert ref["meta"]["codebase_version"] == {"vlablocks_v30_video": "v3.0", "vlablocks_v21_video": "v2.1"}[name]
+    assert all(err["nearest_source_frame"] == {"episode_index": item["episode_index"]["value"], "frame_index": item["frame_index"]["value"]}
+               and err["max_abs"] <= 9 for item in ref["items"].values() for err in item["_error_vs_source_frame_uint8"].values())
+    check_samples(name, "lerobot", cache=False)
+
+
+def check_samples(name: str, suffix: str, cache: bool) -> None:
+    """vlablocks' samples of dataset ``name`` equal what LeRobot's loader recorded in ``name_suffix.json``."""
+    ref, frames = reference(name, suffix)
     for camera in CAMERAS:  # one camera at a time: their sizes differ (48 x 64 and 32 x 32)
         dataset = LeRobotDataset(FIXTURES / name, horizon=HORIZON, cameras=[camera], cache=cache)
         assert (dataset._cache is not None) == cache

@@ -1,30 +1,33 @@
-"""The LeRobot dataset layout (v2.1, image frames) as vlablocks' on-disk format: write and read.
+"""The LeRobot dataset layout, format v3.0 (the default) and v2.1, as vlablocks writes and reads it:
+the layout's names and the frame encodings the writer and the reader share.
 
 ::
 
-    root/
-      meta/info.json          codebase_version "v2.1", fps, robot_type, totals, chunks_size,
-                              data_path, features {name: {dtype, shape, names}}
-      meta/episodes.jsonl     {"episode_index", "tasks": [str], "length"} per line
-      meta/tasks.jsonl        {"task_index", "task"} per line
-      meta/stats.json         {feature: {mean, std, min, max, q01, q99}} (lists) for state and action
-      data/chunk-000/episode_000000.parquet   one row per frame
+    v3.0                                                 v2.1
+    meta/info.json   codebase_version, fps, features,    meta/info.json
+                     totals, data_path, video_path
+    meta/tasks.parquet        task (index), task_index   meta/tasks.jsonl      {task_index, task}
+    meta/episodes/chunk-C/file-F.parquet  one row per    meta/episodes.jsonl   {episode_index, tasks, length}
+        episode: its files, rows, video span, stats      meta/episodes_stats.jsonl  per-episode statistics
+    meta/stats.json  {feature: {mean, std, min, max, q01, q99, count}}       (both; v2.1 LeRobot pools episodes_stats)
+    data/chunk-C/file-F.parquet  many episodes           data/chunk-C/episode_E.parquet  one episode
+    videos/<key>/chunk-C/file-F.mp4  many episodes       videos/chunk-C/<key>/episode_E.mp4  one episode
 
-Parquet columns: ``observation.state`` and ``action`` (list<float32>), ``timestamp`` (float32,
-``frame_index / fps``), ``frame_index``, ``episode_index``, ``index`` (the frame's position in
-the whole dataset), ``task_index`` (int64) and, per camera ``<cam>``:
+Parquet columns: ``observation.state`` and ``action`` (fixed-size lists of float32), ``timestamp``
+(float32, ``frame_index / fps``), ``frame_index``, ``episode_index``, ``index`` (the frame's
+position in the whole dataset), ``task_index`` (int64) and, per camera ``<cam>``:
 
-- ``observation.images.<cam>``: PNG bytes in LeRobot's image struct ``{bytes, path}`` (path null);
-- ``observation.depth.<cam>`` (optional): z-depth as a 16-bit grayscale PNG of whole millimetres
-  (``round(depth_m * 1000)``, so read back within 0.5 mm); 0 means "no depth" and is also what
-  NaN, non-positive and beyond-65.535 m depths are stored as;
-- ``observation.intrinsics.<cam>``: the pinhole ``K`` row-major (9 floats);
-- ``observation.cam_to_world.<cam>`` (optional): the camera pose, row-major 4 x 4 (16 floats).
+- ``observation.images.<cam>``: PNG bytes in LeRobot's image struct ``{bytes, path}``, unless the
+  camera is stored as video (then it is no column: its frames are in the mp4 files);
+- ``observation.depth.<cam>`` (optional, vlablocks): z-depth as a 16-bit grayscale PNG of whole
+  millimetres (``round(depth_m * 1000)``, read back within 0.5 mm); 0 means "no depth" and is also
+  what NaN, non-positive and beyond-65.535 m depths are stored as;
+- ``observation.intrinsics.<cam>`` (vlablocks): the pinhole ``K`` row-major (9 floats);
+- ``observation.cam_to_world.<cam>`` (optional, vlablocks): the camera pose, row-major 4 x 4.
 
 :class:`~vlablocks.data.writer.DatasetWriter` writes a dataset (every file atomically);
-:class:`~vlablocks.data.reader.LeRobotDataset` reads one and serves the policy's batch keys
-(:mod:`vlablocks.policy.batch`) with action chunks and their padding masks. This module holds
-the layout's names and the frame encodings both sides share.
+:func:`~vlablocks.data.meta.read_meta` and :class:`~vlablocks.data.reader.LeRobotDataset` read one
+(either version, written by vlablocks or by LeRobot).
 """
 
 from __future__ import annotations
@@ -36,12 +39,17 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-CODEBASE_VERSION = "v2.1"
-DATA_PATH = "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"
-CHUNKS_SIZE = 1000
-INFO_FILE, EPISODES_FILE, TASKS_FILE, STATS_FILE = (
-    "meta/info.json", "meta/episodes.jsonl", "meta/tasks.jsonl", "meta/stats.json",
-)
+VERSIONS = ("v3.0", "v2.1")
+INFO_FILE, STATS_FILE = "meta/info.json", "meta/stats.json"
+V21_TASKS, V21_EPISODES, V21_EPISODE_STATS = "meta/tasks.jsonl", "meta/episodes.jsonl", "meta/episodes_stats.jsonl"
+V21_DATA_PATH = "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"
+V21_VIDEO_PATH = "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"
+V30_TASKS, V30_EPISODES_DIR = "meta/tasks.parquet", "meta/episodes"
+V30_EPISODES_PATH = "meta/episodes/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
+V30_DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
+V30_VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
+CHUNKS_SIZE = 1000  # files per chunk directory
+DATA_FILE_MB, VIDEO_FILE_MB = 100, 200  # v3.0: a new file once one holds this much (LeRobot's sizes)
 
 STATE = "observation.state"
 ACTION = "action"
@@ -94,15 +102,28 @@ def camera_columns(camera: str) -> dict[str, str]:
     }
 
 
-def episode_path(episode: int, template: str = DATA_PATH, chunks_size: int = CHUNKS_SIZE) -> str:
-    """The parquet path of an episode, relative to the dataset root."""
-    return template.format(episode_chunk=episode // chunks_size, episode_index=episode)
+def episode_path(episode: int, template: str = V21_DATA_PATH, chunks_size: int = CHUNKS_SIZE, **names: str) -> str:
+    """A v2.1 per-episode path (parquet, or with ``video_key`` an mp4), relative to the dataset root."""
+    return template.format(episode_chunk=episode // chunks_size, episode_index=episode, **names)
+
+
+def file_path(template: str, file: int, chunks_size: int = CHUNKS_SIZE, **names: str) -> str:
+    """A v3.0 path of the ``file``-th file of its kind (``V30_DATA_PATH``, ...), relative to the root."""
+    return template.format(chunk_index=file // chunks_size, file_index=file % chunks_size, **names)
 
 
 def feature_stats(values: np.ndarray) -> dict[str, np.ndarray]:
-    """``[N, D]`` -> ``{mean, std, min, max, q01, q99}``, each ``[D]`` (float64; std is the population std)."""
+    """``[N, D]`` -> ``{mean, std, min, max, q01, q99}``, each ``[D]``, and ``count [1]`` (float64;
+    std is the population std; quantiles exact, by numpy's linear interpolation)."""
     values = np.asarray(values, dtype=np.float64)
     q01, q99 = np.quantile(values, [0.01, 0.99], axis=0)
-    return {
-        "mean": values.mean(0), "std": values.std(0), "min": values.min(0), "max": values.max(0), "q01": q01, "q99": q99,
-    }
+    return {"mean": values.mean(0), "std": values.std(0), "min": values.min(0), "max": values.max(0),
+            "q01": q01, "q99": q99, "count": np.array([len(values)])}
+
+
+def image_stats(images: np.ndarray) -> dict[str, np.ndarray]:
+    """uint8 ``[T, H, W, 3]`` -> per-channel ``{mean, std, min, max}`` as ``[3, 1, 1]`` in [0, 1]
+    (LeRobot's layout for image statistics) and ``count [1]``."""
+    values = images.reshape(-1, 3).astype(np.float64) / 255.0
+    per_channel = {"mean": values.mean(0), "std": values.std(0), "min": values.min(0), "max": values.max(0)}
+    return {**{k: v.reshape(3, 1, 1) for k, v in per_channel.items()}, "count": np.array([len(images)])}

@@ -33,11 +33,19 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-INFO_FILE = "meta/info.json"
-V21_TASKS, V21_EPISODES, V21_EPISODE_STATS = "meta/tasks.jsonl", "meta/episodes.jsonl", "meta/episodes_stats.jsonl"
-V30_TASKS, V30_EPISODES_DIR = "meta/tasks.parquet", "meta/episodes"
-STATS_FILE = "meta/stats.json"
-VERSIONS = ("v2.1", "v3.0")
+from vlablocks.data.format import (
+    CHUNKS_SIZE,
+    INFO_FILE,
+    STATS_FILE,
+    V21_EPISODE_STATS,
+    V21_EPISODES,
+    V21_TASKS,
+    V30_EPISODES_DIR,
+    V30_TASKS,
+    VERSIONS,
+    episode_path,
+)
+
 INFO_FIELDS = ("codebase_version", "fps", "features", "data_path", "total_frames", "total_episodes")
 
 
@@ -159,14 +167,13 @@ def _inside(root: Path, relative: str, template: str) -> Path:
 def _v21_tables(root: Path, info: Mapping[str, Any]) -> tuple[dict[int, str], list[EpisodeMeta]]:
     """Tasks and episodes of a v2.1 dataset (one parquet file and one video per episode)."""
     tasks = {int(row["task_index"]): str(row["task"]) for row in read_jsonl(root / V21_TASKS)}
-    chunks = int(info.get("chunks_size", 1000))
+    chunks = int(info.get("chunks_size", CHUNKS_SIZE))
     videos = [k for k, f in info["features"].items() if f.get("dtype") == "video"]
     episodes = []
     for row in read_jsonl(root / V21_EPISODES):
         index = int(row["episode_index"])
-        names = {"episode_chunk": index // chunks, "episode_index": index}
-        data = _inside(root, info["data_path"].format(**names), "data_path")
-        spans = {k: VideoSpan(_inside(root, info["video_path"].format(video_key=k, **names), "video_path"), 0.0)
+        data = _inside(root, episode_path(index, info["data_path"], chunks), "data_path")
+        spans = {k: VideoSpan(_inside(root, episode_path(index, info["video_path"], chunks, video_key=k), "video_path"), 0.0)
                  for k in videos}
         episodes.append(EpisodeMeta(index, int(row["length"]), tuple(row.get("tasks", ())), data, spans,
                                     root / V21_EPISODES))

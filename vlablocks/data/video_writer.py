@@ -124,6 +124,11 @@ class VideoWriter:
             self._container.mux(self._stream.encode(frame))
             self.frames_written += 1
 
+    @property
+    def bytes_written(self) -> int:
+        """The size of the file so far (what the encoder has flushed)."""
+        return self._tmp.stat().st_size
+
     def close(self) -> Path:
         """Flush the encoder and move the file into place; returns its path."""
         if self._stream is None:

@@ -1,0 +1,91 @@
+"""The writer's v3.0 (default) and v2.1 layouts, with frames as PNG or video, read back by the
+reader: values, layout, statistics, streaming against caching."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from test_dataset import CAMERAS, LENGTHS, TASKS, make_episode, write
+from vlablocks.data import LeRobotDataset
+from vlablocks.data.meta import read_meta
+from vlablocks.policy import batch as keys
+
+
+def even_episodes() -> list[dict[str, np.ndarray]]:
+    """The toy episodes at 16 x 16 (yuv420p video needs even sizes) with smooth images (lossy codecs)."""
+    episodes = []
+    for seed, length in enumerate(LENGTHS):
+        frames = make_episode(length, seed)
+        for camera in CAMERAS:
+            y, x = np.mgrid[:16, :16]
+            base = np.stack([40 + x * 4, 40 + y * 4, np.full((16, 16), 40 + 40 * seed)], -1)
+            frames[f"observation.images.{camera}"] = np.stack([base + 10 * t for t in range(length)]).astype(np.uint8)
+            frames[f"observation.depth.{camera}"] = np.full((length, 16, 16), 1.5, np.float32)
+        episodes.append(frames)
+    return episodes
+
+
+@pytest.fixture(scope="module", params=[("v3.0", False), ("v3.0", True), ("v2.1", True)], ids=["v30-png", "v30-video", "v21-video"])
+def written(request, tmp_path_factory):
+    version, video = request.param
+    root = tmp_path_factory.mktemp("formats") / "d"
+    return root, write(root, even_episodes(), version=version, video=video), version, video  # LeRobot's AV1
+
+
+@pytest.mark.parametrize("cache", [False, True], ids=["streamed", "cached"])
+def test_round_trip(written, cache):
+    root, episodes, _, video = written
+    dataset = LeRobotDataset(root, horizon=3, cache=cache)
+    assert dataset.episode_ranges == [(0, 5), (5, 6), (6, 13)] and dataset.cameras == CAMERAS
+    for (start, end), frames, task in zip(dataset.episode_ranges, episodes, TASKS):
+        for t in range(end - start):
+            sample = dataset[start + t]
+            assert sample[keys.TASK] == task
+            assert torch.equal(sample[keys.STATE], torch.from_numpy(frames["observation.state"][t]))
+            assert torch.equal(sample[keys.ACTIONS][0], torch.from_numpy(frames["action"][t]))
+            for c, camera in enumerate(CAMERAS):
+                image = (sample[keys.IMAGES][c] * 255).round().permute(1, 2, 0).numpy()
+                error = np.abs(image - frames[f"observation.images.{camera}"][t])
+                assert error.max() <= (12 if video else 0) and error.mean() <= (3 if video else 0), (start + t, camera)
+                assert torch.allclose(sample[keys.DEPTH][c], torch.tensor(1.5))
+
+
+def test_layout(written):
+    root, _, version, video = written
+    info = json.loads((root / "meta/info.json").read_text())
+    meta = read_meta(root)
+    assert info["codebase_version"] == meta.version == version
+    assert info["features"]["observation.images.front"]["dtype"] == ("video" if video else "image")
+    assert {k for k in info["features"] if k.startswith("observation.depth.")} == {f"observation.depth.{c}" for c in CAMERAS}
+    if video:
+        assert info["features"]["observation.images.front"]["info"]["video.codec"] == "av1"
+    if version == "v3.0":
+        assert sorted(p.relative_to(root).as_posix() for p in (root / "data").rglob("*.parquet")) == ["data/chunk-000/file-000.parquet"]
+        episodes = pq.read_table(root / "meta/episodes/chunk-000/file-000.parquet").to_pylist()
+        assert [(e["dataset_from_index"], e["dataset_to_index"]) for e in episodes] == [(0, 5), (5, 6), (6, 13)]
+        tasks = pq.read_table(root / "meta/tasks.parquet")
+        assert json.loads(tasks.schema.metadata[b"pandas"])["index_columns"] == ["task"]
+        assert dict(zip(tasks.column("task").to_pylist(), tasks.column("task_index").to_pylist())) == {TASKS[0]: 0, TASKS[1]: 1}
+        if video:
+            spans = [e.videos["observation.images.wrist"] for e in meta.episodes]
+            assert len({s.path for s in spans}) == 1 and [s.from_timestamp for s in spans] == pytest.approx([0.0, 0.5, 0.6])
+    else:
+        stats = [json.loads(line) for line in (root / "meta/episodes_stats.jsonl").read_text().splitlines()]
+        assert [s["episode_index"] for s in stats] == [0, 1, 2] and stats[1]["stats"]["action"]["count"] == [1]
+        assert len(list((root / "videos").rglob("*.mp4"))) == (3 * len(CAMERAS) if video else 0)
+
+
+def test_streamed_workers_read_what_one_process_reads(written):
+    root, *_ = written
+    dataset = LeRobotDataset(root, horizon=2, cache=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2, collate_fn=list,
+                                         multiprocessing_context="fork")
+    samples = [s for batch in loader for s in batch]
+    assert len(samples) == len(dataset)
+    for i in (0, 5, 12):
+        assert torch.equal(samples[i][keys.IMAGES], dataset[i][keys.IMAGES])
