@@ -69,6 +69,7 @@ CASES = [
     ([*MW, "--episodes", "1", "--image-size", "-5"], USAGE, "--image-size"),
     ([*MW, "--episodes", "1", "--camera", "bogus"], USAGE, "--camera"),
     ([*MW, "--episodes", "1", "--state", "goal"], USAGE, "--state"),
+    ([*MW, "--episodes", "1", "--format", "v4.0"], USAGE, "--format"),
     (["check", "tiny_pi0", "--batch", "0"], USAGE, "--batch"),
     (["report", "run", "--t-bins", "0"], USAGE, "--t-bins"),
     (["report", "run", "--samples", "0"], USAGE, "--samples"),
@@ -106,6 +107,11 @@ CASES = [
     (["report", "empty"], FAILURE, "empty"),
     ([*MW[:4], "--episodes", "1", "--out", "data"], FAILURE, "data"),
     (["data", "metaworld", "--tasks", "nope-v3", "--episodes", "1", "--out", "new_data"], FAILURE, "nope-v3"),
+    ([*MW, "--episodes", "1", "--video", "--image-size", "33"], FAILURE, "image_size must be even"),
+    (["train", "tiny_pi0", "--data", "data", "--out", "run_new", "--cameras", "top"], FAILURE, "cameras ['top']"),
+    (["train", "tiny_pi0", "--data", "data", "--out", "run_new", "--state-key", "observation.joints"], FAILURE,
+     "'observation.joints'"),
+    (["train", "tiny_pi0", "--data", "no_org/no_such_dataset", "--out", "run_new"], FAILURE, "no_org/no_such_dataset"),
 ]
 
 

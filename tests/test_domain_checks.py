@@ -122,3 +122,18 @@ def test_depth_beyond_the_point_limit_is_invalid_like_inf(far):
             actions[value] = vla.predict_action(edited)
         assert torch.isfinite(actions[far]).all()
         torch.testing.assert_close(actions[far], actions[math.inf], rtol=0, atol=0)
+
+
+def test_a_degenerate_quantile_range_is_an_error_with_advice():
+    """Delta actions are almost always 0: q01 = q99 = 0 but a rare 0.5 would normalise to 1e6."""
+    vla = build("tiny_pi05", load_weights=False)
+    stats = {"action": {"mean": [0.0] * 6, "std": [0.1] * 6, "q01": [-1.0] * 5 + [0.0], "q99": [1.0] * 5 + [0.0],
+                        "min": [-1.0] * 5 + [-0.5], "max": [1.0] * 5 + [0.5]},
+             "observation.state": {"mean": [0.0] * 5, "std": [1.0] * 5, "q01": [-1.0] * 5, "q99": [1.0] * 5}}
+    with pytest.raises(ValueError, match=r"statistics of 'action' .* dims \[5\] have a degenerate quantile range "
+                                         r"\(q01 \[0.0\], q99 \[0.0\], but min \[-0.5\], max \[0.5\]\): .*1e\+06; "
+                                         r"normalise this feature with mean_std"):
+        set_normalization(vla, stats)
+    stats["action"]["min"][5], stats["action"]["max"][5] = 0.0, 0.0  # constant: -1 always, fine
+    set_normalization(vla, stats)
+    assert vla.normalizer["action"].q99[5] == 0.0

@@ -10,16 +10,20 @@ environments (README there); this suite does not need LeRobot.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from huggingface_hub.errors import LocalEntryNotFoundError
 from safetensors.torch import load_file
 
-from vlablocks.data import LeRobotDataset
+from vlablocks.cli import main
+from vlablocks.data import LeRobotDataset, hub
 from vlablocks.data.meta import read_meta
 from vlablocks.policy import batch as keys
+from vlablocks.train.metrics import read_metrics
 
 FIXTURES = Path(__file__).resolve().parent / "data" / "lerobot"
 NAMES = ("v30_video", "v30_images", "v21")
@@ -105,3 +109,79 @@ def test_frames_are_resized_with_padding_to_the_recipe_size():
     native = LeRobotDataset(FIXTURES / "v30_images", horizon=2, cameras=["front"])[3][keys.IMAGES][0]
     expected = torch.nn.functional.interpolate(native[None], size=(24, 32), mode="bilinear", antialias=True)[0]
     torch.testing.assert_close(image[:, 4:28], expected.clamp(0, 1), rtol=0, atol=1e-6)
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_vlablocks_train_runs_on_each_fixture(name, tmp_path, capsys):
+    """A few steps of ``vlablocks train`` on each LeRobot-written dataset: both cameras resized with
+    padding to the recipe's 32 px, a checkpoint written, the dataset untouched."""
+    before = snapshot(FIXTURES / name)
+    out = tmp_path / "run"
+    assert main(["train", "tiny_pi0", "--data", str(FIXTURES / name), "--out", str(out), "--steps", "2",
+                 "policy.action_dim=3", "policy.state_dim=4", "train.batch_size=4", "train.log_every=1"]) == 0, \
+        capsys.readouterr().err
+    rows = read_metrics(out / "metrics.csv")
+    assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
+    info = json.loads((out / "data.json").read_text())
+    assert info["format"] == ref_version(name) and info["cameras"] == ["front", "wrist"] and info["image_size"] == 32
+    assert (out / "checkpoints" / "step_0000002" / "model.safetensors").is_file()
+    assert snapshot(FIXTURES / name) == before
+
+
+def ref_version(name: str) -> str:
+    return reference(name)[0]["meta"]["codebase_version"]
+
+
+def test_feature_selection_and_recomputed_statistics(tmp_path):
+    """``--cameras``, ``--state-key``, ``--action-key`` pick features; v2.1 stats lack quantiles
+    (LeRobot pools episodes_stats without them), so they are computed from the frames."""
+    dataset = LeRobotDataset(FIXTURES / "v21", horizon=2, cameras=["wrist"], state_key="action", action_key="action")
+    assert dataset.camera_keys == ["observation.images.wrist"] and dataset.state_dim == 3
+    assert torch.equal(dataset[0][keys.STATE], dataset[0][keys.ACTIONS][0])
+    stats = dataset.stats
+    assert "q01" not in dataset.meta.stats["action"] and stats["action"]["q01"].shape == (3,)
+    all_actions = dataset.table.vectors["action"].astype(np.float64)
+    np.testing.assert_allclose(stats["action"]["q99"], np.quantile(all_actions, 0.99, axis=0), rtol=1e-6)
+    np.testing.assert_allclose(stats["action"]["mean"], dataset.meta.stats["action"]["mean"], rtol=1e-6)  # kept
+    recomputed = LeRobotDataset(FIXTURES / "v30_video", horizon=2, cameras=["wrist"], recompute_stats=True).stats
+    lerobot = LeRobotDataset(FIXTURES / "v30_video", horizon=2, cameras=["wrist"]).stats
+    assert recomputed["action"]["q01"][0] == pytest.approx(np.quantile(all_actions[:, 0], 0.01), rel=1e-6)
+    assert lerobot["action"]["q01"][0] > 100  # LeRobot's pooled quantiles: a weighted mean of the episodes' own
+    with pytest.raises(ValueError, match=r"features must include 'observation.joints'"):
+        LeRobotDataset(FIXTURES / "v21", horizon=2, image_size=32, state_key="observation.joints")
+
+
+def test_a_hub_dataset_id_is_downloaded_through_huggingface_hub(tmp_path, monkeypatch, capsys):
+    """No network here: ``snapshot_download`` is replaced by a copy of a local fixture, which is
+    what a download leaves in the cache; the call's arguments are checked."""
+    calls = []
+
+    def fake_snapshot_download(repo_id: str, repo_type: str, revision: str | None) -> str:
+        calls.append((repo_id, repo_type, revision))
+        target = tmp_path / "cache" / repo_id.replace("/", "--")
+        shutil.copytree(FIXTURES / "v30_video", target)
+        return str(target)
+
+    monkeypatch.setattr(hub, "snapshot_download", fake_snapshot_download)
+    assert main(["train", "tiny_pi0", "--data", "lerobot/fixture_bot", "--out", str(tmp_path / "run"), "--steps", "1",
+                 "policy.action_dim=3", "policy.state_dim=4", "train.batch_size=2"]) == 0
+    assert calls == [("lerobot/fixture_bot", "dataset", None)]
+    info = json.loads((tmp_path / "run" / "data.json").read_text())
+    assert info["source"] == "lerobot/fixture_bot" and info["data"] == str((tmp_path / "cache" / "lerobot--fixture_bot").resolve())
+
+    def offline(**_):
+        raise LocalEntryNotFoundError("outgoing traffic has been disabled")
+
+    monkeypatch.setattr(hub, "snapshot_download", offline)
+    capsys.readouterr()
+    assert main(["train", "tiny_pi0", "--data", "lerobot/elsewhere", "--out", str(tmp_path / "run2")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vlablocks train: lerobot/elsewhere: no such local directory, and the Hub dataset could not be "
+                          "fetched (LocalEntryNotFoundError") and "huggingface-cli download" in err
+    assert not (tmp_path / "run2").exists()
+    with pytest.raises(FileNotFoundError, match="no such dataset directory"):
+        hub.resolve_dataset(tmp_path / "missing" / "dir")

@@ -30,6 +30,8 @@ from typing import Any, NoReturn
 
 import yaml
 
+from vlablocks.data import ACTION, STATE, DataSelection
+from vlablocks.data.format import VERSIONS
 from vlablocks.data.table import EpisodeError
 from vlablocks.envs import ENVS
 from vlablocks.envs.metaworld.tasks import CAMERAS, STATE_LAYOUTS
@@ -198,7 +200,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     out = generate_demos(
         [t.strip() for t in args.tasks.split(",") if t.strip()], args.episodes, args.out, image_size=args.image_size,
         camera=args.camera, depth=args.depth, seed=args.seed, overwrite=args.overwrite, workers=args.workers,
-        state=args.state,
+        state=args.state, video=args.video, version=args.format,
     )
     _out(f"dataset written to {out}")
     return 0
@@ -208,6 +210,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     run = train_from_recipe(
         args.recipe, args.data, out=args.out, overrides=args.overrides, steps=args.steps, resume=args.resume,
         skip_bad_episodes=args.skip_bad_episodes, move_aside=args.move_aside,
+        selection=DataSelection(cameras=None if args.cameras is None else tuple(c.strip() for c in args.cameras.split(",")),
+                                state_key=args.state_key, action_key=args.action_key,
+                                recompute_stats=args.recompute_stats),
     )
     _out(f"run directory: {run.out_dir}")
     if run.interrupted:
@@ -285,6 +290,10 @@ def _add_data_commands(sub: Any) -> None:
     mw.add_argument("--state", default="proprio", choices=list(STATE_LAYOUTS),
                     help="the state vector: hand xyz + gripper opening, or that + the goal xyz "
                          "(as Meta-World's MT benchmarks observe it)")
+    mw.add_argument("--video", action="store_true",
+                    help="store the camera frames as AV1 mp4 (LeRobot's default; smaller, decoded when read) instead of PNG")
+    mw.add_argument("--format", default="v3.0", choices=list(VERSIONS),
+                    help="LeRobot dataset format: v3.0 (LeRobot 0.4+, the default) or v2.1 (LeRobot 0.3)")
     mw.add_argument("--seed", type=int, default=0)
     mw.add_argument("--overwrite", action="store_true",
                     help="replace the dataset in --out once the new one is complete (a directory that is not one is refused)")
@@ -301,7 +310,14 @@ def _add_train_command(sub: Any) -> None:
                     f"command exits with status {EXIT_TERMINATED}; rerun it with --resume to continue.")
     train.add_argument("recipe")
     train.add_argument("overrides", nargs="*", help="key.path=value (recipe) or train.FIELD=value (training)")
-    train.add_argument("--data", required=True)
+    train.add_argument("--data", required=True,
+                       help="a LeRobot dataset (v3.0 or v2.1) directory, or a Hub dataset id such as lerobot/pusht")
+    train.add_argument("--cameras", default=None,
+                       help="comma-separated cameras to read (front or observation.images.front; default: all)")
+    train.add_argument("--state-key", default=STATE, help=f"the feature read as the state (default {STATE})")
+    train.add_argument("--action-key", default=ACTION, help=f"the feature read as the actions (default {ACTION})")
+    train.add_argument("--recompute-stats", action="store_true",
+                       help="compute the state and action statistics from the frames instead of meta/stats")
     train.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (overrides train.steps)")
     train.add_argument("--out", default=None, help="run directory (default runs/<recipe>)")
     train.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")

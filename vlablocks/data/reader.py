@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from vlablocks.data.format import (
     INTRINSICS_PREFIX,
     STAT_NAMES,
     STATE,
+    feature_stats,
 )
 from vlablocks.data.frames import ParquetImages
 from vlablocks.data.meta import STATS_FILE, DatasetMeta, EpisodeMeta, read_meta
@@ -35,6 +37,17 @@ logger = logging.getLogger(__name__)
 CACHE_LIMIT_BYTES = 2 * 1024**3
 #: how far (seconds) a decoded video frame may lie from the timestamp asked for: LeRobot's default.
 TOLERANCE_S = 1e-4
+
+
+@dataclass(frozen=True)
+class DataSelection:
+    """Which features of a dataset a policy reads (see :class:`LeRobotDataset`): ``cameras``
+    (``None``: all), the state and action features, and whether to recompute their statistics."""
+
+    cameras: tuple[str, ...] | None = None
+    state_key: str = STATE
+    action_key: str = ACTION
+    recompute_stats: bool = False
 
 
 class LeRobotDataset(torch.utils.data.Dataset):
@@ -54,6 +67,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
     into memory as uint8: ``None`` caches when that takes at most :data:`CACHE_LIMIT_BYTES`. A
     video frame is the decoded frame nearest to the episode's offset in the file plus the frame's
     ``timestamp``, and must lie within ``tolerance_s`` of it (LeRobot's rule and default).
+    :attr:`stats` are ``meta/``'s, completed from the frames (``recompute_stats``: replaced).
 
     The frame table (every non-image value) is read and checked at once, episode by episode: a bad
     episode raises :class:`~vlablocks.data.table.EpisodeError` naming the file and the episode,
@@ -73,10 +87,12 @@ class LeRobotDataset(torch.utils.data.Dataset):
         state_key: str = STATE,
         action_key: str = ACTION,
         tolerance_s: float = TOLERANCE_S,
+        recompute_stats: bool = False,
     ) -> None:
         if horizon < 1:
             raise ValueError(f"horizon must be >= 1; got {horizon}")
         self.root, self.horizon, self.image_size, self.tolerance_s = Path(root), horizon, image_size, tolerance_s
+        self.recompute_stats = recompute_stats
         self.meta: DatasetMeta = read_meta(self.root)
         self.fps, self.features, self.state_key, self.action_key = self.meta.fps, self.meta.features, state_key, action_key
         self.camera_keys = self._select_cameras(cameras)
@@ -183,9 +199,19 @@ class LeRobotDataset(torch.utils.data.Dataset):
 
     @property
     def stats(self) -> dict[str, dict[str, torch.Tensor]]:
-        """The dataset statistics as float32 tensors: ``{feature: {mean, std, min, max, q01, q99, ...}}``."""
-        return {name: {stat: torch.tensor(value, dtype=torch.float32) for stat, value in values.items()}
-                for name, values in self.meta.stats.items() if isinstance(values, dict)}
+        """The dataset statistics as float32 tensors, ``{feature: {mean, std, min, max, q01, q99, ...}}``,
+        the state's and the actions' under ``observation.state`` and ``action`` whatever their
+        features are called. Statistics of those two that ``meta/`` lacks (a v2.1 dataset has no
+        quantiles), or all of theirs with ``recompute_stats``, are computed from the frames kept."""
+        stats = {name: dict(values) for name, values in self.meta.stats.items() if isinstance(values, dict)}
+        for canonical, key in ((STATE, self.state_key), (ACTION, self.action_key)):
+            stored = {} if self.recompute_stats else stats.get(key, {})
+            missing = [k for k in STAT_NAMES if k not in stored]
+            if missing:
+                logger.info("%s: %s statistics %s computed from its %d frames", self.root.name, key, missing, len(self))
+            stats[canonical] = {**feature_stats(self.table.vectors[key]), **stored}
+        return {name: {stat: torch.tensor(np.asarray(value, dtype=np.float64), dtype=torch.float32)
+                       for stat, value in values.items()} for name, values in stats.items()}
 
     # ------------------------------------------------------------------ frames
 

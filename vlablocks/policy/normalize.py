@@ -34,6 +34,26 @@ def _check_stats(stats: dict[str, torch.Tensor | None]) -> None:
         raise ValueError(f"statistic 'q01' must be <= 'q99'; got q01 {stats['q01'].tolist()}, q99 {stats['q99'].tolist()}")
 
 
+#: quantile normalisation maps ``[q01, q99]`` to ``[-1, 1]``; data beyond this many units is refused.
+QUANTILE_REACH = 100.0
+
+
+def check_quantile_range(q01: torch.Tensor, q99: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> None:
+    """ValueError unless quantile normalisation keeps the data's ``[low, high]`` within
+    :data:`QUANTILE_REACH` of ``[-1, 1]``. A near-empty ``[q01, q99]`` with data outside it (a
+    dimension that is almost always 0, as delta actions often are) would otherwise blow those
+    values up by ``1 / (q99 - q01)``. Shapes: all ``[d]``."""
+    span = q99 - q01 + EPS
+    reach = torch.maximum((2 * (high - q01) / span - 1).abs(), (2 * (low - q01) / span - 1).abs())
+    bad = (reach > QUANTILE_REACH).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(
+            f"dims {bad} have a degenerate quantile range (q01 {q01[bad].tolist()}, q99 {q99[bad].tolist()}, but min "
+            f"{low[bad].tolist()}, max {high[bad].tolist()}): quantile normalisation would map their extremes to "
+            f"{reach[bad].max().item():.3g}; normalise this feature with mean_std (policy.state_norm / "
+            "policy.action_norm), or use statistics of more data")
+
+
 class FeatureNormalizer(nn.Module):
     """Statistics of one feature (``state`` or ``action``) of model width ``dim``.
 

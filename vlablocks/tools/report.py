@@ -37,6 +37,7 @@ from vlablocks.policy.batch import collate, to_device
 from vlablocks.policy.vla import VLA
 from vlablocks.train.checkpoint import load_policy
 from vlablocks.train.metrics import METRICS_FILE, read_metrics
+from vlablocks.data import DataSelection
 from vlablocks.train.workflow import DATA_INFO_FILE, open_dataset
 
 logger = logging.getLogger(__name__)
@@ -168,12 +169,21 @@ def build_report(run: str | Path, data: str | Path | None = None, samples: int =
         info_path = run / DATA_INFO_FILE
         if not info_path.is_file():
             raise FileNotFoundError(f"{info_path} not found: give the dataset with --data")
-        data = json.loads(info_path.read_text())["data"]
+        info = json.loads(info_path.read_text())
+        data, selection = info["data"], DataSelection(**_selection(info.get("selection", {})))
+    else:
+        selection = DataSelection()
     vla, checkpoint = load_policy(run, use_ema, verify)
-    dataset = open_dataset(vla, data)
+    dataset = open_dataset(vla, data, selection=selection)
     found = diagnose(vla, dataset, samples, batch_size, t_bins, seed)
     return RunReport(run=str(run), checkpoint=str(checkpoint), data=str(data), training=training_summary(metrics),
                      **found)
+
+
+def _selection(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A run's recorded feature selection (``data.json``) as DataSelection arguments."""
+    cameras = recorded.get("cameras")
+    return {**recorded, "cameras": None if cameras is None else tuple(cameras)}
 
 
 def format_report(report: RunReport) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlablocks.policy.normalize import check_quantile_range
 from vlablocks.policy.vla import VLA
 from vlablocks.train.config import TrainConfig
 
@@ -72,7 +73,8 @@ def set_normalization(vla: VLA, stats: Mapping[str, Mapping[str, Any]]) -> None:
     ``stats`` lacks keeps its statistics (with a warning).
 
     Raises:
-        ValueError: naming the feature, when its statistics are not finite, ``std < 0`` or ``q01 > q99``.
+        ValueError: naming the feature, when its statistics are not finite, ``std < 0`` or ``q01 > q99``,
+            or (quantile mode, with ``min`` and ``max``) the quantile range is degenerate.
     """
     for feature, key in STATS_FEATURES.items():
         if key not in vla.normalizer:
@@ -83,6 +85,9 @@ def set_normalization(vla: VLA, stats: Mapping[str, Mapping[str, Any]]) -> None:
         values = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in stats[feature].items()
                   if k in ("mean", "std", "q01", "q99")}
         try:
+            if vla.normalizer[key].mode == "quantile" and {"q01", "q99", "min", "max"} <= set(stats[feature]):
+                check_quantile_range(*(torch.as_tensor(stats[feature][k], dtype=torch.float32)
+                                       for k in ("q01", "q99", "min", "max")))
             vla.normalizer[key].set_stats(**values)
         except ValueError as err:
             raise ValueError(f"dataset statistics of {feature!r} (meta/stats.json) cannot normalise: {err}") from err

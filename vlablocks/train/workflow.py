@@ -12,14 +12,13 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vlablocks.data import STATE as STATE_FEATURE
-from vlablocks.data import LeRobotDataset
+from vlablocks.data import DataSelection, LeRobotDataset, resolve_dataset
 from vlablocks.io.atomic import write_json
 from vlablocks.policy.vla import VLA
 from vlablocks.recipes.builder import build
@@ -64,20 +63,24 @@ def check_data_fits(vla: VLA, sample: dict[str, Any], data: Path) -> None:
         raise ValueError(f"dataset {data} does not fit the recipe: " + "; ".join(problems))
 
 
-def open_dataset(vla: VLA, data: str | Path, skip_bad_episodes: bool = False) -> LeRobotDataset:
+def open_dataset(vla: VLA, data: str | Path, skip_bad_episodes: bool = False,
+                 selection: DataSelection = DataSelection()) -> LeRobotDataset:
     """The dataset at ``data`` as ``vla`` reads it: its horizon, its image size (frames of another
-    size are resized with padding), depth only when it has a geometry encoder."""
+    size are resized with padding), depth only when it has a geometry encoder, the features
+    ``selection`` names."""
     return LeRobotDataset(data, horizon=vla.config.horizon, load_depth=vla.geometry is not None,
                           image_size=None if vla.vision is None else vla.vision.image_size,
-                          skip_bad_episodes=skip_bad_episodes)
+                          skip_bad_episodes=skip_bad_episodes, cameras=selection.cameras, state_key=selection.state_key,
+                          action_key=selection.action_key, recompute_stats=selection.recompute_stats)
 
 
-def data_info(dataset: LeRobotDataset, data: Path, sample: dict[str, Any]) -> dict[str, Any]:
-    """The ``data.json`` of a run: dataset path, cameras, image size, depth, state names and
-    the episodes left out (``sample``: the dataset's first item)."""
-    return {"data": str(data.resolve()), "cameras": list(dataset.cameras),
-            "image_size": int(sample["images"].shape[-1]), "depth": "depth" in sample,
-            "state_names": dataset.features[STATE_FEATURE].get("names"),
+def data_info(dataset: LeRobotDataset, source: str, sample: dict[str, Any], selection: DataSelection) -> dict[str, Any]:
+    """The ``data.json`` of a run: the dataset (as given, and its local directory), its format,
+    cameras, image size, depth, state names, the feature selection and the episodes left out
+    (``sample``: the dataset's first item)."""
+    return {"data": str(dataset.root.resolve()), "source": source, "format": dataset.meta.version,
+            "cameras": list(dataset.cameras), "image_size": int(sample["images"].shape[-1]), "depth": "depth" in sample,
+            "state_names": dataset.features[selection.state_key].get("names"), "selection": asdict(selection),
             "skipped_episodes": [{"episode": e, "problem": problem} for e, problem in dataset.skipped]}
 
 
@@ -138,6 +141,7 @@ def train_from_recipe(
     resume: bool = False,
     skip_bad_episodes: bool = False,
     move_aside: bool = False,
+    selection: DataSelection = DataSelection(),
 ) -> RunResult:
     """Build a recipe, load a LeRobot-layout dataset, train, and return the run.
 
@@ -147,7 +151,9 @@ def train_from_recipe(
     stops the run before training (:class:`~vlablocks.data.reader.EpisodeError`) unless
     ``skip_bad_episodes``: then it is left out and listed in ``data.json``. A directory that
     already holds a run is refused (:class:`RunExistsError`) unless ``resume`` (continue it) or
-    ``move_aside`` (rename it to ``<out>.old-<timestamp>`` first); an empty one is fine.
+    ``move_aside`` (rename it to ``<out>.old-<timestamp>`` first); an empty one is fine. ``data``
+    is a directory or a Hub dataset id (:func:`~vlablocks.data.hub.resolve_dataset`);
+    ``selection`` picks its cameras, state and action features.
     """
     recipe_overrides, train_overrides = split_overrides(overrides)
     loaded = load_recipe(recipe, recipe_overrides)
@@ -156,15 +162,16 @@ def train_from_recipe(
     checkpoint = check_run_dir(out_dir, resume, move_aside)
     torch.manual_seed(config.seed)
     vla = build(loaded)
-    data = Path(data)
-    dataset = open_dataset(vla, data, skip_bad_episodes)
+    source = str(data)
+    data = resolve_dataset(data)
+    dataset = open_dataset(vla, data, skip_bad_episodes, selection)
     sample = dataset[0]
     check_data_fits(vla, sample, data)
     if launch_rank() == 0:
         if move_aside:
             move_run_aside(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_json(out_dir / DATA_INFO_FILE, data_info(dataset, data, sample))
+        write_json(out_dir / DATA_INFO_FILE, data_info(dataset, source, sample, selection))
     trainer = Trainer(vla, dataset, config, out_dir)
     if checkpoint is not None:
         trainer.resume(checkpoint)

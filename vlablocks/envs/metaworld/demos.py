@@ -85,6 +85,8 @@ def generate_demos(
     overwrite: bool = False,
     workers: int = 1,
     state: str = "proprio",
+    video: bool = False,
+    version: str = "v3.0",
 ) -> Path:
     """Scripted-expert demos on training layouts ``0 .. episodes_per_task - 1`` of each task -> a LeRobot dataset.
 
@@ -93,12 +95,15 @@ def generate_demos(
     Features: ``observation.state [S]`` (the :data:`~vlablocks.envs.metaworld.tasks.STATE_LAYOUTS`
     entry ``state``, its names in ``meta/info.json``), ``action [4]``, the camera's image,
     intrinsics, pose and (with ``depth``) depth; fps 80, robot_type ``sawyer``, the task's
-    instruction as its task. ``workers`` processes simulate in parallel; the dataset is the same
-    for any number. Every argument is checked before ``out`` is touched; ``overwrite`` replaces
+    instruction as its task. ``video`` stores the camera as AV1 mp4 (LeRobot's default) instead
+    of PNG frames; ``version`` is the format (``"v3.0"`` or ``"v2.1"``). ``workers`` processes
+    simulate in parallel; the dataset is the same for any number. Every argument is checked before ``out`` is touched; ``overwrite`` replaces
     a dataset only once the new one is complete (:class:`~vlablocks.data.writer.DatasetWriter`).
     """
     if image_size < 1:
         raise ValueError(f"image_size must be >= 1; got {image_size}")
+    if video and image_size % 2:
+        raise ValueError(f"image_size must be even to store video (yuv420p); got {image_size}")
     make_env = MetaWorldEnvFactory(image_size=image_size, camera=camera, depth=depth, seed=seed, train=True,
                                    max_steps=max_steps, state=state)
     make_env.check(tasks, episodes_per_task)
@@ -108,6 +113,7 @@ def generate_demos(
     writer = DatasetWriter(
         out, fps=FPS, cameras=[camera], state_dim=len(check_state(state)), action_dim=ACTION_DIM, depth=depth,
         cam_to_world=True, robot_type="sawyer", overwrite=overwrite, state_names=STATE_LAYOUTS[state][1],
+        version=version, video=video,
     )
     try:
         failures = write_episodes(writer, jobs, workers, len(tasks) * episodes_per_task)
