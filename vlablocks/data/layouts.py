@@ -60,11 +60,15 @@ class EpisodeRecord:
     stats: Mapping[str, Mapping[str, np.ndarray]]
 
 
+#: rows per parquet row group: a frame read on demand reads its row group, at most this many images.
+ROW_GROUP_ROWS = 128
+
+
 def write_parquet(path: Path, table: pa.Table) -> None:
-    """``table`` to ``path`` atomically (parents made)."""
+    """``table`` to ``path`` atomically (parents made), in row groups of :data:`ROW_GROUP_ROWS`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS)
 
 
 def _write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
