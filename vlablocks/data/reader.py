@@ -4,7 +4,7 @@ with action chunks and their padding masks, streaming frames from disk or from a
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,9 @@ class LeRobotDataset(torch.utils.data.Dataset):
     video frame is the decoded frame nearest to the episode's offset in the file plus the frame's
     ``timestamp``, and must lie within ``tolerance_s`` of it (LeRobot's rule and default).
     :attr:`stats` are ``meta/``'s, completed from the frames (``recompute_stats``: replaced).
+    ``history`` adds windows as LeRobot's ``delta_timestamps`` do, ``{feature: [offsets in s]}`` for
+    a selected camera or a numeric feature: ``sample[feature]`` ``[K, ...]`` and ``[K]`` bool
+    ``sample[feature + "_is_pad"]`` (keys a policy does not read pass its batch checks untouched).
 
     The frame table (every non-image value) is read and checked at once, episode by episode: a bad
     episode raises :class:`~vlablocks.data.table.EpisodeError` naming the file and the episode,
@@ -88,6 +91,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
         action_key: str = ACTION,
         tolerance_s: float = TOLERANCE_S,
         recompute_stats: bool = False,
+        history: Mapping[str, Sequence[float]] | None = None,
     ) -> None:
         if horizon < 1:
             raise ValueError(f"horizon must be >= 1; got {horizon}")
@@ -110,12 +114,16 @@ class LeRobotDataset(torch.utils.data.Dataset):
         for kind, dim in (("intrinsics", 9), ("cam_to_world", 16)):
             if self._geometry[kind]:
                 vectors.update({self._column(kind, c): dim for c in self.camera_keys})
+        self._history = self._history_offsets(history or {})
+        vectors.update({k: self._width(k) for k in self._history if k not in self.camera_keys and k not in vectors})
         self.table: FrameTable = read_table(self.meta, vectors, skip_bad_episodes)
         self.skipped = self.table.skipped
         self.episode_ranges = self.table.ranges
         self._check_tasks()
         self._episode = self.table.episode_of(np.arange(len(self.table))).astype(np.int32)
-        self._episode_end = np.repeat([end for _, end in self.table.ranges], [e - s for s, e in self.table.ranges])
+        lengths = [e - s for s, e in self.table.ranges]
+        self._episode_start = np.repeat([start for start, _ in self.table.ranges], lengths)
+        self._episode_end = np.repeat([end for _, end in self.table.ranges], lengths)
         self._images = {c: ParquetImages(c) for c in self.camera_keys if c not in self.meta.video_keys}
         self._depths = {c: ParquetImages(self._column("depth", c)) for c in self.camera_keys} if self._geometry["depth"] else {}
         self._resize = {c: PadResize(*self._shape(c), image_size) for c in self.camera_keys} if image_size else {}
@@ -169,6 +177,22 @@ class LeRobotDataset(torch.utils.data.Dataset):
             raise ValueError(f"{self.root / 'meta/info.json'}: cameras {with_it} have {prefix}* but {self.camera_keys} were "
                              "selected; select cameras that all have it or none")
         return all(have)
+
+    def _history_offsets(self, history: Mapping[str, Sequence[float]]) -> dict[str, np.ndarray]:
+        """Frame offsets of ``history`` (seconds, as LeRobot's ``delta_timestamps``): multiples of
+        ``1 / fps``, for a selected camera or a numeric feature."""
+        offsets = {}
+        for key, deltas in history.items():
+            numeric = self.features.get(key, {}).get("dtype") in ("float32", "float64", "int64", "int32", "bool")
+            if key not in self.camera_keys and not numeric:
+                raise ValueError(f"history: {key!r} must be a selected camera {self.camera_keys} or a numeric feature of "
+                                 f"{self.root / 'meta/info.json'}")
+            steps = np.asarray(deltas, dtype=np.float64) * self.fps
+            if steps.ndim != 1 or not len(steps) or (np.abs(steps - np.round(steps)) > self.tolerance_s * self.fps).any():
+                raise ValueError(f"history[{key!r}]: offsets must be a list of multiples of 1 / fps = {1 / self.fps:g} s; "
+                                 f"got {list(deltas)}")
+            offsets[key] = np.round(steps).astype(np.int64)
+        return offsets
 
     def _check_stats(self) -> None:
         """The statistics of the state and action features, when present: numbers, finite, as wide
@@ -324,4 +348,22 @@ class LeRobotDataset(torch.utils.data.Dataset):
         if self._geometry["cam_to_world"]:
             sample[keys.CAM_TO_WORLD] = torch.stack([torch.from_numpy(vectors[self._column("cam_to_world", c)][index].reshape(4, 4).copy())
                                                      for c in self.camera_keys])
+        sample.update(self._history_items(index))
         return sample
+
+    def _history_items(self, index: int) -> dict[str, torch.Tensor]:
+        """``history`` windows of frame ``index``: ``{key: [K, ...], key_is_pad: [K]}``; frames outside
+        the episode repeat its nearest one and are flagged (LeRobot's padding)."""
+        items: dict[str, torch.Tensor] = {}
+        start, end = int(self._episode_start[index]), int(self._episode_end[index])
+        for key, offsets in self._history.items():
+            frames = index + offsets
+            clamped = np.clip(frames, start, end - 1)
+            items[f"{key}_is_pad"] = torch.from_numpy((frames < start) | (frames >= end))
+            if key in self.table.vectors:
+                items[key] = torch.from_numpy(self.table.vectors[key][clamped])
+                continue
+            images = torch.stack([self._frame(key, int(i))[0] for i in clamped]).float().div_(255.0)
+            resize = self._resize.get(key)
+            items[key] = images if resize is None else resize.images(images)
+        return items
