@@ -13,6 +13,7 @@ import torch
 from test_dataset import CAMERAS, LENGTHS, TASKS, assert_samples_match, make_episode, write
 from vlablocks.data import LeRobotDataset, layouts
 from vlablocks.data.meta import read_meta
+from vlablocks.data.resize import PadResize
 from vlablocks.policy import batch as keys
 
 
@@ -92,3 +93,19 @@ def test_frames_are_found_across_row_groups(tmp_path, monkeypatch):
     for index in (12, 0, 7, 3, 8, 5, 11, 1):  # out of order: groups are evicted and read again
         image = (dataset[index][keys.IMAGES][1] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
         assert np.array_equal(image, frames[index]), index
+
+
+def test_resize_with_pad_moves_pixels_depth_and_intrinsics_together():
+    """48 x 64 -> 32: scale 0.5 to 24 x 32, 4 rows of padding above. A 3D point projects through
+    the new K where its pixel went; depth keeps its values (nearest) and pads with 0 (no depth)."""
+    resize = PadResize(48, 64, 32)
+    assert (resize.new_shape, resize.offset) == ((24, 32), (4, 0))
+    k = torch.tensor([[50.0, 0.0, 31.5], [0.0, 52.0, 23.0], [0.0, 0.0, 1.0]])
+    point = torch.tensor([0.3, -0.2, 2.0])
+    uv = (k @ point)[:2] / point[2]
+    uv_new = (resize.intrinsics(k) @ point)[:2] / point[2]
+    torch.testing.assert_close(uv_new, uv * 0.5 + torch.tensor([0.0, 4.0]))
+    depth = resize.depth(torch.arange(48 * 64, dtype=torch.float32).reshape(48, 64))
+    assert depth.shape == (32, 32) and depth[:4].abs().max() == 0 and depth[28:].abs().max() == 0
+    assert depth[4, 0] == 1 * 64 + 1 and depth[5, 1] == 3 * 64 + 3  # the source pixel under each centre, no blending
+    assert PadResize(32, 32, 32).identity and PadResize(32, 32, 32).images(torch.ones(3, 32, 32)).shape == (3, 32, 32)
