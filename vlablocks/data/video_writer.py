@@ -88,9 +88,14 @@ def _to_av_frame(image: np.ndarray) -> av.VideoFrame:
 
 
 class VideoWriter:
-    """An mp4 file written frame after frame: ``append`` clips (an episode each, say), then
-    ``close`` (atomic rename into place). ``frames_written / fps`` is the timestamp the next
-    appended frame will have: an episode's ``from_timestamp`` in a v3.0 dataset."""
+    """An mp4 file written clip after clip: ``append`` clips (an episode each, say), then ``close``
+    (atomic rename into place). ``frames_written / fps`` is the timestamp the next appended frame
+    will have: an episode's ``from_timestamp`` in a v3.0 dataset.
+
+    Each clip is encoded by an encoder of its own into a hidden temporary file, whose packets are
+    then copied into the file (no re-encoding), as LeRobot concatenates episodes: no encoder runs
+    for longer than a clip (SVT-AV1 was seen to stall after ~80k frames in one session here).
+    """
 
     def __init__(self, path: str | os.PathLike, fps: float, codec: str = "libsvtav1", crf: int = 30, gop: int = 2,
                  pix_fmt: str = "yuv420p", preset: str | None = None) -> None:
@@ -101,28 +106,60 @@ class VideoWriter:
         self._options = _encoder_options(self.encoder, crf, gop, preset)
         self._rate = Fraction(fps).limit_denominator(1001 * 1000)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp.mp4", dir=self.path.parent)
-        os.close(fd)
-        self._tmp = Path(name)
+        self._tmp = self._temporary(".tmp.mp4")
         self._container = av.open(str(self._tmp), "w", format="mp4")
         self._stream: av.VideoStream | None = None
+        self._size: tuple[int, int] | None = None
         self.frames_written = 0
+
+    def _temporary(self, suffix: str) -> Path:
+        fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=suffix, dir=self.path.parent)
+        os.close(fd)
+        return Path(name)
 
     def append(self, frames: np.ndarray | torch.Tensor) -> None:
         """Encode uint8 ``[T, H, W, 3]`` frames after those already written (same size)."""
         array = check_frames(frames, self.path, self.pix_fmt)
-        if self._stream is None:
-            self._stream = self._container.add_stream(self.encoder, rate=self._rate)
-            self._stream.width, self._stream.height, self._stream.pix_fmt = array.shape[2], array.shape[1], self.pix_fmt
-            self._stream.options = self._options
-        elif (array.shape[1], array.shape[2]) != (self._stream.height, self._stream.width):
-            raise VideoEncodeError(f"{self.path}: frames must be {self._stream.height}x{self._stream.width} like the "
+        if self._size is not None and array.shape[1:3] != self._size:
+            raise VideoEncodeError(f"{self.path}: frames must be {self._size[0]}x{self._size[1]} like the "
                                    f"earlier ones; got {array.shape[1]}x{array.shape[2]}")
-        for image in array:
-            frame = _to_av_frame(image)
-            frame.pts, frame.time_base = self.frames_written, 1 / self._rate
-            self._container.mux(self._stream.encode(frame))
-            self.frames_written += 1
+        self._size = array.shape[1:3]
+        clip = self._temporary(".clip.mp4")
+        try:
+            self._encode_clip(array, clip)
+            self._copy_packets(clip)
+        finally:
+            clip.unlink(missing_ok=True)
+        self.frames_written += len(array)
+
+    def _encode_clip(self, array: np.ndarray, clip: Path) -> None:
+        with av.open(str(clip), "w", format="mp4") as container:
+            stream = container.add_stream(self.encoder, rate=self._rate)
+            stream.width, stream.height, stream.pix_fmt = array.shape[2], array.shape[1], self.pix_fmt
+            stream.options = self._options
+            for index, image in enumerate(array):
+                frame = _to_av_frame(image)
+                frame.pts, frame.time_base = index, 1 / self._rate
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode(None))
+
+    def _copy_packets(self, clip: Path) -> None:
+        """The clip's packets into the file, shifted by the frames already written."""
+        with av.open(str(clip), "r") as source:
+            template = source.streams.video[0]
+            if self._stream is None:
+                self._stream = self._container.add_stream_from_template(template, opaque=True)
+            shift = Fraction(self.frames_written) / self._rate / template.time_base
+            if shift.denominator != 1:
+                raise VideoEncodeError(f"{self.path}: the clip's time base {template.time_base} does not count whole "
+                                       f"frames at {self.fps} fps")
+            for packet in source.demux(template):
+                if packet.size == 0:  # the demuxer's end-of-stream marker
+                    continue
+                packet.pts = None if packet.pts is None else packet.pts + int(shift)
+                packet.dts = None if packet.dts is None else packet.dts + int(shift)
+                packet.stream = self._stream
+                self._container.mux(packet)
 
     @property
     def bytes_written(self) -> int:
@@ -130,11 +167,10 @@ class VideoWriter:
         return self._tmp.stat().st_size
 
     def close(self) -> Path:
-        """Flush the encoder and move the file into place; returns its path."""
+        """Finish the file and move it into place; returns its path."""
         if self._stream is None:
             self.abort()
             raise VideoEncodeError(f"{self.path}: no frames were appended")
-        self._container.mux(self._stream.encode(None))
         self._container.close()
         umask = os.umask(0)
         os.umask(umask)
