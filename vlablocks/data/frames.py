@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import Executor
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +40,17 @@ class ParquetImages:
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["column"])
 
+    def frames(self, path: Path, rows: Sequence[int], pool: Executor | None = None) -> list[np.ndarray]:
+        """Decode rows ``rows`` of ``path``, in ``pool``'s threads when given (Pillow decodes
+        without holding the GIL)."""
+        encoded = [(row, self.encoded(path, row)) for row in rows]
+        return list((pool.map if pool is not None else map)(lambda item: self._decode(*item), encoded))
+
     def frame(self, path: Path, row: int) -> np.ndarray:
         """Decode row ``row`` of ``path`` (ValueError naming the column and row; the caller names the file)."""
-        data = self.encoded(path, row)
+        return self._decode(row, self.encoded(path, row))
+
+    def _decode(self, row: int, data: bytes | None) -> np.ndarray:
         if data is None:
             raise ValueError(f"column {self.column!r}, row {row}: no embedded bytes (image paths are not supported)")
         try:

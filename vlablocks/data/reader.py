@@ -4,7 +4,9 @@ with action chunks and their padding masks, streaming frames from disk or from a
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -253,20 +255,22 @@ class LeRobotDataset(torch.utils.data.Dataset):
             if self._depths:
                 cache[self._column("depth", camera)] = torch.empty(len(self.table), h, w, dtype=torch.uint16)
         ranges = tqdm(list(enumerate(self.table.ranges)), desc=f"loading {self.root.name}", unit="episode")
-        for slot, (start, end) in ranges:
-            for camera in self.camera_keys:
-                cache[camera][start:end] = self._decode_images(camera, slot, np.arange(start, end))
-                if self._depths:
-                    cache[self._column("depth", camera)][start:end] = self._decode_depth(camera, slot, np.arange(start, end))
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:  # PNG decoding in parallel
+            for slot, (start, end) in ranges:
+                frames = np.arange(start, end)
+                for camera in self.camera_keys:
+                    cache[camera][start:end] = self._decode_images(camera, slot, frames, pool)
+                    if self._depths:
+                        cache[self._column("depth", camera)][start:end] = self._decode_depth(camera, slot, frames, pool)
         self._cache = cache
 
-    def _decode_images(self, camera: str, slot: int, frames: np.ndarray) -> torch.Tensor:
+    def _decode_images(self, camera: str, slot: int, frames: np.ndarray, pool: Executor | None = None) -> torch.Tensor:
         """uint8 ``[T, 3, H, W]`` of ``camera`` at the given frames of one episode (EpisodeError
         naming the file and the episode when a frame cannot be decoded)."""
         episode = self.table.episodes[slot]
         path = episode.data_file if camera in self._images else episode.videos[camera].path
         try:
-            decoded = self._decode(camera, episode, frames)
+            decoded = self._decode(camera, episode, frames, pool)
         except ValueError as err:  # the video module's errors, an unreadable image
             raise EpisodeError(path, episode.index, str(err).removeprefix(f"{path}: ")) from None
         expected = (3, *self._shape(camera))
@@ -275,11 +279,11 @@ class LeRobotDataset(torch.utils.data.Dataset):
                                                     f"meta/info.json says {list(expected)}")
         return decoded
 
-    def _decode_depth(self, camera: str, slot: int, frames: np.ndarray) -> torch.Tensor:
+    def _decode_depth(self, camera: str, slot: int, frames: np.ndarray, pool: Executor | None = None) -> torch.Tensor:
         """uint16 millimetres ``[T, H, W]`` of ``camera``'s depth at the given frames of one episode."""
         episode = self.table.episodes[slot]
         try:
-            depth = [self._depths[camera].frame(episode.data_file, int(self.table.file_row[i])) for i in frames]
+            depth = self._depths[camera].frames(episode.data_file, self.table.file_row[frames].tolist(), pool)
         except ValueError as err:
             raise EpisodeError(episode.data_file, episode.index, str(err)) from None
         if any(d.dtype != np.uint16 or d.shape != self._shape(camera) for d in depth):
@@ -288,11 +292,11 @@ class LeRobotDataset(torch.utils.data.Dataset):
                                                                  f"{list(self._shape(camera))} uint16; got {got}")
         return torch.from_numpy(np.stack(depth))
 
-    def _decode(self, camera: str, episode: EpisodeMeta, frames: np.ndarray) -> torch.Tensor:
+    def _decode(self, camera: str, episode: EpisodeMeta, frames: np.ndarray, pool: Executor | None) -> torch.Tensor:
         """Embedded images by their rows, video frames by their timestamps (the episode's offset in
         the file plus the frames' own ``timestamp``)."""
         if camera in self._images:
-            images = [self._images[camera].frame(episode.data_file, int(self.table.file_row[i])) for i in frames]
+            images = self._images[camera].frames(episode.data_file, self.table.file_row[frames].tolist(), pool)
             return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
         span = episode.videos[camera]
         times = (span.from_timestamp + self.table.timestamp[frames]).tolist()
