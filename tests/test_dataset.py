@@ -14,7 +14,7 @@ import torch
 
 from vlablocks.policy import batch as keys
 from vlablocks.data import DatasetWriter, EpisodeError, LeRobotDataset
-from vlablocks.data.format import decode_png, encode_depth_png, episode_path
+from vlablocks.data.format import decode_png, encode_depth_png, episode_path, image_stats
 from vlablocks.policy.batch import collate
 
 CAMERAS = ["front", "wrist"]
@@ -323,3 +323,13 @@ def test_statistics_are_checked_when_the_dataset_opens(tmp_path, edit, message):
     (root / "meta/stats.json").write_text(json.dumps(stats))
     with pytest.raises(ValueError, match=message):
         LeRobotDataset(root, horizon=2)
+
+
+def test_image_statistics_from_histograms_equal_the_float_reduction():
+    images = np.random.default_rng(0).integers(0, 256, size=(5, 6, 8, 3), dtype=np.uint8)
+    images[..., 1] = np.clip(images[..., 1], 7, 200)
+    stats, values = image_stats(images), images.reshape(-1, 3).astype(np.float64) / 255
+    for name, expected in (("mean", values.mean(0)), ("std", values.std(0)), ("min", values.min(0)), ("max", values.max(0))):
+        np.testing.assert_allclose(stats[name].reshape(3), expected, rtol=0, atol=1e-12, err_msg=name)
+    assert stats["mean"].shape == (3, 1, 1) and stats["count"].tolist() == [5]
+    assert stats["min"][1, 0, 0] == 7 / 255 and stats["max"][1, 0, 0] == 200 / 255
