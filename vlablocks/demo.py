@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     _say(f"[2/3] training {RECIPE} (RGB + depth geometry + text + state) -> {out / 'run'}")
-    run = train_from_recipe(RECIPE, data, out=out / "run", steps=args.steps)
+    run = train_from_recipe(RECIPE, data, out=out / "run", steps=args.steps, move_aside=True)  # an earlier run is kept
     timings["train"] = time.perf_counter() - start
 
     start = time.perf_counter()
