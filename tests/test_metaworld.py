@@ -18,6 +18,7 @@ from metaworld.policies import ENV_POLICY_MAP  # noqa: E402
 
 from vlablocks.policy import batch as keys  # noqa: E402
 from vlablocks.data import LeRobotDataset  # noqa: E402
+from vlablocks.data.meta import read_meta  # noqa: E402
 from vlablocks.encoders.points import unproject_depth  # noqa: E402
 from vlablocks.envs import eval_env_factory  # noqa: E402
 from vlablocks.envs.metaworld.demos import generate_demos  # noqa: E402
@@ -110,7 +111,7 @@ def test_generate_demos_writes_a_readable_dataset(tmp_path, env):
     root = generate_demos([TASK], 2, tmp_path / "demos", image_size=SIZE, depth=True, seed=0)
     info = json.loads((root / "meta/info.json").read_text())
     assert (info["fps"], info["robot_type"], info["total_episodes"]) == (80, "sawyer", 2)
-    lengths = [json.loads(line)["length"] for line in (root / "meta/episodes.jsonl").read_text().splitlines()]
+    lengths = [episode.length for episode in read_meta(root).episodes]
     dataset = LeRobotDataset(root, horizon=8)
     assert [b - a for a, b in dataset.episode_ranges] == lengths and len(dataset) == sum(lengths)
     assert all(10 < n < 500 for n in lengths)
@@ -185,7 +186,7 @@ def test_workers_write_the_same_dataset(tmp_path):
     two = generate_demos([TASK, "drawer-open-v3"], 2, tmp_path / "two", image_size=32, depth=True, workers=2)
     files = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(two) for p in two.rglob("*") if p.is_file())
-    assert len(files) == 4 + 4  # meta/{info,episodes,tasks,stats} + 4 episodes
+    assert len(files) == 4 + 1  # meta/{info.json, stats.json, tasks.parquet, episodes/...} + one data file (v3.0)
     assert [str(f) for f in files if not filecmp.cmp(one / f, two / f, shallow=False)] == []
     with pytest.raises(ValueError, match="workers must be an int >= 1; got 0"):
         generate_demos([TASK], 1, tmp_path / "zero", image_size=32, workers=0)
