@@ -22,13 +22,15 @@ from vlablocks.data.format import (
     DEPTH_PREFIX,
     DEPTH_UNITS_PER_METRE,
     IMAGE_PREFIX,
+    INFO_FILE,
     INTRINSICS_PREFIX,
     STAT_NAMES,
+    STATS_FILE,
     STATE,
     feature_stats,
 )
 from vlablocks.data.frames import ParquetImages
-from vlablocks.data.meta import STATS_FILE, DatasetMeta, EpisodeMeta, read_meta
+from vlablocks.data.meta import DatasetMeta, EpisodeMeta, read_meta
 from vlablocks.data.resize import PadResize
 from vlablocks.data.table import EpisodeError, FrameTable, read_table
 from vlablocks.policy import batch as keys
@@ -105,7 +107,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
         self.cameras = [k.removeprefix(IMAGE_PREFIX) for k in self.camera_keys]
         sizes = sorted({self._shape(c) for c in self.camera_keys})
         if image_size is None and len(sizes) > 1:
-            raise ValueError(f"{self.root / 'meta/info.json'}: the selected cameras {self.cameras} have different image "
+            raise ValueError(f"{self.root / INFO_FILE}: the selected cameras {self.cameras} have different image "
                              f"sizes {sizes}; pass image_size to resize them to one, or select cameras of one size")
         self.state_dim, self.action_dim = self._width(state_key), self._width(action_key)
         self._check_stats()
@@ -144,7 +146,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
         available = [k for k in self.meta.image_keys if not k.startswith(DEPTH_PREFIX)]
         if cameras is None:
             if not available:
-                raise ValueError(f"{self.root / 'meta/info.json'}: the dataset has no image or video features")
+                raise ValueError(f"{self.root / INFO_FILE}: the dataset has no image or video features")
             return available
         chosen = [c if c in available else IMAGE_PREFIX + c for c in cameras]
         unknown = [c for c, k in zip(cameras, chosen) if k not in available]
@@ -156,7 +158,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
     def _width(self, key: str) -> int:
         feature = self.features.get(key)
         if feature is None:
-            raise ValueError(f"{self.root / 'meta/info.json'}: features must include {key!r}; got {sorted(self.features)}")
+            raise ValueError(f"{self.root / INFO_FILE}: features must include {key!r}; got {sorted(self.features)}")
         return int(np.prod(feature["shape"]))
 
     def _shape(self, camera: str) -> tuple[int, int]:
@@ -176,7 +178,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
         have = [prefix + c.removeprefix(IMAGE_PREFIX) in self.features for c in self.camera_keys]
         if any(have) and not all(have):
             with_it = [c for c, h in zip(self.camera_keys, have) if h]
-            raise ValueError(f"{self.root / 'meta/info.json'}: cameras {with_it} have {prefix}* but {self.camera_keys} were "
+            raise ValueError(f"{self.root / INFO_FILE}: cameras {with_it} have {prefix}* but {self.camera_keys} were "
                              "selected; select cameras that all have it or none")
         return all(have)
 
@@ -188,7 +190,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
             numeric = self.features.get(key, {}).get("dtype") in ("float32", "float64", "int64", "int32", "bool")
             if key not in self.camera_keys and not numeric:
                 raise ValueError(f"history: {key!r} must be a selected camera {self.camera_keys} or a numeric feature of "
-                                 f"{self.root / 'meta/info.json'}")
+                                 f"{self.root / INFO_FILE}")
             steps = np.asarray(deltas, dtype=np.float64) * self.fps
             if steps.ndim != 1 or not len(steps) or (np.abs(steps - np.round(steps)) > self.tolerance_s * self.fps).any():
                 raise ValueError(f"history[{key!r}]: offsets must be a list of multiples of 1 / fps = {1 / self.fps:g} s; "
@@ -209,7 +211,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
                 except (TypeError, ValueError):
                     raise ValueError(f"{path}: {name}.{stat} must be a list of numbers; got {str(values)[:80]}") from None
                 if array.size != width:
-                    raise ValueError(f"{path}: {name}.{stat} has {array.size} values; the feature has {width} (meta/info.json)")
+                    raise ValueError(f"{path}: {name}.{stat} has {array.size} values; the feature has {width} ({INFO_FILE})")
                 bad = np.flatnonzero(~np.isfinite(array))
                 if bad.size:
                     raise ValueError(f"{path}: {name}.{stat} must be finite; dims {bad[:10].tolist()} are "
@@ -276,7 +278,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
         expected = (3, *self._shape(camera))
         if tuple(decoded.shape[1:]) != expected:
             raise EpisodeError(path, episode.index, f"{camera!r} frames are {list(decoded.shape[1:])}; "
-                                                    f"meta/info.json says {list(expected)}")
+                                                    f"{INFO_FILE} says {list(expected)}")
         return decoded
 
     def _decode_depth(self, camera: str, slot: int, frames: np.ndarray, pool: Executor | None = None) -> torch.Tensor:
