@@ -244,7 +244,8 @@ class FlowMatchingOutput:
 
     Attributes:
         loss: ``[]`` masked MSE between predicted and target velocity, averaged over the noise
-            samples (differentiable).
+            samples (differentiable); with ``reduction="none"`` the squared error of every
+            element, ``[K, B, H, A]``.
         vel_cosine: ``[]`` mean cosine similarity of predicted and target velocity over the
             valid steps and dims (detached; a training metric).
         t: ``[K, B]`` the times drawn for each of the K noise samples.
@@ -313,6 +314,8 @@ class FlowMatchingHead(nn.Module):
         dim_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         t: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        reduction: str = "mean",
     ) -> FlowMatchingOutput:
         """The flow-matching loss of a batch (see ``masked_mse`` for the reduction).
 
@@ -325,6 +328,11 @@ class FlowMatchingHead(nn.Module):
             generator: draws the times and the noise (on the device of ``actions``).
             t: ``[B]`` flow times to use for every noise sample instead of drawing them from
                 the time sampler (diagnostics: the loss at a given t).
+            noise: ``[K, B, H, A]`` (or ``[B, H, A]`` when ``K = num_noise_samples`` is 1) noise
+                to use instead of drawing it (parity with another implementation).
+            reduction: ``"mean"`` (the training loss, ``[]``) or ``"none"``: ``loss`` is then the
+                squared velocity error of every element, ``[K, B, H, A]`` float32, masked ones
+                included (as LeRobot's ``reduction="none"``).
         """
         batch = self._check_inputs(prefix, state)
         expected = (batch, self.horizon, self.action_dim)
@@ -336,26 +344,43 @@ class FlowMatchingHead(nn.Module):
         valid_elements(actions.shape, step_mask, dim_mask, actions.device)
         if t is not None and tuple(t.shape) != (batch,):
             raise ValueError(f"t must have shape [B] = [{batch}], got {list(t.shape)}")
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+        noises = self._given_noise(noise, expected)
 
         context = self.denoiser.prepare(prefix)
         losses, cosines, times = [], [], []
-        for _ in range(self.num_noise_samples):
+        for k in range(self.num_noise_samples):
             t_k = self.time_sampler(batch, actions.device, generator) if t is None else t.to(actions.device)
-            noise = torch.randn(
+            noise_k = torch.randn(
                 actions.shape, generator=generator, device=actions.device, dtype=actions.dtype
-            )
-            velocity = self.denoiser.velocity(context, flow_path(actions, noise, t_k), t_k, state)
-            target = flow_target(actions, noise)
-            losses.append(masked_mse(velocity, target, step_mask, dim_mask))
+            ) if noises is None else noises[k].to(actions.device, actions.dtype)
+            velocity = self.denoiser.velocity(context, flow_path(actions, noise_k, t_k), t_k, state)
+            target = flow_target(actions, noise_k)
+            if reduction == "none":
+                losses.append((velocity.float() - target.float()).square())
+            else:
+                losses.append(masked_mse(velocity, target, step_mask, dim_mask))
             cosines.append(
                 masked_cosine_similarity(velocity.detach(), target, step_mask, dim_mask)
             )
             times.append(t_k)
         return FlowMatchingOutput(
-            loss=torch.stack(losses).mean(),
+            loss=torch.stack(losses) if reduction == "none" else torch.stack(losses).mean(),
             vel_cosine=torch.stack(cosines).mean(),
             t=torch.stack(times),
         )
+
+    def _given_noise(self, noise: torch.Tensor | None, expected: tuple[int, int, int]) -> torch.Tensor | None:
+        """``noise`` as ``[K, B, H, A]`` (ValueError for another shape)."""
+        if noise is None:
+            return None
+        if tuple(noise.shape) == expected and self.num_noise_samples == 1:
+            return noise[None]
+        if tuple(noise.shape) != (self.num_noise_samples, *expected):
+            raise ValueError(f"noise must have shape [K, B, H, A] = {[self.num_noise_samples, *expected]} (or [B, H, A] "
+                             f"when K = 1), got {list(noise.shape)}")
+        return noise
 
     def sample(
         self,

@@ -44,6 +44,9 @@ PALIGEMMA_PREFIXES = {
     "projector": ("model.multi_modal_projector.linear.", "multi_modal_projector.linear."),
 }
 PALIGEMMA_UNUSED = ("lm_head.", "language_model.lm_head.")
+#: where a checkpoint that ties its output layer to the token embedding may keep only the former
+#: (released pi0 checkpoints: ``paligemma.lm_head.weight`` once the policy prefix is removed).
+TIED_EMBEDDING_KEYS = ("lm_head.weight", "language_model.lm_head.weight")
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -85,6 +88,7 @@ def load_pretrained(vla: VLA, llm: str, layout: Literal["transformers", "llava",
         layout: ``transformers``, ``llava`` or ``paligemma``.
     """
     tensors = read_weights(llm)
+    tied = next((tensors[k] for k in TIED_EMBEDDING_KEYS if k in tensors), None)
     stack = vla.backbone
     tower: dict[str, torch.Tensor] = {}
     projector: dict[str, torch.Tensor] = {}
@@ -104,7 +108,10 @@ def load_pretrained(vla: VLA, llm: str, layout: Literal["transformers", "llava",
         vla.vision.load_tower_state_dict(tower)
         logger.info("loaded the vision tower from %s", llm)
     rest = load_base_from_transformers(stack, tensors)
-    embedding = rest.get("embed_tokens.weight")
-    if embedding is not None:
-        vla.text.load_embedding(embedding)
-    logger.info("loaded %d base layers%s from %s", stack.num_layers, " and the token embedding" if embedding is not None else "", llm)
+    embedding = rest.get("embed_tokens.weight", tied)
+    if embedding is None:
+        raise ValueError(f"{llm} has no token embedding (embed_tokens.weight, nor a tied {' / '.join(TIED_EMBEDDING_KEYS)}): "
+                         "the policy's language conditioning would stay random")
+    vla.text.load_embedding(embedding)
+    source = "embed_tokens" if "embed_tokens.weight" in rest else "the tied lm_head"
+    logger.info("loaded %d base layers and the token embedding (%s) from %s", stack.num_layers, source, llm)

@@ -428,6 +428,31 @@ def test_loss_at_given_times_uses_them_for_every_noise_sample() -> None:
         head.loss(prefix, actions, state, t=t[:, None])
 
 
+def test_given_noise_and_per_element_losses_are_what_the_formula_says() -> None:
+    """``noise=`` replaces the draws and ``reduction="none"`` returns ``(v - (noise - a))^2`` for
+    every element; the masked mean of it is the training loss (parity with LeRobot's pi0)."""
+    head = make_head(num_noise_samples=2)
+    prefix, state, actions = make_batch()
+    t = torch.linspace(0.1, 0.9, BATCH)
+    noise = torch.randn(2, BATCH, HORIZON, ACTION_DIM, generator=seeded(5))
+    step_mask = torch.arange(HORIZON)[None].expand(BATCH, -1) < 3
+    out = head.loss(prefix, actions, state, t=t, noise=noise, reduction="none", step_mask=step_mask)
+    assert out.loss.shape == (2, BATCH, HORIZON, ACTION_DIM) and out.loss.requires_grad
+    context = head.denoiser.prepare(prefix)
+    for k in range(2):
+        velocity = head.denoiser.velocity(context, flow_path(actions, noise[k], t), t, state)
+        torch.testing.assert_close(out.loss[k], (velocity - flow_target(actions, noise[k])).square(), rtol=0, atol=0)
+    mean = head.loss(prefix, actions, state, t=t, noise=noise, step_mask=step_mask)
+    torch.testing.assert_close(mean.loss, out.loss[:, :, :3].mean(), rtol=1e-6, atol=0)
+    single = make_head()
+    one = single.loss(prefix, actions, state, t=t, noise=noise[0], reduction="none")
+    assert one.loss.shape == (1, BATCH, HORIZON, ACTION_DIM)
+    with pytest.raises(ValueError, match=r"noise must have shape \[K, B, H, A\] = \[2, 8, 4, 3\]"):
+        head.loss(prefix, actions, state, noise=noise[0])
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'none', got 'sum'"):
+        head.loss(prefix, actions, state, reduction="sum")
+
+
 @pytest.mark.parametrize(
     ("num_steps", "solver", "evaluations"), [(1, "euler", 1), (5, "euler", 5), (3, "midpoint", 6)]
 )

@@ -139,3 +139,19 @@ def test_a_scale_that_is_neither_a_number_nor_sqrt_width_is_refused():
         build("tiny_pi0", overrides=["text.embed_scale=sqrt"], load_weights=False, device="meta")
     vla = build("tiny_pi0", overrides=["text.embed_scale=2.5"], load_weights=False, device="meta")
     assert vla.text._scale_repr == 2.5
+
+
+def test_forward_takes_noise_and_gives_per_element_losses():
+    """``VLA.forward(noise=, reduction="none")``: the same noise and times give the same losses,
+    and their mean over the data's dims and valid steps is the training loss."""
+    torch.manual_seed(0)
+    vla = build("tiny_pi0").eval()
+    batch = random_batch(vla, batch_size=2)
+    horizon, action_dim, width = vla.config.horizon, vla.config.action_dim, batch["actions"].shape[-1]
+    noise, t = torch.randn(2, horizon, action_dim), torch.tensor([0.3, 0.8])
+    per_element = vla(batch, t=t, noise=noise, reduction="none").loss
+    assert per_element.shape == (1, 2, horizon, action_dim)
+    assert torch.equal(per_element, vla(batch, t=t, noise=noise, reduction="none").loss)
+    assert "action_mask" not in batch  # every step valid; dims past the data's are padding
+    valid = per_element[..., :width]
+    torch.testing.assert_close(vla(batch, t=t, noise=noise).loss, valid.mean(), rtol=1e-6, atol=0)

@@ -2,17 +2,18 @@
 
 import pickle
 import re
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from helpers import save_tiny_siglip, save_tiny_tokenizer
 from vlablocks.policy.checks import random_batch
 from vlablocks.recipes.builder import build
-from vlablocks.recipes.loader import load_recipe
+from vlablocks.recipes.loader import RecipeError, load_recipe
 from vlablocks.recipes.builder import from_pretrained
 from vlablocks.io.manifest import CheckpointError, write_manifest
 
@@ -143,9 +144,8 @@ def paligemma_checkpoint(tmp_path):
     return str(tmp_path / "paligemma"), model
 
 
-def test_paligemma_layout_loads_tower_projector_decoder_and_embedding(tmp_path, no_pickle):
-    path, paligemma = paligemma_checkpoint(tmp_path)
-    recipe = {
+def paligemma_recipe(path: str) -> dict:
+    return {
         "policy": {"horizon": 4, "action_dim": 4, "state_dim": 3},
         "vision": {"type": "siglip", "config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                                                 "num_attention_heads": 2, "patch_size": 8, "image_size": 32}},
@@ -159,7 +159,11 @@ def test_paligemma_layout_loads_tower_projector_decoder_and_embedding(tmp_path, 
         "suffix": {"time_fusion": {"type": "concat_mlp"}},
         "pretrained": {"llm": path, "layout": "paligemma"},
     }
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+
+
+def test_paligemma_layout_loads_tower_projector_decoder_and_embedding(tmp_path, no_pickle):
+    path, paligemma = paligemma_checkpoint(tmp_path)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(paligemma_recipe(path)))
     vla = build(load_recipe(tmp_path / "recipe.yaml")).eval()
     inner = paligemma.model
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -175,6 +179,25 @@ def test_paligemma_layout_loads_tower_projector_decoder_and_embedding(tmp_path, 
         ours = vla.backbone([embeds, None], full, torch.arange(5)[None]).hidden_states[0]
         reference = inner.language_model(input_ids=ids).last_hidden_state
         assert (ours - reference).abs().max() <= 1e-5
+
+
+def test_a_tied_embedding_kept_only_as_lm_head_is_loaded_and_a_missing_one_is_an_error(tmp_path):
+    """Released pi0 checkpoints keep the tied embedding only as ``lm_head.weight``: it becomes the
+    token embedding. Without either, loading fails instead of leaving the embedding random."""
+    path, paligemma = paligemma_checkpoint(tmp_path)
+    files = sorted(Path(path).glob("*.safetensors"))
+    tensors = {k: v for f in files for k, v in load_file(f).items()}
+    embedding_key = next(k for k in tensors if k.endswith("embed_tokens.weight"))
+    lm_head = tensors.pop(embedding_key).clone()
+    for f in files:
+        f.unlink()
+    save_file({**tensors, "lm_head.weight": lm_head}, Path(path) / "model.safetensors")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(paligemma_recipe(path)))
+    assert torch.equal(build(load_recipe(recipe)).text.embedding.weight, lm_head)
+    save_file(tensors, Path(path) / "model.safetensors")
+    with pytest.raises(RecipeError, match=r"has no token embedding \(embed_tokens.weight, nor a tied lm_head.weight"):
+        build(load_recipe(recipe))
 
 
 def test_a_checkpoint_that_is_not_paligemma_is_refused(tmp_path):

@@ -221,11 +221,15 @@ class VLA(nn.Module):
     # ------------------------------------------------------------------ policy contract
 
     def forward(
-        self, batch: Mapping[str, Any], generator: torch.Generator | None = None, t: torch.Tensor | None = None
+        self, batch: Mapping[str, Any], generator: torch.Generator | None = None, t: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None, reduction: str = "mean",
     ) -> FlowMatchingOutput:
         """Flow-matching loss of a batch (normalised actions; padded steps and dims masked).
 
-        ``t [B]``: fixed flow times instead of the head's time sampler (diagnostics).
+        ``t [B]``: fixed flow times instead of the head's time sampler (diagnostics); ``noise``
+        ``[K, B, H, A]`` (or ``[B, H, A]``) fixed noise in the normalised action space, and
+        ``reduction="none"`` for the per-element squared errors: parity with another
+        implementation (:meth:`FlowMatchingHead.loss <vlablocks.heads.flow_matching.FlowMatchingHead.loss>`).
 
         Raises:
             BatchError: the batch does not fit the policy (:meth:`check_batch`).
@@ -249,6 +253,8 @@ class VLA(nn.Module):
             dim_mask=dim_mask,
             generator=generator,
             t=t,
+            noise=noise,
+            reduction=reduction,
         )
 
     @torch.no_grad()
