@@ -39,6 +39,7 @@ from vlablocks.encoders.geometry import GeometryEncoder
 from vlablocks.encoders.suffix import SuffixEncoder
 from vlablocks.encoders.text import TextEncoder
 from vlablocks.heads.flow_matching import FlowMatchingHead
+from vlablocks.io.hub import resolve_policy
 from vlablocks.io.manifest import CheckpointError, load_weights as load_state, read_safetensors, verify_manifest
 from vlablocks.policy.config import PolicyConfig
 from vlablocks.policy.vla import RECIPE_FILE, VLA, WEIGHTS_FILE
@@ -241,7 +242,8 @@ def _path_values(node: Any, key_path: str = "") -> Iterable[tuple[str, Any]]:
 
 def from_pretrained(directory: str | Path, map_location: str | torch.device = "cpu", verify: bool = True) -> VLA:
     """Rebuild a policy from ``recipe.yaml`` and load ``model.safetensors`` (a directory written
-    by ``VLA.save_pretrained`` or a trainer checkpoint).
+    by ``VLA.save_pretrained`` or a trainer checkpoint, or a Hub model id holding one: fetched
+    without pickled files by :func:`~vlablocks.io.hub.resolve_policy`).
 
     The files are checked against ``manifest.json`` first (``verify=False`` skips that, for a
     directory without a manifest the caller trusts; it is logged); the recipe is
@@ -255,7 +257,7 @@ def from_pretrained(directory: str | Path, map_location: str | torch.device = "c
             names a path (``path``, ``weights_path``) outside the directory.
         RecipeError: ``recipe.yaml`` is not a valid recipe.
     """
-    directory = Path(directory)
+    directory = resolve_policy(directory)
     recipe_path, weights_path = directory / RECIPE_FILE, directory / WEIGHTS_FILE
     for path in (recipe_path, weights_path):
         if not path.is_file():

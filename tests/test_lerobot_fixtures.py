@@ -20,7 +20,8 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from safetensors.torch import load_file
 
 from vlablocks.cli import main
-from vlablocks.data import LeRobotDataset, hub
+from vlablocks.data import LeRobotDataset
+from vlablocks.io import hub
 from vlablocks.data.meta import read_meta
 from vlablocks.policy import batch as keys
 from vlablocks.train.metrics import read_metrics
@@ -160,8 +161,8 @@ def test_a_hub_dataset_id_is_downloaded_through_huggingface_hub(tmp_path, monkey
     what a download leaves in the cache; the call's arguments are checked."""
     calls = []
 
-    def fake_snapshot_download(repo_id: str, repo_type: str, revision: str | None) -> str:
-        calls.append((repo_id, repo_type, revision))
+    def fake_snapshot_download(repo_id: str, repo_type: str, revision: str | None, allow_patterns: list | None) -> str:
+        calls.append((repo_id, repo_type, revision, allow_patterns))
         target = tmp_path / "cache" / repo_id.replace("/", "--")
         shutil.copytree(FIXTURES / "v30_video", target)
         return str(target)
@@ -169,7 +170,7 @@ def test_a_hub_dataset_id_is_downloaded_through_huggingface_hub(tmp_path, monkey
     monkeypatch.setattr(hub, "snapshot_download", fake_snapshot_download)
     assert main(["train", "tiny_pi0", "--data", "lerobot/fixture_bot", "--out", str(tmp_path / "run"), "--steps", "1",
                  "policy.action_dim=3", "policy.state_dim=4", "train.batch_size=2"]) == 0
-    assert calls == [("lerobot/fixture_bot", "dataset", None)]
+    assert calls == [("lerobot/fixture_bot", "dataset", None, None)]
     info = json.loads((tmp_path / "run" / "data.json").read_text())
     assert info["source"] == "lerobot/fixture_bot" and info["data"] == str((tmp_path / "cache" / "lerobot--fixture_bot").resolve())
 

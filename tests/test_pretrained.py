@@ -233,3 +233,37 @@ def test_a_checkpoints_recipe_naming_a_file_outside_it_is_refused(tmp_path, no_p
     expected = vla.predict_action(batch)
     torch.manual_seed(1)
     assert torch.equal(loaded.predict_action(batch), expected)
+
+
+def test_a_hub_model_id_is_fetched_without_pickles(tmp_path, monkeypatch):
+    """``from_pretrained("org/name")`` fetches the repository through huggingface_hub (stubbed:
+    no network here) asking only for safetensors / JSON / YAML / tokenizer files."""
+    from fnmatch import fnmatch
+
+    from vlablocks.io import hub
+
+    torch.manual_seed(0)
+    saved = build("tiny_pi0").eval().save_pretrained(tmp_path / "saved")
+    (saved / "pytorch_model.bin").write_bytes(b"\x80\x04 a pickle the fetch must skip")
+    calls = []
+
+    def fake_snapshot_download(repo_id: str, repo_type: str, revision: str | None, allow_patterns: list) -> str:
+        calls.append((repo_id, repo_type, revision))
+        target = tmp_path / "cache" / repo_id.replace("/", "--")
+        for file in saved.rglob("*"):
+            relative = file.relative_to(saved).as_posix()
+            if file.is_file() and any(fnmatch(relative, pattern) for pattern in allow_patterns):
+                (target / relative).parent.mkdir(parents=True, exist_ok=True)
+                (target / relative).write_bytes(file.read_bytes())
+        return str(target)
+
+    monkeypatch.setattr(hub, "snapshot_download", fake_snapshot_download)
+    loaded = from_pretrained("someone/tiny-pi0")
+    assert calls == [("someone/tiny-pi0", "model", None)]
+    assert not (tmp_path / "cache" / "someone--tiny-pi0" / "pytorch_model.bin").exists()
+    reference = from_pretrained(saved)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), reference.state_dict().values()))
+    assert {"model.safetensors", "recipe.yaml", "manifest.json"} <= {p.name for p in (tmp_path / "cache" / "someone--tiny-pi0").iterdir()}
+    assert not any(fnmatch(name, pattern) for name in ("pytorch_model.bin", "model.pt", "x.pkl") for pattern in hub.POLICY_FILES)
+    with pytest.raises(FileNotFoundError, match=r"no such model directory \(nor a Hub model id"):
+        from_pretrained(tmp_path / "missing")

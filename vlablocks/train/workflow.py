@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from vlablocks.data import DataSelection, LeRobotDataset, resolve_dataset
+from vlablocks.data import DataSelection, LeRobotDataset
+from vlablocks.io.hub import resolve_dataset
 from vlablocks.io.atomic import write_json
 from vlablocks.policy.vla import VLA
 from vlablocks.recipes.builder import build
@@ -152,7 +153,7 @@ def train_from_recipe(
     ``skip_bad_episodes``: then it is left out and listed in ``data.json``. A directory that
     already holds a run is refused (:class:`RunExistsError`) unless ``resume`` (continue it) or
     ``move_aside`` (rename it to ``<out>.old-<timestamp>`` first); an empty one is fine. ``data``
-    is a directory or a Hub dataset id (:func:`~vlablocks.data.hub.resolve_dataset`);
+    is a directory or a Hub dataset id (:func:`~vlablocks.io.hub.resolve_dataset`);
     ``selection`` picks its cameras, state and action features.
     """
     recipe_overrides, train_overrides = split_overrides(overrides)
