@@ -95,6 +95,17 @@ def base_spec_from_config(config: Any, name: str = "base") -> tuple[ExpertSpec, 
     return spec, config.num_hidden_layers
 
 
+def decoder_key(key: str, expert: int = 0) -> str | None:
+    """The stack key of a transformers decoder key (prefix removed: ``layers.{i}.self_attn.q_proj.weight``,
+    ``norm.weight``) for expert ``expert``; ``None`` for a key that is not a decoder layer or the
+    final norm (the embedding, the LM head)."""
+    match = _LAYER_KEY.match(key)
+    if match:
+        layer, module, kind = match.groups()
+        return f"layers.{layer}.{_RENAMES[module].replace('.0', f'.{expert}', 1)}.{kind}"
+    return f"final_norms.{expert}.weight" if key == "norm.weight" else None
+
+
 def load_base_from_transformers(
     stack: DeepFusionStack,
     state_dict: Mapping[str, torch.Tensor],
@@ -122,12 +133,9 @@ def load_base_from_transformers(
             rest[key] = tensor
             continue
         short = key[len(prefix) :]
-        match = _LAYER_KEY.match(short)
-        if match:
-            layer, module, kind = match.groups()
-            mapped[f"layers.{layer}.{_RENAMES[module]}.{kind}"] = tensor
-        elif short == "norm.weight":
-            mapped["final_norms.0.weight"] = tensor
+        target = decoder_key(short)
+        if target is not None:
+            mapped[target] = tensor
         else:
             rest[short] = tensor
 

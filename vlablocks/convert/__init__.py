@@ -1,0 +1,2 @@
+"""Converting policies released in other toolkits' layouts: LeRobot's state-dict keys
+(:mod:`.lerobot_keys`)."""

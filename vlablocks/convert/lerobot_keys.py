@@ -1,0 +1,103 @@
+"""Declared key tables from LeRobot's pi0 / pi0.5 policies (``PI0Policy`` / ``PI05Policy``
+``state_dict()``) to a vlablocks VLA built from the ``pi0`` / ``pi05`` recipes.
+
+Every LeRobot key is mapped or declared unused (:data:`UNUSED`, with the reason); any other key is
+an error, so nothing is dropped silently. The VLM's decoder layers go to expert 0 of the fusion
+stack, the action expert's to expert 1 (:func:`~vlablocks.blocks.transformers_import.decoder_key`);
+pi0.5's adaptive norms (``*.dense``) are the expert's ``modulation`` layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from vlablocks.blocks.transformers_import import decoder_key
+
+POLICY_PREFIX = "model."
+PALIGEMMA = "paligemma_with_expert.paligemma.model."
+LANGUAGE = PALIGEMMA + "language_model."
+VISION = PALIGEMMA + "vision_tower.vision_model."
+EXPERT = "paligemma_with_expert.gemma_expert.model."
+STACK, SUFFIX = "head.denoiser.stack.", "head.denoiser.suffix_encoder."
+
+#: LeRobot keys (policy prefix removed) that have no vlablocks counterpart, and why.
+UNUSED = {
+    "paligemma_with_expert.paligemma.lm_head.weight":
+        "tied to the token embedding (it becomes text.embedding.weight where embed_tokens is absent)",
+    "paligemma_with_expert.gemma_expert.lm_head.weight": "the action expert has no language-model head",
+}
+
+#: one-to-one renames outside the decoders.
+RENAMES = {
+    LANGUAGE + "embed_tokens.weight": "text.embedding.weight",
+    PALIGEMMA + "multi_modal_projector.linear.weight": "projector.weight",
+    PALIGEMMA + "multi_modal_projector.linear.bias": "projector.bias",
+    **{f"{name}.{kind}": f"{SUFFIX}{name}.{kind}" for name in ("action_in_proj", "action_out_proj", "state_proj")
+       for kind in ("weight", "bias")},
+    **{f"action_time_mlp_{io}.{kind}": f"{SUFFIX}time_fusion.mlp.fc{n}.{kind}"  # pi0: MLP([action; time])
+       for io, n in (("in", 1), ("out", 2)) for kind in ("weight", "bias")},
+    **{f"time_mlp_{io}.{kind}": f"{SUFFIX}time_fusion.embedder.mlp.fc{n}.{kind}"  # pi0.5: adaRMS conditioning
+       for io, n in (("in", 1), ("out", 2)) for kind in ("weight", "bias")},
+}
+
+_ADAPTIVE = {"input_layernorm": "input_norms", "post_attention_layernorm": "post_attention_norms"}
+
+
+def pi0_key(key: str) -> str | None:
+    """The vlablocks key of a LeRobot pi0 / pi0.5 key (with or without the ``model.`` prefix);
+    ``None`` for a key declared in :data:`UNUSED`.
+
+    Raises:
+        KeyError: a key the table does not know (naming it).
+    """
+    key = key.removeprefix(POLICY_PREFIX)
+    if key in UNUSED:
+        return None
+    if key in RENAMES:
+        return RENAMES[key]
+    if key.startswith(VISION):
+        return "vision.model." + key[len(VISION):]
+    for prefix, expert in ((LANGUAGE, 0), (EXPERT, 1)):
+        if key.startswith(prefix):
+            short = key[len(prefix):]
+            target = decoder_key(short, expert) or _adaptive_norm(short, expert)
+            if target is not None:
+                return STACK + target
+    raise KeyError(f"LeRobot key {key!r} is neither mapped nor declared unused (vlablocks.convert.lerobot_keys)")
+
+
+def _adaptive_norm(short: str, expert: int) -> str | None:
+    """pi0.5's adaRMS norms: ``layers.{i}.input_layernorm.dense.*`` / ``norm.dense.*`` -> the
+    expert's ``modulation`` layer."""
+    parts = short.split(".")
+    if len(parts) == 5 and parts[0] == "layers" and parts[2] in _ADAPTIVE and parts[3] == "dense":
+        return f"layers.{parts[1]}.{_ADAPTIVE[parts[2]]}.{expert}.modulation.{parts[4]}"
+    if len(parts) == 3 and parts[:2] == ["norm", "dense"]:
+        return f"final_norms.{expert}.modulation.{parts[2]}"
+    return None
+
+
+def map_keys(keys: Iterable[str]) -> tuple[dict[str, str], list[str]]:
+    """``(LeRobot key -> vlablocks key, the keys declared unused)`` (KeyError for an unknown key)."""
+    mapped, unused = {}, []
+    for key in keys:
+        target = pi0_key(key)
+        if target is None:
+            unused.append(key)
+        else:
+            mapped[key] = target
+    return mapped, unused
+
+
+def check_shapes(lerobot: Mapping[str, list[int]], vlablocks: Mapping[str, list[int]]) -> list[str]:
+    """Problems between LeRobot keys -> shapes and a vlablocks state dict's keys -> shapes: a
+    mapped key whose shapes differ, two keys mapped onto one, a vlablocks parameter nothing
+    fills (its normaliser buffers excepted: statistics come from the processor files)."""
+    mapped, _ = map_keys(lerobot)
+    problems = [f"{k} {list(lerobot[k])} -> {v} {list(vlablocks.get(v, []))}" for k, v in mapped.items()
+                if list(vlablocks.get(v, [])) != list(lerobot[k])]
+    targets = list(mapped.values())
+    problems += [f"{v}: filled by more than one key" for v in sorted({t for t in targets if targets.count(t) > 1})]
+    unfilled = sorted(set(vlablocks) - set(targets))
+    problems += [f"{k}: no LeRobot key fills it" for k in unfilled if not k.startswith("normalizer.")]
+    return problems
