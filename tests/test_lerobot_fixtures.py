@@ -188,20 +188,23 @@ def test_a_hub_dataset_id_is_downloaded_through_huggingface_hub(tmp_path, monkey
         hub.resolve_dataset(tmp_path / "missing" / "dir")
 
 
+@pytest.mark.parametrize("cache", [False, True], ids=["streamed", "cached"])
 @pytest.mark.parametrize("name", ["v30_video", "v21"])
-def test_history_windows_equal_lerobots_delta_timestamps(name):
+def test_history_windows_equal_lerobots_delta_timestamps(name, cache):
     """``history`` = LeRobot's ``delta_timestamps``: the reference's second load asked for
     ``observation.state`` at -0.2, -0.1, 0 s; frames before the episode repeat its first, flagged."""
     ref, _ = reference(name)
     window = ref["state_window"]
     deltas = window["delta_timestamps"]["observation.state"]
-    dataset = LeRobotDataset(FIXTURES / name, horizon=2, cameras=["front"],
+    dataset = LeRobotDataset(FIXTURES / name, horizon=2, cameras=["front"], cache=cache,
                              history={"observation.state": deltas, "observation.images.front": [-0.1, 0.0]})
     for index, item in window["items"].items():
         sample = dataset[int(index)]
         assert sample["observation.state"].tolist() == item["observation.state"]
         assert sample["observation.state_is_pad"].tolist() == item["observation.state_is_pad"]
         assert torch.equal(sample["observation.images.front"][1], sample[keys.IMAGES][0])
+        previous = int(index) if int(index) in (0, 7, 12) else int(index) - 1  # an episode's first frame repeats
+        assert torch.equal(sample["observation.images.front"][0], dataset[previous][keys.IMAGES][0])
         assert sample["observation.images.front_is_pad"].tolist() == [int(index) in (0, 7, 12), False]
     with pytest.raises(ValueError, match=r"history\['action'\]: offsets must be a list of multiples of 1 / fps = 0.1 s"):
         LeRobotDataset(FIXTURES / name, horizon=2, cameras=["front"], history={"action": [0.05]})

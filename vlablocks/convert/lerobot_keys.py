@@ -9,6 +9,7 @@ pi0.5's adaptive norms (``*.dense``) are the expert's ``modulation`` layers.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping
 
 from vlablocks.blocks.transformers_import import decoder_key
@@ -96,8 +97,8 @@ def check_shapes(lerobot: Mapping[str, list[int]], vlablocks: Mapping[str, list[
     mapped, _ = map_keys(lerobot)
     problems = [f"{k} {list(lerobot[k])} -> {v} {list(vlablocks.get(v, []))}" for k, v in mapped.items()
                 if list(vlablocks.get(v, [])) != list(lerobot[k])]
-    targets = list(mapped.values())
-    problems += [f"{v}: filled by more than one key" for v in sorted({t for t in targets if targets.count(t) > 1})]
-    unfilled = sorted(set(vlablocks) - set(targets))
+    counts = Counter(mapped.values())
+    problems += [f"{v}: filled by more than one key" for v in sorted(v for v, n in counts.items() if n > 1)]
+    unfilled = sorted(set(vlablocks) - set(counts))
     problems += [f"{k}: no LeRobot key fills it" for k in unfilled if not k.startswith("normalizer.")]
     return problems

@@ -124,12 +124,14 @@ class V30Layout:
         self.root, self.fps, self.video_codec = root, fps, video_codec
         self.rows: list[dict[str, Any]] = []
         self._tables: list[pa.Table] = []
+        self._buffered_bytes = 0
         self._data_file = 0
         self._videos: dict[str, tuple[int, VideoWriter]] = {}
         self._next_video_file: dict[str, int] = {}
 
     def add(self, record: EpisodeRecord, table: pa.Table, videos: Mapping[str, np.ndarray]) -> None:
         self._tables.append(table)
+        self._buffered_bytes += table.nbytes
         row: dict[str, Any] = {
             "episode_index": record.index, "tasks": [record.task], "length": record.length,
             "data/chunk_index": self._data_file // CHUNKS_SIZE, "data/file_index": self._data_file % CHUNKS_SIZE,
@@ -147,7 +149,7 @@ class V30Layout:
         for feature, stats in record.stats.items():
             row.update({f"stats/{feature}/{k}": np.asarray(v).tolist() for k, v in stats.items()})
         self.rows.append(row)
-        if sum(t.nbytes for t in self._tables) >= DATA_FILE_MB * 1e6:
+        if self._buffered_bytes >= DATA_FILE_MB * 1e6:
             self._flush_data()
 
     def _video(self, key: str) -> tuple[int, VideoWriter]:
@@ -164,7 +166,7 @@ class V30Layout:
     def _flush_data(self) -> None:
         if self._tables:
             write_parquet(self.root / file_path(V30_DATA_PATH, self._data_file), pa.concat_tables(self._tables))
-            self._tables, self._data_file = [], self._data_file + 1
+            self._tables, self._buffered_bytes, self._data_file = [], 0, self._data_file + 1
 
     def finalize(self, tasks: Mapping[str, int]) -> dict[str, Any]:
         """Write the last data and video files and the ``meta/`` tables; returns the ``info.json`` fields."""

@@ -8,6 +8,7 @@ import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -225,7 +226,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
             raise ValueError(f"{self.root / 'meta'}: task_index {unknown} used by the episodes is not listed in the tasks")
         self.tasks: list[str] = [self.meta.tasks[i] for i in sorted(self.meta.tasks)]
 
-    @property
+    @cached_property
     def stats(self) -> dict[str, dict[str, torch.Tensor]]:
         """The dataset statistics as float32 tensors, ``{feature: {mean, std, min, max, q01, q99, ...}}``,
         the state's and the actions' under ``observation.state`` and ``action`` whatever their
@@ -235,9 +236,10 @@ class LeRobotDataset(torch.utils.data.Dataset):
         for canonical, key in ((STATE, self.state_key), (ACTION, self.action_key)):
             stored = {} if self.recompute_stats else stats.get(key, {})
             missing = [k for k in STAT_NAMES if k not in stored]
-            if missing:
+            if missing:  # quantiles over every frame: only when needed
                 logger.info("%s: %s statistics %s computed from its %d frames", self.root.name, key, missing, len(self))
-            stats[canonical] = {**feature_stats(self.table.vectors[key]), **stored}
+                stored = {**feature_stats(self.table.vectors[key]), **stored}
+            stats[canonical] = stored
         return {name: {stat: torch.tensor(np.asarray(value, dtype=np.float64), dtype=torch.float32)
                        for stat, value in values.items()} for name, values in stats.items()}
 
@@ -369,7 +371,11 @@ class LeRobotDataset(torch.utils.data.Dataset):
             if key in self.table.vectors:
                 items[key] = torch.from_numpy(self.table.vectors[key][clamped])
                 continue
-            images = torch.stack([self._frame(key, int(i))[0] for i in clamped]).float().div_(255.0)
+            if self._cache is not None:
+                images = self._cache[key][torch.from_numpy(clamped)]
+            else:  # one decode call for the window: one seek per video file
+                images = self._decode_images(key, int(self._episode[index]), clamped)
+            images = images.float().div_(255.0)
             resize = self._resize.get(key)
             items[key] = images if resize is None else resize.images(images)
         return items
