@@ -7,6 +7,7 @@ import itertools
 import math
 
 import pytest
+import numpy as np
 import torch
 
 from vlablocks.blocks.fusion import DeepFusionStack
@@ -106,21 +107,24 @@ def test_encode_normalises_the_state_once(name, suffix_state, monkeypatch):
     assert calls.count(vla.normalizer["state"]) == 1 and calls.count(vla.normalizer["action"]) == 1
 
 
-def old_prompt(task: str, state: torch.Tensor, bins: int) -> str:
-    """The per-sample prompt as the code before the batched version built it."""
-    edges = torch.linspace(-1.0, 1.0, bins + 1, device=state.device)[1:-1]
-    digits = torch.bucketize(state.float().clamp(-1.0, 1.0), edges)
+def openpi_prompt(task: str, state: torch.Tensor, bins: int) -> str:
+    """The prompt as openpi and LeRobot build it, one sample with numpy."""
+    digits = np.digitize(state.numpy(), bins=np.linspace(-1, 1, bins + 1)[:-1]) - 1
     cleaned = task.strip().replace("_", " ").replace("\n", " ")
     return f"Task: {cleaned}, State: {' '.join(str(int(d)) for d in digits)};\nAction: "
 
 
-def test_discretised_prompts_equal_the_per_sample_ones():
+def test_discretised_prompts_equal_openpis():
+    """Bins as ``np.digitize(state, linspace(-1, 1, bins + 1)[:-1]) - 1``: below -1 is bin -1, from
+    1 up is the last bin, and a value on an edge opens the bin above it."""
     gen = torch.Generator().manual_seed(0)
-    state = torch.cat([torch.rand(3, 6, generator=gen) * 2.4 - 1.2, torch.tensor([[-1.0, 1.0, 0.0, 1e-9, -1e-9, 0.5]])])
-    tasks = ["pick_up the\nblock ", "a", "b", "c"]
+    edges = torch.tensor([[-1.0, 1.0, 0.0, 1e-9, -1e-9, 0.5], [-1.5, 7.0, -1.0 + 2 / 256, 1 - 2 / 256, -1e-30, 0.999]])
+    state = torch.cat([torch.rand(3, 6, generator=gen) * 2.4 - 1.2, edges])
+    tasks = ["pick_up the\nblock ", "a", "b", "c", "d"]
     for bins in (2, 7, 256):
-        assert discretize_state_prompts(tasks, state, bins) == [old_prompt(t, s, bins) for t, s in zip(tasks, state)]
-    assert discretize_state_prompts(tasks[:1], torch.tensor([[-5.0, 5.0]]), 4) == ["Task: pick up the block, State: 0 3;\nAction: "]
+        assert discretize_state_prompts(tasks, state, bins) == [openpi_prompt(t, s, bins) for t, s in zip(tasks, state)]
+    assert discretize_state_prompts(tasks[:1], torch.tensor([[-5.0, 5.0, -1.0]]), 4) == [
+        "Task: pick up the block, State: -1 3 0;\nAction: "]
 
 
 @pytest.mark.parametrize(("name", "width", "hand_typed"), [("pi0", 2048, 45.254833995939045),

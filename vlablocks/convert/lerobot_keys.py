@@ -28,6 +28,10 @@ UNUSED = {
     "paligemma_with_expert.gemma_expert.lm_head.weight": "the action expert has no language-model head",
 }
 
+#: a vlablocks key -> the LeRobot key (prefix removed) that fills it when its own key is absent:
+#: released pi0 checkpoints keep the token embedding only as the tied ``lm_head``.
+TIED = {"text.embedding.weight": "paligemma_with_expert.paligemma.lm_head.weight"}
+
 #: one-to-one renames outside the decoders.
 RENAMES = {
     LANGUAGE + "embed_tokens.weight": "text.embedding.weight",

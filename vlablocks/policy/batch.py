@@ -90,6 +90,7 @@ class BatchSpec:
 
     Attributes:
         image_size: ``H = W`` of ``images`` (``None``: the policy has no vision encoder).
+        any_image_size: images of any ``H x W`` are accepted (the policy resizes them).
         geometry: the policy reads per-camera geometry (depth + intrinsics, points or rays).
         state_dim: the largest state width (``None``: no state is read).
         horizon, action_dim: ``actions`` are ``[B, horizon, A]`` with ``A <= action_dim``.
@@ -102,6 +103,7 @@ class BatchSpec:
     horizon: int
     action_dim: int
     actions: bool
+    any_image_size: bool = False
 
 
 def _shape(value: Any) -> str:
@@ -161,8 +163,11 @@ def check_batch(batch: Mapping[str, Any], spec: BatchSpec, device: torch.device)
             floats.append((key, value))
 
     if spec.image_size is not None:
-        size = spec.image_size
-        read(IMAGES, ("B", "N", 3, size, size), f"images [B, N, 3, {size}, {size}]", required=True)
+        if spec.any_image_size:
+            read(IMAGES, ("B", "N", 3, None, None), "images [B, N, 3, H, W]", required=True)
+        else:
+            size = spec.image_size
+            read(IMAGES, ("B", "N", 3, size, size), f"images [B, N, 3, {size}, {size}]", required=True)
         read(IMAGE_MASK, ("B", "N"), "image_mask [B, N]", required=False, floating=False)
         if spec.geometry:
             read(DEPTH, ("B", "N", None, None), "depth [B, N, H, W]", required=False, finite=False)

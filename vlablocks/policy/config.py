@@ -8,7 +8,10 @@ from typing import Literal
 
 import torch
 
-from vlablocks.policy.normalize import NormMode
+from vlablocks.policy.normalize import NormConvention, NormMode
+
+#: how images of another size reach the vision encoder's square input (``policy.resize_images``).
+ResizeMode = Literal["none", "pad_center", "pad_top_left"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,13 @@ class PolicyConfig:
             a recipe writes as ``sqrt_width``; pi0: 1).
         image_shift: training-time augmentation: shift each sample's images (with its depth and
             principal point) by up to this many pixels (DrQ); 0 turns it off.
+        resize_images: ``"none"``: images must already have the vision encoder's size;
+            ``"pad_center"`` (pi0 / pi0.5, openpi) or ``"pad_top_left"`` (SmolVLA): any size is
+            resized keeping its aspect ratio and zero-padded inside the policy
+            (:func:`~vlablocks.policy.images.resize_with_pad`).
+        task_newline: end each task text with ``"\\n"`` when it has none (LeRobot's pi0 and SmolVLA
+            processors do so before tokenising).
+        norm_convention: ``"vlablocks"`` or ``"lerobot"`` (:class:`~vlablocks.policy.normalize.FeatureNormalizer`).
     """
 
     horizon: int
@@ -39,6 +49,9 @@ class PolicyConfig:
     action_norm: NormMode = "mean_std"
     image_embed_scale: float = 1.0
     image_shift: int = 0
+    resize_images: ResizeMode = "none"
+    task_newline: bool = False
+    norm_convention: NormConvention = "vlablocks"
 
     def __post_init__(self) -> None:
         if (self.state_dim is None) != (self.state_mode == "none"):
@@ -53,12 +66,15 @@ class PolicyConfig:
 
 def discretize_state_prompts(tasks: Sequence[str], state: torch.Tensor, bins: int) -> list[str]:
     """pi0.5's prompts: ``"Task: {task}, State: {b_1 ... b_S};\\nAction: "`` per sample, with the
-    normalised state ``[B, S]`` (in [-1, 1]) cut into ``bins`` equal bins.
+    normalised state ``[B, S]`` cut into ``bins`` equal bins of [-1, 1], as openpi and LeRobot
+    do (``np.digitize(state, np.linspace(-1, 1, bins + 1)[:-1]) - 1``): values below -1 give
+    ``-1``, values from 1 up give ``bins - 1``.
 
-    The bins are found on the state's device and read back once for the whole batch.
+    The bins are found on the state's device (float64 edges, as numpy's) and read back once for
+    the whole batch.
     """
-    edges = torch.linspace(-1.0, 1.0, bins + 1, device=state.device)[1:-1]
-    digits = torch.bucketize(state.float().clamp(-1.0, 1.0), edges).tolist()
+    edges = torch.linspace(-1.0, 1.0, bins + 1, dtype=torch.float64, device=state.device)[:-1]
+    digits = (torch.bucketize(state.double(), edges, right=True) - 1).tolist()
     prompts = []
     for task, row in zip(tasks, digits):
         cleaned = task.strip().replace("_", " ").replace("\n", " ")

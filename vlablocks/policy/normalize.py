@@ -16,7 +16,11 @@ from torch import nn
 
 NormMode = Literal["mean_std", "quantile", "identity"]
 NORM_MODES: tuple[str, ...] = ("mean_std", "quantile", "identity")
+#: ``vlablocks``: eps on the way in and out; ``lerobot``: LeRobot's ``NormalizerProcessorStep``.
+NormConvention = Literal["vlablocks", "lerobot"]
 EPS = 1e-6
+#: LeRobot's eps: added to ``std`` going in only; for quantiles, used only where ``q99 == q01``.
+LEROBOT_EPS = 1e-8
 #: the statistics' values before :meth:`FeatureNormalizer.set_stats` (the identity map).
 DEFAULT_STATS = {"mean": 0.0, "std": 1.0, "q01": -1.0, "q99": 1.0}
 
@@ -61,13 +65,20 @@ class FeatureNormalizer(nn.Module):
     ``2 (x - q01) / (q99 - q01 + eps) - 1`` (openpi's pi0.5 convention, no clipping);
     ``identity``. Buffers: ``mean``, ``std``, ``q01``, ``q99`` (``[dim]``) and ``data_dim``
     (how many leading dims the data has).
+
+    ``convention="vlablocks"`` uses ``eps = 1e-6`` both ways (an exact inverse);
+    ``convention="lerobot"`` reproduces LeRobot's processors: ``(x - mean) / (std + 1e-8)`` in and
+    ``x std + mean`` out; quantiles divide by ``q99 - q01`` (``1e-8`` only where it is 0) both ways.
     """
 
-    def __init__(self, dim: int, mode: NormMode = "mean_std", device: torch.device | str | None = None) -> None:
+    def __init__(self, dim: int, mode: NormMode = "mean_std", device: torch.device | str | None = None,
+                 convention: NormConvention = "vlablocks") -> None:
         super().__init__()
         if mode not in NORM_MODES:
             raise ValueError(f"normalisation mode must be one of {list(NORM_MODES)}; got {mode!r}")
-        self.dim, self.mode = dim, mode
+        if convention not in ("vlablocks", "lerobot"):
+            raise ValueError(f"normalisation convention must be 'vlablocks' or 'lerobot'; got {convention!r}")
+        self.dim, self.mode, self.convention = dim, mode, convention
         for name, value in DEFAULT_STATS.items():
             self.register_buffer(name, torch.full((dim,), value, device=device))
         self.register_buffer("data_dim", torch.tensor(dim, device=device))
@@ -123,21 +134,34 @@ class FeatureNormalizer(nn.Module):
         if d != self.width:
             raise ValueError(f"expected a feature of width {self.width} (the data's); got {d}")
         x = x.float()
+        lerobot = self.convention == "lerobot"
         if self.mode == "mean_std":
-            x = (x - self.mean[:d]) / (self.std[:d] + EPS)
+            x = (x - self.mean[:d]) / (self.std[:d] + (LEROBOT_EPS if lerobot else EPS))
         elif self.mode == "quantile":
-            x = 2.0 * (x - self.q01[:d]) / (self.q99[:d] - self.q01[:d] + EPS) - 1.0
+            x = 2.0 * (x - self.q01[:d]) / self._quantile_span(d) - 1.0
         return nn.functional.pad(x, (0, self.dim - d))
+
+    def _quantile_span(self, d: int) -> torch.Tensor:
+        """``[d]``: the divisor of quantile normalisation (see the class docstring)."""
+        span = self.q99[:d] - self.q01[:d]
+        if self.convention == "lerobot":
+            return torch.where(span == 0, torch.full_like(span, LEROBOT_EPS), span)
+        return span + EPS
 
     def unnormalize(self, x: torch.Tensor) -> torch.Tensor:
         """``[..., dim] -> [..., d]``: drop the padding dims and invert :meth:`normalize`."""
         d = self.width
         x = x[..., :d].float()
         if self.mode == "mean_std":
+            if self.convention == "lerobot":
+                return x * self.std[:d] + self.mean[:d]
             return x * (self.std[:d] + EPS) + self.mean[:d]
         if self.mode == "quantile":
-            return (x + 1.0) / 2.0 * (self.q99[:d] - self.q01[:d] + EPS) + self.q01[:d]
+            if self.convention == "lerobot":
+                return (x + 1.0) * self._quantile_span(d) / 2.0 + self.q01[:d]
+            return (x + 1.0) / 2.0 * self._quantile_span(d) + self.q01[:d]
         return x
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, mode={self.mode!r}"
+        convention = "" if self.convention == "vlablocks" else f", convention={self.convention!r}"
+        return f"dim={self.dim}, mode={self.mode!r}{convention}"

@@ -36,6 +36,7 @@ from vlablocks.io.manifest import write_manifest
 from vlablocks.policy import batch as keys
 from vlablocks.policy.augment import random_shift
 from vlablocks.policy.config import PolicyConfig, discretize_state_prompts
+from vlablocks.policy.images import resize_with_pad
 from vlablocks.policy.normalize import FeatureNormalizer
 
 WEIGHTS_FILE = "model.safetensors"
@@ -80,6 +81,9 @@ class VLA(nn.Module):
         super().__init__()
         if geometry is not None and vision is None:
             raise ValueError("a geometry encoder needs a vision encoder: geometry is fused with vision tokens")
+        if geometry is not None and config.resize_images != "none":
+            raise ValueError(f"policy.resize_images={config.resize_images!r} with a geometry encoder: the policy would "
+                             "resize images but not their depth and intrinsics; resize in the dataset reader instead")
         if head.horizon != config.horizon or head.action_dim != config.action_dim:
             raise ValueError(
                 f"head chunk [H={head.horizon}, A={head.action_dim}] differs from the policy's "
@@ -93,9 +97,11 @@ class VLA(nn.Module):
         self.projector = projector if projector is not None else nn.Identity()
         width = text.width
         self.state_proj = nn.Linear(config.state_dim, width) if config.state_mode == "prefix" else None
-        self.normalizer = nn.ModuleDict({"action": FeatureNormalizer(config.action_dim, config.action_norm)})
+        convention = config.norm_convention
+        self.normalizer = nn.ModuleDict({"action": FeatureNormalizer(config.action_dim, config.action_norm,
+                                                                     convention=convention)})
         if config.state_dim is not None:
-            self.normalizer["state"] = FeatureNormalizer(config.state_dim, config.state_norm)
+            self.normalizer["state"] = FeatureNormalizer(config.state_dim, config.state_norm, convention=convention)
         self.recipe: dict[str, Any] = copy.deepcopy(dict(recipe or {}))
 
     # ------------------------------------------------------------------ structure
@@ -161,8 +167,10 @@ class VLA(nn.Module):
         and, SmolVLA-style, state tokens) and the suffix's state (normalised once here)."""
         state = self._normalized_state(batch)
         tasks = list(batch[keys.TASK])
-        if self.config.state_mode == "text":
-            tasks = discretize_state_prompts(tasks, state, self.config.state_bins)
+        if self.config.task_newline:
+            tasks = [task if task.endswith("\n") else task + "\n" for task in tasks]
+        if self.config.state_mode == "text":  # the data's dims only, not the zero padding
+            tasks = discretize_state_prompts(tasks, state[:, : self.normalizer["state"].width], self.config.state_bins)
         embeds, pads = [], []
         if self.vision is not None:
             image_tokens, image_pad = self.embed_images(batch)
@@ -188,7 +196,10 @@ class VLA(nn.Module):
         if images.dim() != 5 or images.shape[2] != 3:
             raise ValueError(f"batch['images'] must be [B, N, 3, H, W]; got {list(images.shape)}")
         b, n = images.shape[:2]
-        tokens = self.vision(images.flatten(0, 1))
+        images = images.flatten(0, 1)
+        if self.config.resize_images != "none":
+            images = resize_with_pad(images, self.vision.image_size, self.config.resize_images.removeprefix("pad_"))
+        tokens = self.vision(images)
         valid = None
         if self.geometry is not None:
             geometry = {k: batch[k].flatten(0, 1) for k in keys.GEOMETRY_KEYS if batch.get(k) is not None}
@@ -293,6 +304,7 @@ class VLA(nn.Module):
         """What this policy reads from a batch (``actions``: the training loss's targets too)."""
         return keys.BatchSpec(
             image_size=None if self.vision is None else self.vision.image_size,
+            any_image_size=self.config.resize_images != "none",
             geometry=self.geometry is not None,
             state_dim=self.config.state_dim,
             horizon=self.config.horizon,

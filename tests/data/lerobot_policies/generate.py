@@ -187,7 +187,7 @@ def pi_reference(name, policy, preprocessor, postprocessor, tokenizer, cfg, dest
         "model.action_in_proj.weight", "model.action_out_proj.weight",
         "language_model.layers.0.self_attn.q_proj.weight", "gemma_expert.model.layers.1.self_attn.q_proj.weight",
         "patch_embedding.weight", "multi_modal_projector.linear.weight", "model.state_proj.weight",
-        "time_mlp_in.weight", "action_time_mlp_in.weight"))]
+        "time_mlp_in.weight", "action_time_mlp_in.weight", "layers.1.input_layernorm.dense.weight"))]
     grads = {f"grad.{n}": named[n].grad.detach().clone() for n in grad_names}
 
     # policy-level forward with the same noise/time (LeRobot samples them internally; patched here)
@@ -276,6 +276,12 @@ def build_pi(name):
     pg = policy.model.paligemma_with_expert.paligemma
     with torch.no_grad():
         pg.model.language_model.embed_tokens.weight.copy_(pg.lm_head.weight)
+        # pi0.5 zero-initialises its adaRMS dense weights, which would leave the time conditioning out of
+        # every output; trained checkpoints have them non-zero, so give them small random values.
+        g_dense = torch.Generator().manual_seed(SEED + 3)
+        for param_name, param in policy.named_parameters():
+            if ".dense.weight" in param_name:
+                param.copy_(0.05 * torch.randn(param.shape, generator=g_dense))
     policy.eval()
     st = stats()
     # LeRobot's processor factory hard-codes tokenizer_name="google/paligemma-3b-pt-224" (needs the hub);
