@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from vlablocks.convert.smolvla_keys import (
     UNUSED, SmolVLALayout, check_shapes, map_keys, smolvla_key, smolvla_overrides, smolvla_tokenizer,
 )
+from lerobot_roundtrip import tiny_vlm_repository
 from vlablocks.convert.lerobot import convert_lerobot
 from vlablocks.policy.images import resize_with_pad
 from vlablocks.policy.vla import VLA
@@ -47,17 +48,6 @@ class Fixture:
         """The raw inputs (before LeRobot's processors) in vlablocks' batch layout."""
         return {"images": self.tensors["raw.image"][:, None], "task": list(self.reference["tasks_raw"]),
                 "state": self.tensors["raw.state"], "actions": self.tensors["raw.action"]}
-
-
-def tiny_vlm_repository(directory: Path) -> Path:
-    """What SmolVLM2's Hub repository gives the converter, at the fixture's size: the tokenizer
-    files and the VLM's config.json (its head counts, which the weights do not carry)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for path in TOKENIZER.iterdir():
-        (directory / path.name).write_bytes(path.read_bytes())
-    reference = json.loads((FIXTURE / "reference.json").read_text())
-    (directory / "config.json").write_text(json.dumps(reference["tiny_smolvlm"]))
-    return directory
 
 
 def load_smolvla_fixture(tmp: Path) -> Fixture:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from vlablocks.convert.lerobot_config import ConversionError, Family, family
-from vlablocks.io.atomic import write_json, write_text
+from vlablocks.io.atomic import atomic_path, write_json, write_text
 from vlablocks.io.hub import resolve_local, resolve_policy
 from vlablocks.io.manifest import read_safetensors, write_manifest
 from vlablocks.policy.vla import VLA
@@ -117,6 +117,18 @@ def read_policy(source: str | Path, revision: str | None = None) -> LeRobotPolic
         policy.stats = _split_stats(legacy)
         logger.info("%s has no %s: statistics read from the weights' normalize buffers", directory, PREPROCESSOR_FILE)
     return policy
+
+
+def processor_state_files(directory: Path) -> list[str]:
+    """The ``state_file`` names (normaliser statistics) the processor descriptions in ``directory`` list."""
+    names = []
+    for processor in (PREPROCESSOR_FILE, POSTPROCESSOR_FILE):
+        if (directory / processor).is_file():
+            names += [s["state_file"] for s in _read_json(directory / processor).get("steps", []) if s.get("state_file")]
+    for name in names:
+        if "/" in name or "\\" in name or name.startswith("."):
+            raise ConversionError(f"{directory}: processor state_file {name!r} is not a plain file name")
+    return names
 
 
 def _split_stats(flat: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -269,9 +281,13 @@ def convert_lerobot(source: str | Path, out: str | Path, tokenizer: str | Path |
     for name in (CONFIG_FILE, PREPROCESSOR_FILE, POSTPROCESSOR_FILE):
         if (policy.directory / name).is_file():
             write_text(out / SOURCE_DIR / name, (policy.directory / name).read_text(encoding="utf-8"))
+    for name in processor_state_files(policy.directory):
+        with atomic_path(out / SOURCE_DIR / name) as tmp:
+            tmp.write_bytes((policy.directory / name).read_bytes())
     write_json(out / CONVERSION_FILE, {
         "source": str(source), "lerobot_type": policy.config["type"], "overrides": list(overrides),
         "parameters": sum(p.numel() for p in vla.parameters()),
+        "lerobot_keys": {k: list(v.shape) for k, v in policy.weights.items()},
     })
     write_manifest(out)
     return out
