@@ -49,6 +49,7 @@ from vlablocks.blocks.experts import ExpertSpec, apply_norm, every_layer
 from vlablocks.blocks.experts import every_kth_layer as every_kth_layer  # re-exported
 from vlablocks.blocks.experts import first_n_layers as first_n_layers  # re-exported
 from vlablocks.blocks.fusion_layers import CrossAttentionFusionBlock, DeepFusionBlock
+from vlablocks.blocks.mlp import GatedMlp
 
 
 # ------------------------------------------------------------------------------- the stack
@@ -199,6 +200,15 @@ class DeepFusionStack(nn.Module):
         for name, param in self.final_norms[expert].named_parameters():
             yield f"final_norms.{expert}.{name}", param
 
+    def expert_weight(self, expert: int) -> torch.Tensor:
+        """A weight of expert ``expert``'s attention / MLP linears (the base's for an expert that
+        shares them): their dtype is the one its stream runs in, whatever dtype its norms keep
+        (:mod:`vlablocks.policy.precision` keeps norms in float32 under bfloat16 weights)."""
+        i = next(i for i, present in enumerate(self.layer_experts) if expert in present)
+        layer = self.layers[i]
+        modules = layer.expert_modules(self.layer_experts[i].index(expert)) or layer.expert_modules(0)
+        return next(module.gate_proj.weight for module in modules.values() if isinstance(module, GatedMlp))
+
     def set_attention_backend(self, backend: str) -> None:
         """Switch every layer's attention kernel (``"sdpa"`` or ``"eager"``)."""
         for layer in self.layers:
@@ -254,7 +264,9 @@ class DeepFusionStack(nn.Module):
 
         Args:
             hidden_states: per expert ``[B, L_e, W_e]`` or ``None``; present streams form the
-                sequence ``Lq = sum(L_e)`` in expert order.
+                sequence ``Lq = sum(L_e)`` in expert order. Each is cast to the dtype of its
+                expert's linear weights (:meth:`expert_weight`; not under autocast, which
+                picks the compute dtype itself), as are the outputs.
             attention_mask: ``[B, Lq, P + Lq]`` bool (True = attend) or additive float, ``P`` the
                 cache length (0 without a cache); see :mod:`vlablocks.blocks.masks`.
             position_ids: ``[B, Lq]`` RoPE positions of the present tokens.
@@ -279,6 +291,7 @@ class DeepFusionStack(nn.Module):
         if not 1 <= num_layers <= self.num_layers:
             raise ValueError(f"num_layers must be in 1..{self.num_layers}; got {num_layers}")
         layout = self._resolve_layout(streams, cache, attention_mask, position_ids, layout)
+        streams = [_to_weight_dtype(x, self.expert_weight(e)) for e, x in enumerate(streams)]
         last_needed = self.cached_layers[-1] if cache_only else None
         keys: list[torch.Tensor | None] = [None] * self.num_layers
         values: list[torch.Tensor | None] = [None] * self.num_layers
@@ -384,6 +397,13 @@ class DeepFusionStack(nn.Module):
             missing = [i for i in self.cached_layers if cache.keys[i] is None]
             if missing:
                 raise ValueError(f"cache lacks keys/values for layers {missing}; build it with return_cache=True")
+
+
+def _to_weight_dtype(x: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor | None:
+    """``x`` in ``weight``'s dtype, unless autocast is on for its device (then as given)."""
+    if x is None or (torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)):
+        return x
+    return x.to(weight.dtype)
 
 
 def _describe(x: torch.Tensor | None) -> str:

@@ -218,5 +218,7 @@ class SuffixEncoder(nn.Module):
         return SuffixTokens(tokens=tokens, cond=cond)
 
     def decode(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Velocity from the expert's output: ``[B, S, W] -> [B, H, A]``."""
-        return self.action_out_proj(hidden[:, self.action_start : self.action_start + self.horizon])
+        """Velocity from the expert's output: ``[B, S, W] -> [B, H, A]``, computed in
+        ``action_out_proj``'s dtype (a bf16 expert's output is cast to fp32 first, as LeRobot does)."""
+        hidden = hidden[:, self.action_start : self.action_start + self.horizon]
+        return self.action_out_proj(hidden.to(self.action_out_proj.weight.dtype))

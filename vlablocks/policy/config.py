@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -12,6 +12,8 @@ from vlablocks.policy.normalize import NormConvention, NormMode
 
 #: how images of another size reach the vision encoder's square input (``policy.resize_images``).
 ResizeMode = Literal["none", "pad_center", "pad_top_left"]
+#: parameter dtypes (``policy.precision``; :mod:`vlablocks.policy.precision`).
+Precision = Literal["float32", "bfloat16"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,11 @@ class PolicyConfig:
         task_newline: end each task text with ``"\\n"`` when it has none (LeRobot's pi0 and SmolVLA
             processors do so before tokenising).
         norm_convention: ``"vlablocks"`` or ``"lerobot"`` (:class:`~vlablocks.policy.normalize.FeatureNormalizer`).
+        precision: parameter dtypes, set when the policy is built and kept by checkpoints:
+            ``"float32"``, or ``"bfloat16"``: LeRobot's pi0 / pi0.5 policy, the fusion stack's
+            attention and MLP weights and the token embedding in bf16, the vision encoder,
+            projector, geometry encoder, every norm and the state / suffix projections in fp32
+            (:mod:`~vlablocks.policy.precision`; deep-fusion denoisers only).
     """
 
     horizon: int
@@ -52,6 +59,7 @@ class PolicyConfig:
     resize_images: ResizeMode = "none"
     task_newline: bool = False
     norm_convention: NormConvention = "vlablocks"
+    precision: Precision = "float32"
 
     def __post_init__(self) -> None:
         if (self.state_dim is None) != (self.state_mode == "none"):
@@ -62,6 +70,8 @@ class PolicyConfig:
         for name in ("horizon", "action_dim", "state_bins"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.precision not in get_args(Precision):
+            raise ValueError(f"precision must be one of {list(get_args(Precision))}; got {self.precision!r}")
 
 
 def discretize_state_prompts(tasks: Sequence[str], state: torch.Tensor, bins: int) -> list[str]:

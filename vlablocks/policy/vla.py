@@ -38,6 +38,7 @@ from vlablocks.policy.augment import random_shift
 from vlablocks.policy.config import PolicyConfig, discretize_state_prompts
 from vlablocks.policy.images import resize_with_pad
 from vlablocks.policy.normalize import FeatureNormalizer
+from vlablocks.policy.precision import apply_precision
 
 WEIGHTS_FILE = "model.safetensors"
 RECIPE_FILE = "recipe.yaml"
@@ -66,6 +67,9 @@ class VLA(nn.Module):
         projector: vision width -> base width (``None``: identity).
         geometry: a geometry encoder fused with the vision tokens, or ``None``.
         recipe: the resolved recipe mapping, saved with the weights.
+
+    ``config.precision`` sets the parameter dtypes at the end of the constructor
+    (:func:`~vlablocks.policy.precision.apply_precision`).
     """
 
     def __init__(
@@ -103,6 +107,7 @@ class VLA(nn.Module):
         if config.state_dim is not None:
             self.normalizer["state"] = FeatureNormalizer(config.state_dim, config.state_norm, convention=convention)
         self.recipe: dict[str, Any] = copy.deepcopy(dict(recipe or {}))
+        apply_precision(self, config.precision)
 
     # ------------------------------------------------------------------ structure
 
@@ -180,7 +185,7 @@ class VLA(nn.Module):
         embeds.append(text_embeds)
         pads.append(text_pad)
         if self.state_proj is not None:
-            embeds.append(self.state_proj(state.to(text_embeds.dtype))[:, None])
+            embeds.append(self.state_proj(state.to(self.state_proj.weight.dtype))[:, None])
             pads.append(torch.ones_like(text_pad[:, :1]))
         embeds_t = torch.cat([e.to(text_embeds.dtype) for e in embeds], dim=1)
         pad = torch.cat(pads, dim=1)
