@@ -25,6 +25,7 @@ here as ``sqrt`` of the base expert's width (Gemma, pi0 and SmolVLA scale their 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
@@ -32,22 +33,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 import vlablocks.recipes.components  # noqa: F401  (registers every block type)
 from vlablocks.blocks.attention import HeadSpace
 from vlablocks.encoders.geometry import GeometryEncoder
 from vlablocks.encoders.suffix import SuffixEncoder
 from vlablocks.encoders.text import TextEncoder
 from vlablocks.heads.flow_matching import FlowMatchingHead
-from vlablocks.io.hub import resolve_policy
-from vlablocks.io.manifest import CheckpointError, load_weights as load_state, read_safetensors, verify_manifest
-from vlablocks.policy.config import PolicyConfig
-from vlablocks.policy.vla import RECIPE_FILE, VLA, WEIGHTS_FILE
 from vlablocks.recipes.components import expert
 from vlablocks.recipes.loader import Recipe, load_recipe, parse_yaml, recipe_from_dict
+from vlablocks.recipes.lora import (
+    ADAPTER_WEIGHTS_FILE,
+    inject_lora,
+    is_lora_checkpoint,
+    read_lora_base,
+    read_lora_config,
+    to_policy_state,
+)
 from vlablocks.recipes.pretrained import load_pretrained
 from vlablocks.recipes.registry import REGISTRIES
 from vlablocks.recipes.schema import call_with, check_value
+
+from vlablocks.io.hub import resolve_policy
+from vlablocks.io.manifest import CheckpointError, read_safetensors, verify_manifest
+from vlablocks.io.manifest import load_weights as load_state
+from vlablocks.policy.config import PolicyConfig
+from vlablocks.policy.vla import RECIPE_FILE, VLA, WEIGHTS_FILE
 
 SECTIONS = (
     "description", "policy", "backbone", "vision", "geometry", "projector", "text", "suffix", "denoiser", "head", "pretrained",
@@ -240,7 +250,9 @@ def _path_values(node: Any, key_path: str = "") -> Iterable[tuple[str, Any]]:
             yield from _path_values(value, f"{key_path}.{index}")
 
 
-def from_pretrained(directory: str | Path, map_location: str | torch.device = "cpu", verify: bool = True) -> VLA:
+def from_pretrained(
+    directory: str | Path, map_location: str | torch.device = "cpu", verify: bool = True, overrides: Iterable[str] = (),
+) -> VLA:
     """Rebuild a policy from ``recipe.yaml`` and load ``model.safetensors`` (a directory written
     by ``VLA.save_pretrained`` or a trainer checkpoint, or a Hub model id holding one: fetched
     without pickled files by :func:`~vlablocks.io.hub.resolve_policy`).
@@ -248,7 +260,12 @@ def from_pretrained(directory: str | Path, map_location: str | torch.device = "c
     The files are checked against ``manifest.json`` first (``verify=False`` skips that, for a
     directory without a manifest the caller trusts; it is logged); the recipe is
     parsed by the recipe loader (plain YAML values only) and the weights are safetensors, so
-    loading executes nothing from the directory.
+    loading executes nothing from the directory. ``overrides`` (``key=value``) change the recipe
+    before building (the weights must still fit it).
+
+    A LoRA checkpoint (``adapter_config.json``, see :mod:`vlablocks.recipes.lora`) loads as its
+    base policy with the peft adapters injected and loaded (merge them with
+    :func:`~vlablocks.recipes.lora.merge_lora`).
 
     Raises:
         FileNotFoundError: ``recipe.yaml`` or ``model.safetensors`` is missing.
@@ -258,17 +275,33 @@ def from_pretrained(directory: str | Path, map_location: str | torch.device = "c
         RecipeError: ``recipe.yaml`` is not a valid recipe.
     """
     directory = resolve_policy(directory)
-    recipe_path, weights_path = directory / RECIPE_FILE, directory / WEIGHTS_FILE
+    lora = is_lora_checkpoint(directory)
+    recipe_path, weights_path = directory / RECIPE_FILE, directory / (ADAPTER_WEIGHTS_FILE if lora else WEIGHTS_FILE)
     for path in (recipe_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: not a vlablocks checkpoint directory")
-    verify_manifest(directory, required=(RECIPE_FILE, WEIGHTS_FILE), verify=verify)
-    data = parse_yaml(recipe_path.read_text(encoding="utf-8"), source=str(recipe_path))
-    for key_path, value in _path_values(data):
+    verify_manifest(directory, required=(RECIPE_FILE, weights_path.name), verify=verify)
+    model = build(_checkpoint_recipe(directory, overrides), load_weights=False, base_dir=directory)
+    if lora:
+        inject_lora(model, read_lora_config(directory))
+        state = to_policy_state(model, read_lora_base(directory, verify), read_safetensors(weights_path, "cpu"))
+        load_state(model, state, directory)
+    else:
+        load_state(model, read_safetensors(weights_path, map_location), weights_path)
+    return model.to(map_location)
+
+
+def _checkpoint_recipe(directory: Path, overrides: Iterable[str] = ()) -> Recipe:
+    """The recipe of a checkpoint directory (with ``overrides``); CheckpointError for a path outside it."""
+    recipe_path = directory / RECIPE_FILE
+    overrides = list(overrides)
+    if overrides:
+        recipe = dataclasses.replace(load_recipe(recipe_path, overrides), name=directory.name)
+    else:
+        data = parse_yaml(recipe_path.read_text(encoding="utf-8"), source=str(recipe_path))
+        recipe = recipe_from_dict(data, name=directory.name, source=str(recipe_path))
+    for key_path, value in _path_values(recipe.data):
         if not isinstance(value, str) or not (directory / Path(value).expanduser()).resolve().is_relative_to(directory.resolve()):
             raise CheckpointError(f"{recipe_path}: {key_path}: {value!r} points outside the checkpoint; a checkpoint's "
                                   "recipe names only files inside it (its weights are in model.safetensors)")
-    recipe = recipe_from_dict(data, name=directory.name, source=str(recipe_path))
-    model = build(recipe, load_weights=False, base_dir=directory)
-    load_state(model, read_safetensors(weights_path, map_location), weights_path)
-    return model.to(map_location)
+    return recipe

@@ -2,8 +2,9 @@
 
     vlablocks recipes | show RECIPE | check RECIPE           compose and inspect
     vlablocks data metaworld --tasks ... --episodes N --out DIR
-    vlablocks train RECIPE --data DIR [--steps N] [--out RUN] [key=value ...]
+    vlablocks train RECIPE|CHECKPOINT --data DIR [--steps N] [--out RUN] [key=value ...] [train.finetune=lora ...]
     vlablocks eval RUN --env metaworld --tasks ... --episodes N [--video]
+    vlablocks export RUN_OR_CHECKPOINT OUT                      a plain checkpoint, LoRA adapters merged
     vlablocks report RUN [--data DIR] [--samples N]            loss by flow time, action errors, gradients
     vlablocks bench RECIPE [--device cpu|cuda] [--dtype fp32|bf16] [--compile [step|chunk]] [--batch B] [--steps N] [--json FILE]
     vlablocks --debug COMMAND ...                                full tracebacks (or VLABLOCKS_DEBUG=1)
@@ -45,7 +46,9 @@ from vlablocks.recipes.loader import Recipe, RecipeError, bundled_recipes, load_
 from vlablocks.tools.bench import BenchSettings, format_table, run_bench, write_result
 from vlablocks.tools.report import build_report, format_report, write_report
 from vlablocks.train.checkpoint import LatestPointerError
-from vlablocks.train.config import train_config
+from vlablocks.train.config import TrainConfig, train_config
+from vlablocks.train.export import export_checkpoint
+from vlablocks.train.groups import apply_finetune
 from vlablocks.train.trainer import TrainingDiverged
 from vlablocks.train.workflow import train_from_recipe
 
@@ -138,12 +141,11 @@ def parameter_table(vla: VLA) -> list[tuple[str, int, int]]:
     return [(name, trainable, frozen) for name, (trainable, frozen) in totals.items()]
 
 
-def _load_checked(args: argparse.Namespace) -> Recipe:
-    """The recipe with its overrides; its ``train:`` section is validated too (``vlablocks train``
-    would refuse it later)."""
+def _load_checked(args: argparse.Namespace) -> tuple[Recipe, TrainConfig]:
+    """The recipe with its overrides and its training settings (validated here: ``vlablocks train``
+    would refuse them later)."""
     recipe = load_recipe(args.recipe, [o for o in args.overrides if not o.startswith("train.")])
-    train_config(recipe, [o for o in args.overrides if o.startswith("train.")])
-    return recipe
+    return recipe, train_config(recipe, [o for o in args.overrides if o.startswith("train.")])
 
 
 def cmd_recipes(_: argparse.Namespace) -> int:
@@ -154,26 +156,30 @@ def cmd_recipes(_: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    recipe = _load_checked(args)
+    recipe, config = _load_checked(args)
     _out(f"# recipe {recipe.name} (resolved)")
     _out(yaml.safe_dump(recipe.data, sort_keys=False).rstrip())
     vla = build(recipe, load_weights=False, device="meta")
+    groups = apply_finetune(vla, config)  # LoRA adapters are built on the meta device too
     if args.tree:
         _out("\n# modules")
         _out(str(vla))
+    table = parameter_table(vla)
+    trainable, total = sum(row[1] for row in table), sum(row[1] + row[2] for row in table)
+    _out(f"\n# fine-tuning: {config.finetune} (trainable parameters by optimizer group)")
+    for group in groups:
+        _out(f"{group.name:28s} {sum(p.numel() for p in group.params.values()):16,d}   lr {group.lr:.3g}")
+    _out(f"{'trainable':28s} {trainable:16,d}   ({trainable / max(1, total):.2%} of {total:,})")
     _out("\n# parameters")
     _out(f"{'block':28s} {'trainable':>16s} {'frozen':>16s}")
-    total = [0, 0]
-    for name, trainable, frozen in parameter_table(vla):
-        _out(f"{name:28s} {trainable:16,d} {frozen:16,d}")
-        total[0] += trainable
-        total[1] += frozen
-    _out(f"{'total':28s} {total[0]:16,d} {total[1]:16,d}   ({(total[0] + total[1]) / 1e9:.3f} B)")
+    for name, block_trainable, frozen in table:
+        _out(f"{name:28s} {block_trainable:16,d} {frozen:16,d}")
+    _out(f"{'total':28s} {trainable:16,d} {total - trainable:16,d}   ({total / 1e9:.3f} B)")
     return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    recipe = _load_checked(args)
+    recipe, _ = _load_checked(args)
     meta = build(recipe, load_weights=False, device="meta")
     count = sum(p.numel() for p in meta.parameters())
     if count > CHECK_PARAMETER_LIMIT and not args.force:
@@ -231,6 +237,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         workers=args.workers, env=args.env,
     )
     _out(format_results(results))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    out = export_checkpoint(args.checkpoint, args.out, use_ema=args.ema, verify=args.verify)
+    _out(f"exported to {out} (a plain vlablocks checkpoint: model.safetensors, recipe.yaml, manifest.json)")
     return 0
 
 
@@ -308,7 +320,7 @@ def _add_train_command(sub: Any) -> None:
         "train", help="train a recipe on a LeRobot-layout dataset",
         description="Train a recipe. On SIGTERM the current step finishes, a checkpoint is written and the "
                     f"command exits with status {EXIT_TERMINATED}; rerun it with --resume to continue.")
-    train.add_argument("recipe")
+    train.add_argument("recipe", help="a bundled recipe name, a recipe file, or a checkpoint directory to start from")
     train.add_argument("overrides", nargs="*", help="key.path=value (recipe) or train.FIELD=value (training)")
     train.add_argument("--data", required=True,
                        help="a LeRobot dataset (v3.0 or v2.1) directory, or a Hub dataset id such as lerobot/pusht")
@@ -330,7 +342,7 @@ def _add_train_command(sub: Any) -> None:
 
 
 def _add_eval_command(sub: Any) -> None:
-    """``eval``."""
+    """``eval``, ``export``."""
     evaluate = sub.add_parser("eval", help="closed-loop evaluation of a trained run")
     evaluate.add_argument("run", help="a run directory (its latest checkpoint) or a checkpoint directory")
     evaluate.add_argument("--env", choices=sorted(ENVS), default="metaworld")
@@ -346,6 +358,14 @@ def _add_eval_command(sub: Any) -> None:
     evaluate.add_argument("--workers", type=positive_int, default=1,
                           help="rollout processes, each with a copy of the policy (results do not depend on it)")
     evaluate.set_defaults(fn=cmd_eval)
+
+    export = sub.add_parser("export", help="a plain vlablocks checkpoint from a run or checkpoint (LoRA adapters merged)")
+    export.add_argument("checkpoint", help="a run directory (its latest checkpoint) or a checkpoint directory")
+    export.add_argument("out", help="a new directory (or an earlier export, which is replaced)")
+    export.add_argument("--no-ema", dest="ema", action="store_false", help="export the raw weights, not the EMA")
+    export.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="load a checkpoint that has no manifest.json, without checking its files (logged)")
+    export.set_defaults(fn=cmd_export)
 
 
 def _add_tool_commands(sub: Any) -> None:

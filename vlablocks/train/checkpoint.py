@@ -7,6 +7,10 @@ atomically, then renamed into place; never pickled)::
 
     model.safetensors, recipe.yaml   the policy (``vlablocks.recipes.from_pretrained(dir)``), live weights
     ema.safetensors                  with ``ema_decay``: the policy's full state dict with the EMA weights
+                                     (a LoRA run: the adapters' EMA weights, peft names)
+    adapter_config.json, adapter_model.safetensors, [base.json, base_buffers.safetensors]
+                                     a LoRA run instead of model.safetensors (when the base is referenced):
+                                     :mod:`vlablocks.recipes.lora`
     trainer_state.safetensors        optimizer tensors, torch RNG states, the DataLoader generator
     trainer_state.json               step, data position, scheduler, optimizer groups, RNG states, the config
                                      (both: :mod:`vlablocks.train.state`)
@@ -22,18 +26,32 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
 import yaml
 from safetensors.torch import save_file
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+)
 
 from vlablocks.io.atomic import atomic_path, write_text
 from vlablocks.io.manifest import load_weights, read_safetensors
 from vlablocks.policy.vla import RECIPE_FILE, VLA, WEIGHTS_FILE
 from vlablocks.recipes.builder import from_pretrained
+from vlablocks.recipes.lora import (
+    ADAPTER_WEIGHTS_FILE,
+    adapter_state_dict,
+    base_state_dict,
+    is_lora_checkpoint,
+    read_lora_base,
+    save_lora_policy,
+    to_policy_state,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +98,30 @@ def load_ema_policy(checkpoint_dir: str | Path, map_location: str | torch.device
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the run had no ema_decay, or this is not a trainer checkpoint")
     vla = from_pretrained(checkpoint_dir, map_location=map_location, verify=verify)
-    load_weights(vla, read_safetensors(path, map_location), path)
+    state = read_safetensors(path, map_location)
+    if is_lora_checkpoint(checkpoint_dir):
+        state = to_policy_state(vla, base_state_dict(vla), state)
+    load_weights(vla, state, path)
     return vla
+
+
+def read_policy_state(vla: VLA, directory: Path, ema: bool = False, verify: bool = True) -> dict[str, torch.Tensor]:
+    """The full ``vla.state_dict()`` a checkpoint holds (live, or ``ema`` weights): ``model.safetensors``
+    / ``ema.safetensors``, or for a LoRA checkpoint its base plus its (EMA) adapters."""
+    if not is_lora_checkpoint(directory):
+        return read_safetensors(directory / (EMA_FILE if ema else WEIGHTS_FILE))
+    adapters = read_safetensors(directory / (EMA_FILE if ema else ADAPTER_WEIGHTS_FILE))
+    return to_policy_state(vla, read_lora_base(directory, verify), adapters)
+
+
+def save_lora_checkpoint(directory: Path, vla: VLA, init: Path | None, ema: AbstractContextManager[None] | None) -> None:
+    """``recipe.yaml``, the peft adapter files and the base (or its reference) of a LoRA policy, and
+    with ``ema`` (the EMA's ``applied()`` context) the adapters' EMA weights as ``ema.safetensors``."""
+    write_text(directory / RECIPE_FILE, yaml.safe_dump(vla.export_recipe(directory), sort_keys=False))
+    save_lora_policy(directory, vla, init)
+    if ema is not None:
+        with ema:
+            save_tensors(directory / EMA_FILE, adapter_state_dict(vla))
 
 
 def publish_directory(tmp: Path, final: Path) -> None:

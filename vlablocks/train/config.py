@@ -10,7 +10,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from vlablocks.recipes.loader import OVERRIDE_SOURCE, Recipe, RecipeError, parse_override_value
+from vlablocks.recipes.loader import (
+    OVERRIDE_SOURCE,
+    Recipe,
+    RecipeError,
+    parse_override_value,
+)
+from vlablocks.recipes.lora import LoraSettings
 from vlablocks.recipes.schema import MAX_SETTING_INT, call_with
 
 #: command-line overrides of a training setting start with this (``train.lr=5e-4``).
@@ -42,6 +48,12 @@ class TrainConfig:
         mixed_precision: ``"no"`` or ``"bf16"`` (accelerate's autocast; weights, optimizer and
             losses stay fp32).
         gradient_checkpointing: recompute fusion-stack layers, DiT blocks and vision blocks in the backward.
+        finetune: what trains (see docs/training.md, "Fine-tuning a loaded policy"): ``"full"``
+            (every parameter, less what the ``freeze_*`` options freeze), ``"expert_only"`` (the
+            VLM frozen: as ``freeze_vision`` and ``freeze_backbone`` together) or ``"lora"``
+            (every weight frozen; peft LoRA adapters on the fusion stack's experts train).
+        lora: the adapters of ``finetune: lora`` (default :class:`LoraSettings`); an error with
+            another mode.
         freeze_vision: freeze the vision encoder, projector and geometry encoder.
         freeze_backbone: freeze the base expert of the fusion stack and the text embedding.
         backbone_unfreeze_layers: with ``freeze_backbone``, still train the top ``k`` base
@@ -68,6 +80,8 @@ class TrainConfig:
     ema_decay: float | None = None
     mixed_precision: Literal["no", "bf16"] = "no"
     gradient_checkpointing: bool = False
+    finetune: Literal["full", "expert_only", "lora"] = "full"
+    lora: LoraSettings | None = None
     freeze_vision: bool = False
     freeze_backbone: bool = False
     backbone_unfreeze_layers: int = 0
@@ -110,11 +124,39 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.schedule must be 'cosine' or 'constant'; got {self.schedule!r}")
         if self.mixed_precision not in ("no", "bf16"):
             raise ValueError(f"TrainConfig.mixed_precision must be 'no' or 'bf16'; got {self.mixed_precision!r}")
-        if self.backbone_unfreeze_layers and not self.freeze_backbone:
+        if self.backbone_unfreeze_layers and not self.backbone_frozen:
             raise ValueError(
                 f"TrainConfig.backbone_unfreeze_layers={self.backbone_unfreeze_layers} needs freeze_backbone=True "
                 "(without freezing, every backbone layer trains already)"
             )
+        self._check_finetune()
+
+    def _check_finetune(self) -> None:
+        if self.finetune not in ("full", "expert_only", "lora"):
+            raise ValueError(f"TrainConfig.finetune must be 'full', 'expert_only' or 'lora'; got {self.finetune!r}")
+        if isinstance(self.lora, dict):
+            object.__setattr__(self, "lora", LoraSettings(**self.lora))
+        if self.lora is not None and self.finetune != "lora":
+            raise ValueError(f"TrainConfig.lora is set but finetune is {self.finetune!r}; expected finetune='lora' "
+                             "(train.finetune=lora), or remove the lora settings")
+        if self.finetune == "lora":
+            object.__setattr__(self, "lora", self.lora or LoraSettings())
+            extra = [f"{name}={getattr(self, name)!r}" for name in ("freeze_vision", "freeze_backbone") if getattr(self, name)]
+            extra += [f"{name}={getattr(self, name)!r}" for name in ("backbone_lr_scale", "expert_lr_scale")
+                      if getattr(self, name) != 1.0]
+            if extra:
+                raise ValueError(f"TrainConfig.finetune='lora' freezes every base weight itself and trains the adapters "
+                                 f"at lr; expected no {', '.join(extra)}")
+
+    @property
+    def vision_frozen(self) -> bool:
+        """Whether the vision encoder, projector and geometry encoder are frozen (``freeze_vision`` or ``expert_only``)."""
+        return self.freeze_vision or self.finetune == "expert_only"
+
+    @property
+    def backbone_frozen(self) -> bool:
+        """Whether the base expert and the text embedding are frozen (``freeze_backbone`` or ``expert_only``)."""
+        return self.freeze_backbone or self.finetune == "expert_only"
 
     def to_json(self) -> dict[str, Any]:
         """The config as JSON-ready values."""
@@ -147,11 +189,20 @@ def train_config(recipe: Recipe, train_overrides: Sequence[str] = (), steps: int
     node = dict(recipe.data.get("train") or {})
     for override in train_overrides:
         key, sep, text = override[len(TRAIN_PREFIX) :].partition("=")
-        if not sep or not key or "." in key:
-            raise RecipeError(f"a training override must look like train.FIELD=value; got {override!r}", source=OVERRIDE_SOURCE)
-        node[key] = parse_override_value(text, OVERRIDE_SOURCE, f"train.{key}")
+        parts = key.split(".")
+        if not sep or not all(parts) or len(parts) > 2 or (len(parts) == 2 and parts[0] != "lora"):
+            raise RecipeError(f"a training override must look like train.FIELD=value (or train.lora.FIELD=value); got {override!r}",
+                              source=OVERRIDE_SOURCE)
+        value = parse_override_value(text, OVERRIDE_SOURCE, f"train.{key}")
+        if len(parts) == 2:
+            lora = node.get("lora")
+            node["lora"] = {**(lora if isinstance(lora, dict) else {}), parts[1]: value}
+        else:
+            node[key] = value
         recipe.sources[f"train.{key}"] = OVERRIDE_SOURCE
         recipe.record_override(f"train.{key}", override)
     if steps is not None:
         node["steps"] = steps
-    return call_with(TrainConfig, node, "train", recipe, max_int=MAX_SETTING_INT)
+    return call_with(TrainConfig, node, "train", recipe, max_int=MAX_SETTING_INT, converters={
+        "lora": lambda value, path: None if value is None else call_with(LoraSettings, value, path, recipe),
+    })

@@ -14,6 +14,7 @@ from torch import nn
 
 from vlablocks.policy.normalize import check_quantile_range
 from vlablocks.policy.vla import VLA
+from vlablocks.recipes.lora import has_lora, inject_lora, is_adapter_key, lora_config
 from vlablocks.train.config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -40,8 +41,15 @@ def parameter_groups(vla: VLA, config: TrainConfig) -> list[ParameterGroup]:
     ``freeze_backbone`` only the top ``backbone_unfreeze_layers`` base layers and the base final
     norm). ``experts``: the stack's other experts (``lr * expert_lr_scale``). ``other``:
     everything else, e.g. suffix encoder, DiT, ``state_proj`` (``lr``), in the model's order.
-    Frozen parameters are in no group.
+    Frozen parameters are in no group. ``finetune: expert_only`` freezes as ``freeze_vision`` and
+    ``freeze_backbone`` do; ``finetune: lora`` has one group, ``lora``: the adapters (``lr``),
+    injected by :func:`apply_finetune`.
     """
+    if config.finetune == "lora":
+        adapters = {n: p for n, p in vla.named_parameters() if is_adapter_key(n)}
+        if not adapters:
+            raise ValueError("TrainConfig.finetune='lora' but the policy holds no adapters; apply_finetune(vla, config) injects them")
+        return [ParameterGroup("lora", config.lr, adapters)]
     declared = vla.param_groups()
     layers = [name for name in declared if name.startswith("backbone.layers.")]
     k = config.backbone_unfreeze_layers
@@ -51,7 +59,7 @@ def parameter_groups(vla: VLA, config: TrainConfig) -> list[ParameterGroup]:
     top = {f"backbone.layers.{i}" for i in range(num_layers - k, num_layers)} | ({"backbone.final_norm"} if k else set())
     kinds = {"vision": ("vision", "projector", "geometry"), "backbone": (*layers, "backbone.final_norm", "text"),
              "experts": tuple(name for name in declared if name.startswith("experts."))}
-    frozen = {"vision": config.freeze_vision, "backbone": config.freeze_backbone, "experts": False}
+    frozen = {"vision": config.vision_frozen, "backbone": config.backbone_frozen, "experts": False}
     scales = {"vision": 1.0, "backbone": config.backbone_lr_scale, "experts": config.expert_lr_scale}
     groups, claimed = [], set()
     for kind, members in kinds.items():
@@ -63,6 +71,20 @@ def parameter_groups(vla: VLA, config: TrainConfig) -> list[ParameterGroup]:
     other = {n: p for n, p in vla.named_parameters() if n not in claimed}
     if other:
         groups.append(ParameterGroup("other", config.lr, other))
+    return groups
+
+
+def apply_finetune(vla: VLA, config: TrainConfig) -> list[ParameterGroup]:
+    """Make ``vla`` train as ``config.finetune`` says: inject the LoRA adapters (``lora``; also
+    on the meta device), set ``requires_grad`` and return the parameter groups."""
+    if config.finetune == "lora" and not has_lora(vla):
+        assert config.lora is not None  # TrainConfig sets the default settings
+        inject_lora(vla, lora_config(vla, config.lora))
+    elif config.finetune != "lora" and has_lora(vla):
+        raise ValueError(f"the policy holds LoRA adapters but TrainConfig.finetune is {config.finetune!r}; expected 'lora', "
+                         "or merge the adapters first (vlablocks export)")
+    groups = parameter_groups(vla, config)
+    set_trainable(vla, groups)
     return groups
 
 

@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from vlablocks.io.manifest import read_safetensors, verify_manifest
 from vlablocks.policy.vla import WEIGHTS_FILE
+from vlablocks.recipes.lora import ADAPTER_WEIGHTS_FILE, is_lora_checkpoint
 from vlablocks.train.checkpoint import FULL_STATE
 
 STATE_TENSORS_FILE = "trainer_state.safetensors"
@@ -44,7 +45,8 @@ STATE_FORMAT = "vlablocks.trainer_state/1"
 def read_trainer_state(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(trainer_state.json, trainer_state.safetensors)`` of a checkpoint, after checking that
     it is a trainer checkpoint of this format whose files match its manifest."""
-    required = (WEIGHTS_FILE, STATE_TENSORS_FILE, STATE_JSON_FILE)
+    weights = ADAPTER_WEIGHTS_FILE if is_lora_checkpoint(directory) else WEIGHTS_FILE
+    required = (weights, STATE_TENSORS_FILE, STATE_JSON_FILE)
     for name in required:
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory / name} not found: not a trainer checkpoint")

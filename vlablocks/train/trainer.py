@@ -52,16 +52,19 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from vlablocks.io.atomic import write_json
-from vlablocks.io.manifest import read_safetensors, write_manifest
+from vlablocks.io.manifest import write_manifest
 from vlablocks.policy.batch import collate
-from vlablocks.policy.vla import VLA, WEIGHTS_FILE
+from vlablocks.policy.vla import VLA
+from vlablocks.recipes.lora import is_lora_checkpoint
 from vlablocks.train.accelerator import make_accelerator
 from vlablocks.train.checkpoint import (
     CHECKPOINTS_DIR,
     EMA_FILE,
     latest_checkpoint,
     load_model_state,
+    read_policy_state,
     recover_checkpoints,
+    save_lora_checkpoint,
     save_model_state,
     save_policy,
     save_tensors,
@@ -70,7 +73,7 @@ from vlablocks.train.checkpoint import (
 )
 from vlablocks.train.config import TrainConfig, lr_factor
 from vlablocks.train.ema import EMA
-from vlablocks.train.groups import make_optimizer, parameter_groups, set_normalization, set_trainable
+from vlablocks.train.groups import apply_finetune, make_optimizer, set_normalization
 from vlablocks.train.metrics import (
     CURVES_FILE,
     METRICS_FILE,
@@ -83,7 +86,12 @@ from vlablocks.train.metrics import (
     read_metrics,
     write_metrics,
 )
-from vlablocks.train.sampler import LOADER_STREAM, NOISE_STREAM, ShardedEpochSampler, derive_seed
+from vlablocks.train.sampler import (
+    LOADER_STREAM,
+    NOISE_STREAM,
+    ShardedEpochSampler,
+    derive_seed,
+)
 from vlablocks.train.signals import StopSignal, any_process_stopping
 from vlablocks.train.state import (
     STATE_FORMAT,
@@ -119,21 +127,26 @@ class Trainer:
             ``collate`` (default :func:`~vlablocks.policy.batch.collate`).
         config: the training settings.
         out_dir: where metrics, plots, TensorBoard logs and checkpoints go.
+        init_dir: the checkpoint directory ``vla`` was loaded from, if any: a LoRA run's
+            checkpoints reference its weights instead of copying them (:mod:`vlablocks.recipes.lora`).
     """
 
-    def __init__(self, vla: VLA, dataset: Dataset, config: TrainConfig, out_dir: str | Path) -> None:
+    def __init__(self, vla: VLA, dataset: Dataset, config: TrainConfig, out_dir: str | Path,
+                 init_dir: str | Path | None = None) -> None:
         if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
             raise TypeError(
                 f"the dataset must be map-style (with __len__ and __getitem__); got {type(dataset).__name__}"
             )
         self.config = config
         self.out_dir = Path(out_dir)
+        self.init_dir = None if init_dir is None else Path(init_dir)
         self.accelerator = accel = make_accelerator(config.mixed_precision, config.grad_accumulation)
+        if config.finetune == "lora" and accel.distributed_type == DistributedType.FSDP:
+            raise ValueError("TrainConfig.finetune='lora' is not supported under FSDP yet; expected a single process or DDP")
         set_seed(config.seed, device_specific=True)
         self._prepare_policy(vla, getattr(dataset, "stats", None))
 
-        groups = parameter_groups(vla, config)
-        set_trainable(vla, groups)
+        groups = apply_finetune(vla, config)
         self.group_names = [g.name for g in groups]
         self.vla = vla
         self.model, self.optimizer = accel.prepare(vla, make_optimizer(groups, config))
@@ -366,10 +379,14 @@ class Trainer:
         final = self.out_dir / CHECKPOINTS_DIR / f"step_{self.step:07d}"
         staged = staged_directory(final) if accel.is_main_process else nullcontext(None)
         with staged as tmp:
-            save_policy(tmp, self.model, self.vla, self._sharded)
-            if self._ema is not None:
-                with self._ema.applied():
-                    save_model_state(None if tmp is None else tmp / EMA_FILE, self.model, self.vla, self._sharded)
+            if self.config.finetune == "lora":  # never sharded (refused in __init__)
+                if tmp is not None:
+                    save_lora_checkpoint(tmp, self.vla, self.init_dir, None if self._ema is None else self._ema.applied())
+            else:
+                save_policy(tmp, self.model, self.vla, self._sharded)
+                if self._ema is not None:
+                    with self._ema.applied():
+                        save_model_state(None if tmp is None else tmp / EMA_FILE, self.model, self.vla, self._sharded)
             tensors, meta = self._trainer_state()
             if tmp is not None:
                 save_tensors(tmp / STATE_TENSORS_FILE, tensors)
@@ -443,11 +460,15 @@ class Trainer:
 
     def _restore_weights(self, directory: Path) -> None:
         """Live weights, and the EMA (its weights pass through the model into the EMA tensors)."""
+        if is_lora_checkpoint(directory) != (self.config.finetune == "lora"):
+            kind = "a LoRA run" if is_lora_checkpoint(directory) else "a run without LoRA"
+            raise ValueError(f"{directory} was written by {kind} but train.finetune is {self.config.finetune!r}; "
+                             "expected the run's own finetune setting to resume it")
         ema_saved = (directory / EMA_FILE).is_file()
         if self._ema is not None and ema_saved:
-            load_model_state(self.model, read_safetensors(directory / EMA_FILE))
+            load_model_state(self.model, read_policy_state(self.vla, directory, ema=True))
             self._ema.reset()
-        load_model_state(self.model, read_safetensors(directory / WEIGHTS_FILE))
+        load_model_state(self.model, read_policy_state(self.vla, directory))
         if self._ema is not None and not ema_saved:
             logger.warning("%s has no %s: the EMA starts from the checkpoint's weights", directory, EMA_FILE)
             self._ema.reset()

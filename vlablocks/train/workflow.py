@@ -19,12 +19,17 @@ from typing import Any
 import torch
 
 from vlablocks.data import DataSelection, LeRobotDataset
-from vlablocks.io.hub import resolve_dataset
 from vlablocks.io.atomic import write_json
-from vlablocks.policy.vla import VLA
-from vlablocks.recipes.builder import build
-from vlablocks.recipes.loader import load_recipe
-from vlablocks.train.checkpoint import CHECKPOINTS_DIR, latest_checkpoint, recover_checkpoints
+from vlablocks.io.hub import resolve_dataset
+from vlablocks.policy.vla import RECIPE_FILE, VLA
+from vlablocks.recipes.builder import build, from_pretrained
+from vlablocks.recipes.loader import bundled_recipes, load_recipe
+from vlablocks.recipes.lora import is_lora_checkpoint
+from vlablocks.train.checkpoint import (
+    CHECKPOINTS_DIR,
+    latest_checkpoint,
+    recover_checkpoints,
+)
 from vlablocks.train.config import split_overrides, train_config
 from vlablocks.train.metrics import METRICS_FILE
 from vlablocks.train.trainer import Trainer
@@ -83,6 +88,22 @@ def data_info(dataset: LeRobotDataset, source: str, sample: dict[str, Any], sele
             "cameras": list(dataset.cameras), "image_size": int(sample["images"].shape[-1]), "depth": "depth" in sample,
             "state_names": dataset.features[selection.state_key].get("names"), "selection": asdict(selection),
             "skipped_episodes": [{"episode": e, "problem": problem} for e, problem in dataset.skipped]}
+
+
+def init_directory(recipe: str | Path) -> Path | None:
+    """The checkpoint directory a run starts from when ``recipe`` is a directory (``None``: a recipe
+    name or file; a bundled name wins over a directory of that name unless written as a path,
+    ``./NAME``). ValueError for a directory that is not a plain vlablocks checkpoint."""
+    directory = Path(recipe)
+    if not directory.is_dir() or ("/" not in str(recipe) and str(recipe) in bundled_recipes()):
+        return None
+    if not (directory / RECIPE_FILE).is_file():
+        raise ValueError(f"recipe {str(recipe)!r} is a directory without {RECIPE_FILE}; expected a vlablocks checkpoint "
+                         "directory (recipe.yaml, model.safetensors, manifest.json), a recipe file or a bundled recipe name")
+    if is_lora_checkpoint(directory):
+        raise ValueError(f"{directory} holds LoRA adapters; to train from it, merge them first: "
+                         f"vlablocks export {directory} OUT, then vlablocks train OUT ...")
+    return directory
 
 
 def holds_run(out_dir: Path) -> bool:
@@ -155,14 +176,20 @@ def train_from_recipe(
     ``move_aside`` (rename it to ``<out>.old-<timestamp>`` first); an empty one is fine. ``data``
     is a directory or a Hub dataset id (:func:`~vlablocks.io.hub.resolve_dataset`);
     ``selection`` picks its cameras, state and action features.
+
+    ``recipe`` may be a checkpoint directory (``recipe.yaml``, ``model.safetensors``,
+    ``manifest.json``, e.g. written by ``VLA.save_pretrained``): the run starts from its weights
+    (loaded strictly and manifest-verified by :func:`~vlablocks.recipes.builder.from_pretrained`,
+    with the recipe overrides applied) and ``data.json`` records it as ``init``.
     """
     recipe_overrides, train_overrides = split_overrides(overrides)
-    loaded = load_recipe(recipe, recipe_overrides)
+    init = init_directory(recipe)
+    loaded = load_recipe(recipe if init is None else init / RECIPE_FILE, recipe_overrides)
     config = train_config(loaded, train_overrides, steps)
-    out_dir = Path(out) if out is not None else Path("runs") / loaded.name
+    out_dir = Path(out) if out is not None else Path("runs") / (loaded.name if init is None else init.resolve().name)
     checkpoint = check_run_dir(out_dir, resume, move_aside)
     torch.manual_seed(config.seed)
-    vla = build(loaded)
+    vla = build(loaded) if init is None else from_pretrained(init, overrides=recipe_overrides)
     source = str(data)
     data = resolve_dataset(data)
     dataset = open_dataset(vla, data, skip_bad_episodes, selection)
@@ -172,8 +199,9 @@ def train_from_recipe(
         if move_aside:
             move_run_aside(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_json(out_dir / DATA_INFO_FILE, data_info(dataset, source, sample, selection))
-    trainer = Trainer(vla, dataset, config, out_dir)
+        info = data_info(dataset, source, sample, selection)
+        write_json(out_dir / DATA_INFO_FILE, {**info, "init": None if init is None else str(init.resolve())})
+    trainer = Trainer(vla, dataset, config, out_dir, init_dir=init)
     if checkpoint is not None:
         trainer.resume(checkpoint)
     metrics = trainer.train()
