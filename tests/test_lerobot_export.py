@@ -17,10 +17,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lerobot_roundtrip import FIXTURES, NAMES, convert_fixture, exported_fixture
+from helpers import write_toy_dataset
+from lerobot_roundtrip import FIXTURES, NAMES, OVERRIDES, TOKENIZER, convert_fixture, exported_fixture
+from vlablocks.cli import main
+from vlablocks.data import LeRobotDataset
 from vlablocks.convert.lerobot import ConversionError
-from vlablocks.convert.lerobot_export import export_lerobot
+from vlablocks.convert.lerobot_export import export_lerobot, lerobot_state_dict
 from vlablocks.recipes.builder import build, from_pretrained
+from vlablocks.train.export import merged_policy
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -58,3 +62,37 @@ def test_export_needs_a_converted_policy_and_a_new_directory(tmp_path):
     with pytest.raises(ConversionError, match=r"down_proj.weight: expected .*mlps.1.down_proj.weight of shape \[32, 64\] "
                                               r"in the policy; got \[32, 96\]"):
         export_lerobot(changed, converted, tmp_path / "out")
+
+
+def test_convert_fine_tune_with_lora_and_export_from_the_command_line(tmp_path, capsys):
+    """``vlablocks convert lerobot`` -> ``vlablocks train DIR train.finetune=lora`` on a robot with
+    4-dim actions -> ``vlablocks export RUN OUT --lerobot``: LeRobot's files hold the merged
+    weights, the run's statistics and the new action width."""
+    converted = tmp_path / "pi0"
+    assert main(["convert", "lerobot", str(FIXTURES / "pi0"), str(converted), *OVERRIDES["pi0"],
+                 "--tokenizer", str(TOKENIZER)]) == 0
+    assert "converted to" in capsys.readouterr().out
+    data = write_toy_dataset(tmp_path / "data", lengths=(6, 6))
+    run = tmp_path / "run"
+    assert main(["train", str(converted), "--data", str(data), "--out", str(run), "--steps", "2", "train.batch_size=2",
+                 "train.finetune=lora", "train.lora.rank=2", "train.lr=1e-2"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "lerobot"
+    assert main(["export", str(run), str(out), "--lerobot"]) == 0
+    assert f"from {converted}" in capsys.readouterr().out  # found through the run's init directory
+    merged, _ = merged_policy(run)
+    written = load_file(out / "model.safetensors")
+    expected = lerobot_state_dict(merged, converted)
+    assert sorted(written) == sorted(expected) and all(torch.equal(written[k], expected[k]) for k in written)
+    base = load_file(FIXTURES / "pi0" / "model.safetensors")
+    key = "model.paligemma_with_expert.gemma_expert.model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(written[key], base[key])  # the merged adapters changed the expert
+    config = json.loads((out / "config.json").read_text())
+    assert config["output_features"]["action"]["shape"] == [4] and config["input_features"]["observation.state"]["shape"] == [4]
+    stats = load_file(next(out.glob("policy_postprocessor_step_*_unnormalizer_processor.safetensors")))
+    assert torch.equal(stats["action.mean"], merged.normalizer["action"].mean[:4])
+    dataset_mean = torch.as_tensor(LeRobotDataset(data, horizon=4).stats["action"]["mean"], dtype=torch.float32)
+    assert torch.equal(stats["action.mean"], dataset_mean)  # a run from a checkpoint normalises with its data's statistics
+    assert main(["export", str(run), str(out), "--lerobot"]) == 1  # never over what is there
+    assert "is not an empty directory" in capsys.readouterr().err
+

@@ -1,10 +1,11 @@
 """The ``vlablocks`` command.
 
-    vlablocks recipes | show RECIPE | check RECIPE           compose and inspect
+    vlablocks recipes | show RECIPE | check RECIPE           compose and inspect (RECIPE may be a checkpoint directory)
     vlablocks data metaworld --tasks ... --episodes N --out DIR
     vlablocks train RECIPE|CHECKPOINT --data DIR [--steps N] [--out RUN] [key=value ...] [train.finetune=lora ...]
     vlablocks eval RUN --env metaworld --tasks ... --episodes N [--video]
-    vlablocks export RUN_OR_CHECKPOINT OUT                      a plain checkpoint, LoRA adapters merged
+    vlablocks export RUN_OR_CHECKPOINT OUT [--lerobot [DIR]]     a plain (or LeRobot-layout) checkpoint, LoRA merged
+    vlablocks convert lerobot DIR_OR_HUB_ID OUT [--tokenizer T]  a LeRobot pi0 / pi0.5 / SmolVLA policy -> vlablocks
     vlablocks report RUN [--data DIR] [--samples N]            loss by flow time, action errors, gradients
     vlablocks bench RECIPE [--device cpu|cuda] [--dtype fp32|bf16] [--compile [step|chunk]] [--batch B] [--steps N] [--json FILE]
     vlablocks --debug COMMAND ...                                full tracebacks (or VLABLOCKS_DEBUG=1)
@@ -27,10 +28,14 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
 
+from vlablocks.convert.lerobot import check_new_directory, convert_lerobot
+from vlablocks.convert.lerobot_config import ConversionError
+from vlablocks.convert.lerobot_export import converted_source, export_lerobot
 from vlablocks.data import ACTION, STATE, DataSelection
 from vlablocks.data.format import VERSIONS
 from vlablocks.data.table import EpisodeError
@@ -40,17 +45,17 @@ from vlablocks.eval.run import evaluate_run, format_results
 from vlablocks.io.manifest import CheckpointError
 from vlablocks.policy.batch import BatchError
 from vlablocks.policy.checks import smoke_check
-from vlablocks.policy.vla import VLA, NonFiniteActionError
-from vlablocks.recipes.builder import build
+from vlablocks.policy.vla import RECIPE_FILE, VLA, NonFiniteActionError
+from vlablocks.recipes.builder import build, from_pretrained
 from vlablocks.recipes.loader import Recipe, RecipeError, bundled_recipes, load_recipe
 from vlablocks.tools.bench import BenchSettings, format_table, run_bench, write_result
 from vlablocks.tools.report import build_report, format_report, write_report
 from vlablocks.train.checkpoint import LatestPointerError
 from vlablocks.train.config import TrainConfig, train_config
-from vlablocks.train.export import export_checkpoint
+from vlablocks.train.export import export_checkpoint, merged_policy
 from vlablocks.train.groups import apply_finetune
 from vlablocks.train.trainer import TrainingDiverged
-from vlablocks.train.workflow import train_from_recipe
+from vlablocks.train.workflow import init_directory, train_from_recipe
 
 logger = logging.getLogger("vlablocks")
 
@@ -66,6 +71,7 @@ DEBUG_ENV = "VLABLOCKS_DEBUG"
 #: subclasses are listed for the reader: ``ValueError`` covers them).
 USER_ERRORS: tuple[type[Exception], ...] = (
     RecipeError, BatchError, CheckpointError, EpisodeError, LatestPointerError, TrainingDiverged, NonFiniteActionError,
+    ConversionError,
     FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
     ValueError, TypeError, KeyError,
 )
@@ -141,11 +147,14 @@ def parameter_table(vla: VLA) -> list[tuple[str, int, int]]:
     return [(name, trainable, frozen) for name, (trainable, frozen) in totals.items()]
 
 
-def _load_checked(args: argparse.Namespace) -> tuple[Recipe, TrainConfig]:
-    """The recipe with its overrides and its training settings (validated here: ``vlablocks train``
-    would refuse them later)."""
-    recipe = load_recipe(args.recipe, [o for o in args.overrides if not o.startswith("train.")])
-    return recipe, train_config(recipe, [o for o in args.overrides if o.startswith("train.")])
+def _load_checked(args: argparse.Namespace) -> tuple[Recipe, TrainConfig, Path | None]:
+    """The recipe with its overrides, its training settings (validated here: ``vlablocks train``
+    would refuse them later) and, for a checkpoint directory given as the recipe, that directory
+    (its recipe's relative paths, e.g. ``tokenizer``, are inside it)."""
+    directory = init_directory(args.recipe)
+    source = args.recipe if directory is None else directory / RECIPE_FILE
+    recipe = load_recipe(source, [o for o in args.overrides if not o.startswith("train.")])
+    return recipe, train_config(recipe, [o for o in args.overrides if o.startswith("train.")]), directory
 
 
 def cmd_recipes(_: argparse.Namespace) -> int:
@@ -156,10 +165,10 @@ def cmd_recipes(_: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    recipe, config = _load_checked(args)
+    recipe, config, directory = _load_checked(args)
     _out(f"# recipe {recipe.name} (resolved)")
     _out(yaml.safe_dump(recipe.data, sort_keys=False).rstrip())
-    vla = build(recipe, load_weights=False, device="meta")
+    vla = build(recipe, load_weights=False, device="meta", base_dir=directory)
     groups = apply_finetune(vla, config)  # LoRA adapters are built on the meta device too
     if args.tree:
         _out("\n# modules")
@@ -179,14 +188,14 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    recipe, _ = _load_checked(args)
-    meta = build(recipe, load_weights=False, device="meta")
+    recipe, _, directory = _load_checked(args)
+    meta = build(recipe, load_weights=False, device="meta", base_dir=directory)
     count = sum(p.numel() for p in meta.parameters())
     if count > CHECK_PARAMETER_LIMIT and not args.force:
         _out(f"{recipe.name} has {count:,} parameters: too many for a CPU check (limit {CHECK_PARAMETER_LIMIT:,}); "
              f"check its tiny_ sibling, or pass --force")
         return 2
-    vla = build(recipe)
+    vla = build(recipe, base_dir=directory) if directory is None else from_pretrained(directory)
     report = smoke_check(vla, batch_size=args.batch)
     _out(f"recipe          {recipe.name} ({count:,} parameters)")
     _out(f"prefix tokens   {report.prefix_length}")
@@ -241,8 +250,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    out = export_checkpoint(args.checkpoint, args.out, use_ema=args.ema, verify=args.verify)
-    _out(f"exported to {out} (a plain vlablocks checkpoint: model.safetensors, recipe.yaml, manifest.json)")
+    if args.lerobot is None:
+        out = export_checkpoint(args.checkpoint, args.out, use_ema=args.ema, verify=args.verify)
+        _out(f"exported to {out} (a plain vlablocks checkpoint: model.safetensors, recipe.yaml, manifest.json)")
+        return 0
+    check_new_directory(args.out)  # before loading the policy
+    vla, source = merged_policy(args.checkpoint, use_ema=args.ema, verify=args.verify)
+    converted = converted_source(source) if args.lerobot == "" else args.lerobot
+    out = export_lerobot(vla, converted, args.out)
+    _out(f"exported to {out} in LeRobot's layout (config.json, model.safetensors, processors; from {converted})")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    out = convert_lerobot(args.source_dir, args.out, tokenizer=args.tokenizer, overrides=args.overrides,
+                          revision=args.revision)
+    _out(f"converted to {out}; load it with vlablocks.from_pretrained({str(out)!r}), "
+         f"fine-tune it with vlablocks train {out} --data ...")
     return 0
 
 
@@ -365,7 +389,21 @@ def _add_eval_command(sub: Any) -> None:
     export.add_argument("--no-ema", dest="ema", action="store_false", help="export the raw weights, not the EMA")
     export.add_argument("--no-verify", dest="verify", action="store_false",
                         help="load a checkpoint that has no manifest.json, without checking its files (logged)")
+    export.add_argument("--lerobot", nargs="?", const="", default=None, metavar="CONVERTED",
+                        help="write LeRobot's layout (config.json, model.safetensors, processors) for a policy converted "
+                             "from LeRobot; CONVERTED is the directory `vlablocks convert lerobot` wrote (default: the "
+                             "checkpoint itself or its run's starting directory)")
     export.set_defaults(fn=cmd_export)
+    convert = sub.add_parser("convert", help="convert another toolkit's policy into a vlablocks checkpoint")
+    convert_sub = convert.add_subparsers(dest="source", required=True)
+    lerobot = convert_sub.add_parser("lerobot", help="a LeRobot pi0 / pi0.5 / SmolVLA policy directory or Hub id")
+    lerobot.add_argument("source_dir", metavar="SOURCE", help="a LeRobot policy directory or a Hub model id")
+    lerobot.add_argument("out", help="a new (or empty) output directory")
+    lerobot.add_argument("overrides", nargs="*", help="key.path=value recipe overrides (e.g. sizes the files do not carry)")
+    lerobot.add_argument("--tokenizer", default=None,
+                         help="a local tokenizer directory or Hub id (default: the one the policy's processors name)")
+    lerobot.add_argument("--revision", default=None, help="Hub revision of SOURCE")
+    lerobot.set_defaults(fn=cmd_convert)
 
 
 def _add_tool_commands(sub: Any) -> None:

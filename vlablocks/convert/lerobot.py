@@ -85,6 +85,15 @@ class LeRobotPolicy:
     steps: list[dict[str, Any]] = field(default_factory=list)
 
 
+def check_new_directory(out: str | Path) -> Path:
+    """``out`` as a path (FileExistsError unless it is new or an empty directory: nothing of the
+    user's is overwritten)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty directory: choose a new output directory")
+    return out
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConversionError(f"{path} not found: not a LeRobot policy directory (config.json, model.safetensors, "
@@ -271,9 +280,7 @@ def convert_lerobot(source: str | Path, out: str | Path, tokenizer: str | Path |
     exist or be empty): ``model.safetensors``, ``recipe.yaml``, ``tokenizer/``, the source's
     config and processor descriptions under ``lerobot/`` (for export), ``conversion.json`` and
     ``manifest.json``. Read it back with :func:`vlablocks.from_pretrained`."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not an empty directory: choose a new output directory")
+    out = check_new_directory(out)
     policy = read_policy(source, revision)
     vla = _load(policy, tokenizer, overrides)
     vla.save_pretrained(out, manifest=False)

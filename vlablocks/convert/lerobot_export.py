@@ -16,23 +16,46 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
 from vlablocks.convert.lerobot import (
     CONFIG_FILE, CONVERSION_FILE, FEATURES, POSTPROCESSOR_FILE, PREPROCESSOR_FILE, SOURCE_DIR, WEIGHTS_FILE,
-    ConversionError, processor_state_files,
+    ConversionError, check_new_directory, processor_state_files,
 )
 from vlablocks.convert.lerobot_config import family
 from vlablocks.io.atomic import atomic_path, write_text
 from vlablocks.io.manifest import read_safetensors
 from vlablocks.policy.vla import VLA
+from vlablocks.train.checkpoint import CHECKPOINTS_DIR
+from vlablocks.train.workflow import DATA_INFO_FILE
 
 logger = logging.getLogger(__name__)
 
 #: the statistics the policy's normalisers hold (the others stay as the source had them).
 POLICY_STATS = ("mean", "std", "q01", "q99")
+
+
+def converted_source(checkpoint: str | Path) -> Path:
+    """The directory :func:`~vlablocks.convert.lerobot.convert_lerobot` wrote that ``checkpoint``
+    descends from: the checkpoint itself, or the ``init`` of the run it belongs to (``data.json``).
+
+    Raises:
+        ConversionError: neither holds the ``lerobot/`` folder of a conversion.
+    """
+    checkpoint = Path(checkpoint)
+    candidates = [checkpoint]
+    run = checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS_DIR else checkpoint
+    if (run / DATA_INFO_FILE).is_file():
+        init = json.loads((run / DATA_INFO_FILE).read_text(encoding="utf-8")).get("init")
+        candidates += [Path(init)] if init else []
+    for candidate in candidates:
+        if (candidate / SOURCE_DIR / CONFIG_FILE).is_file() and (candidate / CONVERSION_FILE).is_file():
+            return candidate
+    raise ConversionError(f"{checkpoint}: neither it nor the run's init directory was converted from LeRobot (no "
+                          f"{SOURCE_DIR}/{CONFIG_FILE}); give the converted directory: --lerobot DIR")
 
 
 def lerobot_state_dict(vla: VLA, converted: str | Path) -> dict[str, torch.Tensor]:
@@ -66,21 +89,36 @@ def lerobot_state_dict(vla: VLA, converted: str | Path) -> dict[str, torch.Tenso
     return out
 
 
+def _with_widths(node: Any, widths: dict[str, int]) -> Any:
+    """A copy of a LeRobot JSON description with the ``shape`` of the state and action features
+    set to the policy's data widths (a fine-tune on another robot changes them)."""
+    if isinstance(node, list):
+        return [_with_widths(item, widths) for item in node]
+    if not isinstance(node, dict):
+        return node
+    copy = {key: _with_widths(value, widths) for key, value in node.items()}
+    for key in ("features", "input_features", "output_features"):
+        for feature, width in widths.items():
+            if isinstance(copy.get(key), dict) and isinstance(copy[key].get(feature), dict) and "shape" in copy[key][feature]:
+                copy[key][feature] = {**copy[key][feature], "shape": [width]}
+    return copy
+
+
 def export_lerobot(vla: VLA, converted: str | Path, out: str | Path) -> Path:
     """Write ``vla`` into ``out`` (new or empty) as a LeRobot policy directory: ``config.json``,
     ``model.safetensors``, the processor descriptions and their normaliser files, taken from
     ``converted`` (the directory :func:`~vlablocks.convert.lerobot.convert_lerobot` wrote)."""
-    converted, out = Path(converted), Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not an empty directory: choose a new output directory")
+    converted, out = Path(converted), check_new_directory(out)
     weights = lerobot_state_dict(vla, converted)
     source = converted / SOURCE_DIR
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / WEIGHTS_FILE) as tmp:
         save_file(weights, str(tmp), metadata={"format": "pt"})  # one key: the header's bytes do not vary
+    widths = {feature: vla.normalizer[name].width for feature, name in FEATURES.items() if name in vla.normalizer}
     for name in (CONFIG_FILE, PREPROCESSOR_FILE, POSTPROCESSOR_FILE):
         if (source / name).is_file():
-            write_text(out / name, (source / name).read_text(encoding="utf-8"))
+            described = _with_widths(json.loads((source / name).read_text(encoding="utf-8")), widths)
+            write_text(out / name, json.dumps(described, indent=2))
     for name in processor_state_files(source):
         stats = read_safetensors(source / name)
         for feature, normalizer_name in FEATURES.items():

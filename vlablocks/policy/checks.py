@@ -15,7 +15,8 @@ TASKS = ("pick up the red block", "open the drawer", "push the button", "close t
 
 
 def random_batch(vla: VLA, batch_size: int = 2, num_cameras: int = 1, seed: int = 0) -> dict[str, Any]:
-    """A batch with every key ``vla`` reads, random but well-formed (depth of a plane at ~1 m)."""
+    """A batch with every key ``vla`` reads, random but well-formed (depth of a plane at ~1 m); state
+    and actions as wide as the data the normalisers were given (the model's widths before that)."""
     gen = torch.Generator().manual_seed(seed)
     config = vla.config
     batch: dict[str, Any] = {keys.TASK: [TASKS[i % len(TASKS)] for i in range(batch_size)]}
@@ -27,8 +28,8 @@ def random_batch(vla: VLA, batch_size: int = 2, num_cameras: int = 1, seed: int 
             intrinsics = torch.tensor([[size, 0.0, size / 2], [0.0, size, size / 2], [0.0, 0.0, 1.0]])
             batch[keys.INTRINSICS] = intrinsics.expand(batch_size, num_cameras, 3, 3).clone()
     if config.state_dim is not None:
-        batch[keys.STATE] = torch.randn(batch_size, config.state_dim, generator=gen)
-    batch[keys.ACTIONS] = torch.randn(batch_size, config.horizon, config.action_dim, generator=gen)
+        batch[keys.STATE] = torch.randn(batch_size, vla.normalizer["state"].width, generator=gen)
+    batch[keys.ACTIONS] = torch.randn(batch_size, config.horizon, vla.normalizer["action"].width, generator=gen)
     return batch
 
 

@@ -186,8 +186,12 @@ class Trainer:
         )
 
     def _prepare_policy(self, vla: VLA, stats: Any) -> None:
-        """Normalisation from the dataset ``stats`` (unless the policy has its own) and gradient checkpointing."""
-        if stats is not None and not vla.has_normalization_stats():
+        """Normalisation from the dataset ``stats`` (unless the policy has its own: a run starting
+        from a checkpoint takes the dataset's, as LeRobot's fine-tuning does; a resumed run gets
+        its checkpoint's back) and gradient checkpointing."""
+        if stats is not None and (not vla.has_normalization_stats() or self.init_dir is not None):
+            if vla.has_normalization_stats():
+                logger.info("normalising with the dataset's statistics, not those of %s", self.init_dir)
             set_normalization(vla, stats)
         elif stats is None and not vla.has_normalization_stats():
             logger.warning("neither the dataset nor the policy has normalisation statistics: training on raw units")
