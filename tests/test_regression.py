@@ -1,5 +1,5 @@
 """Outputs recorded by the code before the application-layer restructure (tests/data/make_reference.py,
-run at commit 7df7761; the tiny_pi05 outputs rewritten for issue 21 by tests/data/update_pi05_reference.py) are reproduced bitwise: the tiny recipes' loss and sampled chunks, and a
+run at commit 7df7761; the tiny_pi05 and tiny_smolvla outputs rewritten for issue 21 by tests/data/update_reference.py) are reproduced bitwise: the tiny recipes' loss and sampled chunks, and a
 trainer checkpoint written then still loads, verifies and predicts the same actions."""
 
 from __future__ import annotations

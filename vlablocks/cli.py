@@ -34,7 +34,7 @@ from typing import Any, NoReturn
 import yaml
 
 from vlablocks.convert.lerobot import check_new_directory, convert_lerobot
-from vlablocks.convert.lerobot_config import ConversionError
+from vlablocks.convert.common import ConversionError
 from vlablocks.convert.lerobot_export import converted_source, export_lerobot
 from vlablocks.data import ACTION, STATE, DataSelection
 from vlablocks.data.format import VERSIONS

@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from vlablocks.convert.lerobot_config import ConversionError, Family, family
+from vlablocks.convert.common import POLICY_PREFIX, ConversionError
+from vlablocks.convert.lerobot_config import Family, family
 from vlablocks.io.atomic import atomic_path, write_json, write_text
 from vlablocks.io.hub import resolve_local, resolve_policy
 from vlablocks.io.manifest import read_safetensors, write_manifest
@@ -60,8 +61,6 @@ OPTIONAL_STEPS = frozenset({"relative_actions_processor", "absolute_actions_proc
 #: the files of a tokenizer repository fetched for a Hub id.
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "*.model", "vocab*", "merges.txt", "added_tokens.json",
                    "config.json")
-#: the prefix of every key of a LeRobot policy's state dict (its ``model`` attribute).
-POLICY_PREFIX = "model."
 #: where checkpoints saved before LeRobot's processors keep their statistics.
 LEGACY_STATS_PREFIXES = ("normalize_inputs.buffer_", "normalize_targets.buffer_", "unnormalize_outputs.buffer_")
 

@@ -11,27 +11,22 @@ overrides replace.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 from vlablocks.convert import lerobot_keys, smolvla_keys
+from vlablocks.convert.common import ConversionError, KeyTable, count_layers, norm_mode, tensor_shape
 
 Shapes = Mapping[str, Sequence[int]]
-KeyTable = Callable[[str], "str | None"]
 
-#: LeRobot's normalisation modes -> ``policy.state_norm`` / ``policy.action_norm``.
-NORM_MODES = {"MEAN_STD": "mean_std", "QUANTILES": "quantile", "IDENTITY": "identity"}
 #: pi0 / pi0.5 run 8 query heads (``compute_layer_complete`` reshapes to ``8 * head_dim``).
 PI0_HEADS = 8
 #: SigLIP so400m's heads (LeRobot builds PaliGemma's default vision config).
 PI0_VISION_HEADS = 16
 
 
-class ConversionError(ValueError):
-    """A LeRobot policy directory that cannot become a vlablocks policy (naming what and why)."""
 
 
 @dataclass(frozen=True)
@@ -56,26 +51,10 @@ class Family:
     tied: Mapping[str, str] = field(default_factory=dict)
 
 
-def _norm(config: Mapping[str, Any], kind: str) -> str:
-    mode = config.get("normalization_mapping", {}).get(kind, "MEAN_STD")
-    if mode not in NORM_MODES:
-        raise ConversionError(f"config.json: normalization_mapping.{kind}: expected one of {sorted(NORM_MODES)}; got {mode!r}")
-    return NORM_MODES[mode]
 
 
-def _layers(shapes: Shapes, prefix: str) -> int:
-    """How many ``prefix{i}.`` layers the weights hold."""
-    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
-    found = {int(m.group(1)) for key in shapes if (m := pattern.match(key))}
-    if not found:
-        raise ConversionError(f"model.safetensors has no layers under {prefix!r}")
-    return max(found) + 1
 
 
-def _shape(shapes: Shapes, key: str) -> list[int]:
-    if key not in shapes:
-        raise ConversionError(f"model.safetensors: missing tensor {key!r}")
-    return list(shapes[key])
 
 
 def _common(config: Mapping[str, Any]) -> list[str]:
@@ -83,8 +62,8 @@ def _common(config: Mapping[str, Any]) -> list[str]:
     return [
         f"policy.horizon={config['chunk_size']}",
         f"policy.action_dim={config['max_action_dim']}",
-        f"policy.action_norm={_norm(config, 'ACTION')}",
-        f"policy.state_norm={_norm(config, 'STATE')}",
+        f"policy.action_norm={norm_mode(config, 'ACTION')}",
+        f"policy.state_norm={norm_mode(config, 'STATE')}",
         "policy.norm_convention=lerobot",
         f"head.num_steps={config['num_inference_steps' if 'num_inference_steps' in config else 'num_steps']}",
     ]
@@ -100,14 +79,14 @@ def pi0_overrides(config: Mapping[str, Any], shapes: Shapes, vlm_config: Mapping
     if embedding is None:
         raise ConversionError(f"model.safetensors: missing the token embedding: neither {candidates[0]!r} nor the tied "
                               f"{candidates[1]!r} is there (the policy's language conditioning would be random)")
-    vocab, width = _shape(shapes, embedding)
-    q_rows = _shape(shapes, language + "layers.0.self_attn.q_proj.weight")[0]
+    vocab, width = tensor_shape(shapes, embedding)
+    q_rows = tensor_shape(shapes, language + "layers.0.self_attn.q_proj.weight")[0]
     head_dim = q_rows // PI0_HEADS
-    kv_heads = _shape(shapes, language + "layers.0.self_attn.k_proj.weight")[0] // head_dim
-    mlp_vlm = _shape(shapes, language + "layers.0.mlp.gate_proj.weight")[0]
-    mlp_expert, width_expert = _shape(shapes, expert + "layers.0.mlp.gate_proj.weight")
-    patch = _shape(shapes, vision + "embeddings.patch_embedding.weight")
-    positions = _shape(shapes, vision + "embeddings.position_embedding.weight")[0]
+    kv_heads = tensor_shape(shapes, language + "layers.0.self_attn.k_proj.weight")[0] // head_dim
+    mlp_vlm = tensor_shape(shapes, language + "layers.0.mlp.gate_proj.weight")[0]
+    mlp_expert, width_expert = tensor_shape(shapes, expert + "layers.0.mlp.gate_proj.weight")
+    patch = tensor_shape(shapes, vision + "embeddings.patch_embedding.weight")
+    positions = tensor_shape(shapes, vision + "embeddings.position_embedding.weight")[0]
     hidden = patch[0]
     if hidden % PI0_VISION_HEADS:
         raise ConversionError(f"SigLIP width {hidden} is not a multiple of LeRobot's {PI0_VISION_HEADS} heads: "
@@ -117,7 +96,7 @@ def pi0_overrides(config: Mapping[str, Any], shapes: Shapes, vlm_config: Mapping
         "policy.resize_images=pad_center",
         f"text.vocab_size={vocab}",
         f"text.tokenizer.max_length={config['tokenizer_max_length']}",
-        f"backbone.num_layers={_layers(shapes, language + 'layers.')}",
+        f"backbone.num_layers={count_layers(shapes, language + 'layers.')}",
         f"backbone.experts.0.width={width}", f"backbone.experts.0.mlp_dim={mlp_vlm}",
         f"backbone.experts.0.head_space={head_space}",
         f"backbone.experts.1.width={width_expert}", f"backbone.experts.1.mlp_dim={mlp_expert}",
@@ -125,8 +104,8 @@ def pi0_overrides(config: Mapping[str, Any], shapes: Shapes, vlm_config: Mapping
         f"vision.config.hidden_size={hidden}",
         f"vision.config.patch_size={patch[-1]}",
         f"vision.config.image_size={math.isqrt(positions) * patch[-1]}",
-        f"vision.config.num_hidden_layers={_layers(shapes, vision + 'encoder.layers.')}",
-        f"vision.config.intermediate_size={_shape(shapes, vision + 'encoder.layers.0.mlp.fc1.weight')[0]}",
+        f"vision.config.num_hidden_layers={count_layers(shapes, vision + 'encoder.layers.')}",
+        f"vision.config.intermediate_size={tensor_shape(shapes, vision + 'encoder.layers.0.mlp.fc1.weight')[0]}",
         f"vision.config.num_attention_heads={PI0_VISION_HEADS}",
         f"suffix.time_fusion.min_period={config.get('min_period', 4e-3)}",
         f"suffix.time_fusion.max_period={config.get('max_period', 4.0)}",

@@ -9,17 +9,16 @@ pi0.5's adaptive norms (``*.dense``) are the expert's ``modulation`` layers.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable, Mapping
 
 from vlablocks.blocks.transformers_import import decoder_key
+from vlablocks.convert import common
+from vlablocks.convert.common import POLICY_PREFIX, STACK, SUFFIX
 
-POLICY_PREFIX = "model."
 PALIGEMMA = "paligemma_with_expert.paligemma.model."
 LANGUAGE = PALIGEMMA + "language_model."
 VISION = PALIGEMMA + "vision_tower.vision_model."
 EXPERT = "paligemma_with_expert.gemma_expert.model."
-STACK, SUFFIX = "head.denoiser.stack.", "head.denoiser.suffix_encoder."
 
 #: LeRobot keys (policy prefix removed) that have no vlablocks counterpart, and why.
 UNUSED = {
@@ -56,12 +55,9 @@ def pi0_key(key: str) -> str | None:
         KeyError: a key the table does not know (naming it).
     """
     key = key.removeprefix(POLICY_PREFIX)
-    if key in UNUSED:
-        return None
-    if key in RENAMES:
-        return RENAMES[key]
-    if key.startswith(VISION):
-        return "vision.model." + key[len(VISION):]
+    known, target = common.common_key(key, UNUSED, RENAMES, VISION)
+    if known:
+        return target
     for prefix, expert in ((LANGUAGE, 0), (EXPERT, 1)):
         if key.startswith(prefix):
             short = key[len(prefix):]
@@ -83,26 +79,10 @@ def _adaptive_norm(short: str, expert: int) -> str | None:
 
 
 def map_keys(keys: Iterable[str]) -> tuple[dict[str, str], list[str]]:
-    """``(LeRobot key -> vlablocks key, the keys declared unused)`` (KeyError for an unknown key)."""
-    mapped, unused = {}, []
-    for key in keys:
-        target = pi0_key(key)
-        if target is None:
-            unused.append(key)
-        else:
-            mapped[key] = target
-    return mapped, unused
+    """``(LeRobot key -> vlablocks key, the keys declared unused)`` of pi0 / pi0.5 keys."""
+    return common.map_keys(keys, pi0_key)
 
 
 def check_shapes(lerobot: Mapping[str, list[int]], vlablocks: Mapping[str, list[int]]) -> list[str]:
-    """Problems between LeRobot keys -> shapes and a vlablocks state dict's keys -> shapes: a
-    mapped key whose shapes differ, two keys mapped onto one, a vlablocks parameter nothing
-    fills (its normaliser buffers excepted: statistics come from the processor files)."""
-    mapped, _ = map_keys(lerobot)
-    problems = [f"{k} {list(lerobot[k])} -> {v} {list(vlablocks.get(v, []))}" for k, v in mapped.items()
-                if list(vlablocks.get(v, [])) != list(lerobot[k])]
-    counts = Counter(mapped.values())
-    problems += [f"{v}: filled by more than one key" for v in sorted(v for v, n in counts.items() if n > 1)]
-    unfilled = sorted(set(vlablocks) - set(counts))
-    problems += [f"{k}: no LeRobot key fills it" for k in unfilled if not k.startswith("normalizer.")]
-    return problems
+    """:func:`vlablocks.convert.common.check_shapes` with the pi0 / pi0.5 table."""
+    return common.check_shapes(lerobot, vlablocks, pi0_key)

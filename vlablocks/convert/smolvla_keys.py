@@ -31,19 +31,19 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from vlablocks.blocks.transformers_import import decoder_key
+from vlablocks.convert import common
+from vlablocks.convert.common import POLICY_PREFIX, STACK, SUFFIX, count_layers, norm_mode, strip_prefix, tensor_shape
 
-POLICY_PREFIX = "model."
 VLM = "vlm_with_expert.vlm.model."
 VISION = VLM + "vision_model."
 TEXT = VLM + "text_model."
 EXPERT = "vlm_with_expert.lm_expert."
-STACK, SUFFIX = "head.denoiser.stack.", "head.denoiser.suffix_encoder."
 
 #: LeRobot keys (policy prefix removed) that have no vlablocks counterpart, and why.
 UNUSED = {
@@ -67,8 +67,6 @@ HEAD_DIM = 64
 RMS_NORM_EPS = 1e-5
 #: LeRobot's RoPE base (``apply_rope(..., max_wavelength=10_000)``), whatever the VLM config says.
 LEROBOT_ROPE_THETA = 10000.0
-#: LeRobot's normalisation modes -> ``policy.state_norm`` / ``policy.action_norm``.
-NORM_MODES = {"MEAN_STD": "mean_std", "QUANTILES": "quantile", "IDENTITY": "identity"}
 
 _EXPERT_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 _ATTENTION = re.compile(r"^self_attn\.([qkvo]_proj)\.(weight|bias)$")
@@ -95,7 +93,7 @@ class SmolVLALayout:
         n = self.self_attn_every_n_layers
         return self.cross_attention and not (n > 0 and layer % n == 0)
 
-    def cross_attention_layers(self, num_layers: int) -> list[int]:
+    def cross_attentioncount_layers(self, num_layers: int) -> list[int]:
         """The recipe's ``backbone.cross_attention_layers`` for a VLM of ``num_layers`` layers."""
         return [i for i in range(num_layers) if self.is_cross(i)]
 
@@ -109,12 +107,9 @@ def smolvla_key(key: str, layout: SmolVLALayout = SmolVLALayout()) -> str | None
         KeyError: a key the table does not know (naming it).
     """
     key = key.removeprefix(POLICY_PREFIX)
-    if key in UNUSED:
-        return None
-    if key in RENAMES:
-        return RENAMES[key]
-    if key.startswith(VISION):
-        return "vision.model." + key[len(VISION):]
+    known, target = common.common_key(key, UNUSED, RENAMES, VISION)
+    if known:
+        return target
     target = None
     if key.startswith(TEXT):
         target = decoder_key(key[len(TEXT):], 0)
@@ -138,52 +133,24 @@ def _expert_key(short: str, layout: SmolVLALayout) -> str | None:
     return decoder_key(f"layers.{layer}.{match.group(2)}", 1)
 
 
-def map_keys(keys: Sequence[str] | Mapping[str, Any], layout: SmolVLALayout = SmolVLALayout()) -> tuple[dict[str, str], list[str]]:
+def map_keys(keys: Iterable[str], layout: SmolVLALayout = SmolVLALayout()) -> tuple[dict[str, str], list[str]]:
     """``(LeRobot key -> vlablocks key, the keys declared unused)`` (KeyError for an unknown key)."""
-    mapped, unused = {}, []
-    for key in keys:
-        target = smolvla_key(key, layout)
-        if target is None:
-            unused.append(key)
-        else:
-            mapped[key] = target
-    return mapped, unused
+    return common.map_keys(keys, partial(smolvla_key, layout=layout))
 
 
 def check_shapes(lerobot: Mapping[str, Sequence[int]], vlablocks: Mapping[str, Sequence[int]],
                  layout: SmolVLALayout = SmolVLALayout()) -> list[str]:
-    """Problems between LeRobot keys -> shapes and a vlablocks state dict's keys -> shapes: a
-    mapped key whose shapes differ, two keys mapped onto one, a vlablocks parameter nothing
-    fills (its normaliser buffers excepted: statistics come from the processor files)."""
-    mapped, _ = map_keys(lerobot, layout)
-    problems = [f"{k} {list(lerobot[k])} -> {v} {list(vlablocks.get(v, []))}" for k, v in mapped.items()
-                if list(vlablocks.get(v, [])) != list(lerobot[k])]
-    counts = Counter(mapped.values())
-    problems += [f"{v}: filled by more than one key" for v in sorted(v for v, n in counts.items() if n > 1)]
-    problems += [f"{k}: no LeRobot key fills it" for k in sorted(set(vlablocks) - set(counts))
-                 if not k.startswith("normalizer.")]
-    return problems
+    """:func:`vlablocks.convert.common.check_shapes` with the SmolVLA table of ``layout``."""
+    return common.check_shapes(lerobot, vlablocks, partial(smolvla_key, layout=layout))
 
 
 # ------------------------------------------------------------------------------- sizes
 
 
-def _strip(shapes: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
-    return {k.removeprefix(POLICY_PREFIX): list(v) for k, v in shapes.items()}
 
 
-def _shape(shapes: Mapping[str, list[int]], key: str) -> list[int]:
-    if key not in shapes:
-        raise ValueError(f"SmolVLA weights: missing tensor {POLICY_PREFIX + key!r}")
-    return shapes[key]
 
 
-def _layers(shapes: Mapping[str, list[int]], prefix: str) -> int:
-    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
-    found = {int(m.group(1)) for key in shapes if (m := pattern.match(key))}
-    if not found:
-        raise ValueError(f"SmolVLA weights: no layers under {POLICY_PREFIX + prefix!r}")
-    return max(found) + 1
 
 
 def smolvla_layout(config: Mapping[str, Any], shapes: Mapping[str, Sequence[int]]) -> SmolVLALayout:
@@ -193,16 +160,16 @@ def smolvla_layout(config: Mapping[str, Any], shapes: Mapping[str, Sequence[int]
         ValueError: the expert's depth does not divide the VLM's, or the expert's ``k_proj``
             shapes disagree with the cross-attention layers the config names.
     """
-    shapes = _strip(shapes)
-    vlm_layers, expert_layers = _layers(shapes, TEXT + "layers."), _layers(shapes, EXPERT + "layers.")
+    shapes = strip_prefix(shapes)
+    vlm_layers, expert_layers = count_layers(shapes, TEXT + "layers."), count_layers(shapes, EXPERT + "layers.")
     if vlm_layers % expert_layers:
         raise ValueError(f"the expert's {expert_layers} layers must divide the VLM's {vlm_layers} (num_expert_layers)")
     layout = SmolVLALayout(vlm_layers // expert_layers, "cross" in str(config.get("attention_mode", "cross_attn")),
                            int(config.get("self_attn_every_n_layers", 2)))
-    kv_dim = _shape(shapes, TEXT + "layers.0.self_attn.k_proj.weight")[0]
-    width = _shape(shapes, EXPERT + "layers.0.self_attn.q_proj.weight")[1]
+    kv_dim = tensor_shape(shapes, TEXT + "layers.0.self_attn.k_proj.weight")[0]
+    width = tensor_shape(shapes, EXPERT + "layers.0.self_attn.q_proj.weight")[1]
     for j in range(expert_layers):
-        found = _shape(shapes, f"{EXPERT}layers.{j}.self_attn.k_proj.weight")[1]
+        found = tensor_shape(shapes, f"{EXPERT}layers.{j}.self_attn.k_proj.weight")[1]
         expected = kv_dim if layout.is_cross(j * layout.expert_stride) else width
         if found != expected:
             raise ValueError(
@@ -213,11 +180,6 @@ def smolvla_layout(config: Mapping[str, Any], shapes: Mapping[str, Sequence[int]
     return layout
 
 
-def _norm(config: Mapping[str, Any], kind: str) -> str:
-    mode = (config.get("normalization_mapping") or {}).get(kind, "MEAN_STD")
-    if mode not in NORM_MODES:
-        raise ValueError(f"config.json: normalization_mapping.{kind}: vlablocks reproduces {sorted(NORM_MODES)}; got {mode!r}")
-    return NORM_MODES[mode]
 
 
 def _heads(width: int, given: int | None, known: Mapping[str, Any], name: str, what: str) -> int:
@@ -239,7 +201,7 @@ def _check_supported(config: Mapping[str, Any]) -> None:
     bad = {k: config[k] for k, ok in unsupported.items() if config.get(k, ok) != ok}
     if bad:
         raise ValueError(f"config.json: SmolVLA options vlablocks does not reproduce: {bad} (expected false)")
-    _norm(config, "STATE"), _norm(config, "ACTION")
+    norm_mode(config, "STATE"), norm_mode(config, "ACTION")
     if (config.get("normalization_mapping") or {}).get("VISUAL", "IDENTITY") != "IDENTITY":
         raise ValueError("config.json: normalization_mapping.VISUAL must be IDENTITY (images reach SigLIP as 2x - 1)")
 
@@ -247,15 +209,15 @@ def _check_supported(config: Mapping[str, Any]) -> None:
 def _head_space(shapes: Mapping[str, list[int]], known: Mapping[str, Any], num_heads: int | None,
                 num_kv_heads: int | None) -> str:
     """The shared head space (a YAML flow mapping) from the VLM's q/k shapes and the head counts."""
-    q_dim = _shape(shapes, TEXT + "layers.0.self_attn.q_proj.weight")[0]
-    kv_dim = _shape(shapes, TEXT + "layers.0.self_attn.k_proj.weight")[0]
+    q_dim = tensor_shape(shapes, TEXT + "layers.0.self_attn.q_proj.weight")[0]
+    kv_dim = tensor_shape(shapes, TEXT + "layers.0.self_attn.k_proj.weight")[0]
     heads = _heads(q_dim, num_heads, known, "num_attention_heads", "the VLM's queries")
     head_dim = q_dim // heads
     kv_heads = int(num_kv_heads if num_kv_heads is not None else known.get("num_key_value_heads", kv_dim // head_dim))
     if kv_heads * head_dim != kv_dim:
         raise ValueError(f"the VLM's k_proj has {kv_dim} rows: not {kv_heads} key/value heads of width {head_dim} "
                          f"({heads} query heads); pass num_heads / num_kv_heads (or vlm_config)")
-    expert_q = _shape(shapes, EXPERT + "layers.0.self_attn.q_proj.weight")[0]
+    expert_q = tensor_shape(shapes, EXPERT + "layers.0.self_attn.q_proj.weight")[0]
     if expert_q != q_dim:
         raise ValueError(f"the expert's queries ({expert_q}) must have the VLM's width ({q_dim}): they attend jointly")
     return _flow_mapping({"num_heads": heads, "num_kv_heads": kv_heads, "head_dim": head_dim,
@@ -265,17 +227,17 @@ def _head_space(shapes: Mapping[str, list[int]], known: Mapping[str, Any], num_h
 def _vision(shapes: Mapping[str, list[int]], resize: Sequence[int] | None, known: Mapping[str, Any],
             num_heads: int | None) -> tuple[dict[str, Any], int]:
     """``(vision.config, the pixel-shuffle factor)`` from the vision tower's and connector's shapes."""
-    patch = _shape(shapes, VISION + "embeddings.patch_embedding.weight")
+    patch = tensor_shape(shapes, VISION + "embeddings.patch_embedding.weight")
     width, patch_size = patch[0], patch[-1]
-    image_size = math.isqrt(_shape(shapes, VISION + "embeddings.position_embedding.weight")[0]) * patch_size
-    shuffle = math.isqrt(_shape(shapes, VLM + "connector.modality_projection.proj.weight")[1] // width)
+    image_size = math.isqrt(tensor_shape(shapes, VISION + "embeddings.position_embedding.weight")[0]) * patch_size
+    shuffle = math.isqrt(tensor_shape(shapes, VLM + "connector.modality_projection.proj.weight")[1] // width)
     if resize is not None and list(resize) != [image_size, image_size]:
         raise ValueError(f"config.json: resize_imgs_with_padding={list(resize)}, but the vision tower takes "
                          f"{image_size}x{image_size} images")
     vision = {
         "hidden_size": width, "patch_size": patch_size, "image_size": image_size,
-        "num_hidden_layers": _layers(shapes, VISION + "encoder.layers."),
-        "intermediate_size": _shape(shapes, VISION + "encoder.layers.0.mlp.fc1.weight")[0],
+        "num_hidden_layers": count_layers(shapes, VISION + "encoder.layers."),
+        "intermediate_size": tensor_shape(shapes, VISION + "encoder.layers.0.mlp.fc1.weight")[0],
         "num_attention_heads": _heads(width, num_heads, known, "num_attention_heads", "the vision tower"),
     }
     if "layer_norm_eps" in known:  # else SigLIP's default, 1e-6, which is SmolVLM's
@@ -287,8 +249,8 @@ def _check_config_sizes(config: Mapping[str, Any], shapes: Mapping[str, list[int
     """ValueError where ``config.json`` and the weights disagree on a size."""
     if config.get("num_vlm_layers", -1) > 0 and config["num_vlm_layers"] != vlm_layers:
         raise ValueError(f"config.json: num_vlm_layers={config['num_vlm_layers']} but the weights hold {vlm_layers} VLM layers")
-    for name, dim in (("max_state_dim", _shape(shapes, "state_proj.weight")[1]),
-                      ("max_action_dim", _shape(shapes, "action_in_proj.weight")[1])):
+    for name, dim in (("max_state_dim", tensor_shape(shapes, "state_proj.weight")[1]),
+                      ("max_action_dim", tensor_shape(shapes, "action_in_proj.weight")[1])):
         if config.get(name, dim) != dim:
             raise ValueError(f"config.json: {name}={config[name]} but the weights take {dim}")
 
@@ -317,12 +279,12 @@ def smolvla_overrides(
     """
     _check_supported(config)
     layout = smolvla_layout(config, shapes)
-    shapes = _strip(shapes)
+    shapes = strip_prefix(shapes)
     text_known = dict((vlm_config or {}).get("text_config") or {})
     embedding = TEXT + "embed_tokens.weight" if TEXT + "embed_tokens.weight" in shapes else "vlm_with_expert.vlm.lm_head.weight"
-    vocab, width = _shape(shapes, embedding)
-    expert_width = _shape(shapes, EXPERT + "layers.0.self_attn.q_proj.weight")[1]
-    vlm_layers = _layers(shapes, TEXT + "layers.")
+    vocab, width = tensor_shape(shapes, embedding)
+    expert_width = tensor_shape(shapes, EXPERT + "layers.0.self_attn.q_proj.weight")[1]
+    vlm_layers = count_layers(shapes, TEXT + "layers.")
     _check_config_sizes(config, shapes, vlm_layers)
     resize = config.get("resize_imgs_with_padding")
     vision, shuffle = _vision(shapes, resize, dict((vlm_config or {}).get("vision_config") or {}), vision_num_heads)
@@ -330,10 +292,10 @@ def smolvla_overrides(
     eps = text_known.get("rms_norm_eps", RMS_NORM_EPS)
     overrides = [
         f"policy.horizon={config['chunk_size']}",
-        f"policy.action_dim={_shape(shapes, 'action_in_proj.weight')[1]}",
-        f"policy.state_dim={_shape(shapes, 'state_proj.weight')[1]}",
-        f"policy.state_norm={_norm(config, 'STATE')}",
-        f"policy.action_norm={_norm(config, 'ACTION')}",
+        f"policy.action_dim={tensor_shape(shapes, 'action_in_proj.weight')[1]}",
+        f"policy.state_dim={tensor_shape(shapes, 'state_proj.weight')[1]}",
+        f"policy.state_norm={norm_mode(config, 'STATE')}",
+        f"policy.action_norm={norm_mode(config, 'ACTION')}",
         f"policy.resize_images={'none' if resize is None else 'pad_top_left'}",
         "policy.task_newline=true",
         "policy.norm_convention=lerobot",
@@ -343,13 +305,13 @@ def smolvla_overrides(
         f"vision.config={_flow_mapping(vision)}",
         f"projector.scale_factor={shuffle}",
         f"backbone.num_layers={vlm_layers}",
-        f"backbone.cross_attention_layers={layout.cross_attention_layers(vlm_layers)}",
+        f"backbone.cross_attention_layers={layout.cross_attentioncount_layers(vlm_layers)}",
         f"backbone.experts.0.width={width}",
-        f"backbone.experts.0.mlp_dim={_shape(shapes, TEXT + 'layers.0.mlp.gate_proj.weight')[0]}",
+        f"backbone.experts.0.mlp_dim={tensor_shape(shapes, TEXT + 'layers.0.mlp.gate_proj.weight')[0]}",
         f"backbone.experts.0.head_space={head_space}",
         f"backbone.experts.0.norm_eps={eps}",
         f"backbone.experts.1.width={expert_width}",
-        f"backbone.experts.1.mlp_dim={_shape(shapes, EXPERT + 'layers.0.mlp.gate_proj.weight')[0]}",
+        f"backbone.experts.1.mlp_dim={tensor_shape(shapes, EXPERT + 'layers.0.mlp.gate_proj.weight')[0]}",
         f"backbone.experts.1.head_space={head_space}",
         f"backbone.experts.1.norm_eps={eps}",
         f"suffix.time_fusion.min_period={config.get('min_period', 4e-3)}",
