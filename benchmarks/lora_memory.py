@@ -26,7 +26,7 @@ import torch
 
 from vlablocks.io.atomic import replace_section
 from vlablocks.tools.bench_setup import BenchSettings, build_for_bench, make_train_step
-from vlablocks.tools.memory import _reset_peak, _status_mib
+from vlablocks.tools.memory import reset_peak, status_mib
 from vlablocks.train.config import TrainConfig
 from vlablocks.train.groups import apply_finetune
 
@@ -40,8 +40,8 @@ SECTION = "lora-memory"
 def probe(mode: str, recipe: str, settings: BenchSettings, lora_rank: int) -> dict[str, float]:
     """This process: build, apply ``mode``, one untimed step, then the peak of timed steps."""
     device = settings.device
-    _reset_peak(device)
-    libraries = 0.0 if device == "cuda" else _status_mib("VmRSS")
+    reset_peak(device)
+    libraries = 0.0 if device == "cuda" else status_mib("VmRSS")
     vla = build_for_bench(recipe, (), settings.seed, device)
     finetune, experts = MODES[mode]
     lora = {"lora": {"rank": lora_rank, "alpha": float(lora_rank), "experts": experts}} if finetune == "lora" else {}
@@ -50,7 +50,7 @@ def probe(mode: str, recipe: str, settings: BenchSettings, lora_rank: int) -> di
     total = sum(p.numel() for p in vla.parameters())
     step = make_train_step(vla, settings)
     step()
-    _reset_peak(device)
+    reset_peak(device)
     times = []
     for _ in range(settings.repeats):
         start = time.perf_counter()
@@ -58,7 +58,7 @@ def probe(mode: str, recipe: str, settings: BenchSettings, lora_rank: int) -> di
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _status_mib("VmHWM") - libraries
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else status_mib("VmHWM") - libraries
     return {"peak_mib": peak, "step_ms": 1000 * sorted(times)[len(times) // 2], "trainable": trainable, "total": total}
 
 

@@ -27,7 +27,7 @@ from vlablocks.tools.bench_setup import DTYPES, BenchSettings, bench_autocast, b
 MEMORY_KINDS = ("inference", "train", "train_checkpointed")
 
 
-def _status_mib(key: str) -> float:
+def status_mib(key: str) -> float:
     """A ``/proc/self/status`` memory figure (``VmRSS``, ``VmHWM``) in MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(f"{key}:"):
@@ -35,7 +35,8 @@ def _status_mib(key: str) -> float:
     raise RuntimeError(f"{key} not found in /proc/self/status (peak memory on the CPU needs Linux)")
 
 
-def _reset_peak(device: str) -> None:
+def reset_peak(device: str) -> None:
+    """Start a new peak: CUDA's allocator statistics, or (CPU) the process's ``VmHWM``."""
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -83,8 +84,8 @@ def _inference_work(vla: VLA, settings: BenchSettings) -> Callable[[], None]:
 def run_memory_probe(kind: str, recipe: str, overrides: Sequence[str], settings: BenchSettings) -> float:
     """Build the model and measure the peak of ``kind`` in this process (see :func:`measure_memory`)."""
     device = settings.device
-    _reset_peak(device)
-    libraries = 0.0 if device == "cuda" else _status_mib("VmRSS")
+    reset_peak(device)
+    libraries = 0.0 if device == "cuda" else status_mib("VmRSS")
     vla = build_for_bench(recipe, overrides, settings.seed, device)
     if kind == "inference":
         work: Callable[[], object] = _inference_work(vla, settings)
@@ -92,12 +93,12 @@ def run_memory_probe(kind: str, recipe: str, overrides: Sequence[str], settings:
         vla.set_gradient_checkpointing(kind == "train_checkpointed")
         work = make_train_step(vla, settings)
     work()
-    _reset_peak(device)
+    reset_peak(device)
     work()
     if device == "cuda":
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() / 2**20
-    return _status_mib("VmHWM") - libraries
+    return status_mib("VmHWM") - libraries
 
 
 if __name__ == "__main__":  # the memory probe's fresh process (see measure_memory)
