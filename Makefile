@@ -6,11 +6,15 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-slow install clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e ".[dev,sim]"
+	# openpi's websocket client, for tests/test_serve.py (a real client against `vlablocks serve`): --no-deps because
+	# it pins numpy<2; the modules used (websocket_client_policy, msgpack_numpy, base_policy) run on numpy 2, and its
+	# other dependency, dm-tree, is only for modules not used here.
+	$(PY) -m pip install -q --no-deps openpi-client==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

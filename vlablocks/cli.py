@@ -3,11 +3,12 @@
     vlablocks recipes | show RECIPE | check RECIPE           compose and inspect (RECIPE may be a checkpoint directory)
     vlablocks data metaworld --tasks ... --episodes N --out DIR
     vlablocks train RECIPE|CHECKPOINT --data DIR [--steps N] [--out RUN] [key=value ...] [train.finetune=lora ...]
-    vlablocks eval RUN --env metaworld --tasks ... --episodes N [--video]
+    vlablocks eval RUN --env metaworld --tasks ... --episodes N [--video] [--server ws://HOST:PORT]
     vlablocks export RUN_OR_CHECKPOINT OUT [--lerobot [DIR]]     a plain (or LeRobot-layout) checkpoint, LoRA merged
     vlablocks convert lerobot DIR_OR_HUB_ID OUT [--tokenizer T]  a LeRobot pi0 / pi0.5 / SmolVLA policy -> vlablocks
     vlablocks report RUN [--data DIR] [--samples N]            loss by flow time, action errors, gradients
     vlablocks bench RECIPE [--device cpu|cuda] [--dtype fp32|bf16] [--compile [step|chunk]] [--batch B] [--steps N] [--json FILE]
+    vlablocks serve CHECKPOINT [--host H] [--port P] [--device D] [--compile] [--obs-map FILE]  openpi's websocket protocol
     vlablocks --debug COMMAND ...                                full tracebacks (or VLABLOCKS_DEBUG=1)
 
 RECIPE is a bundled recipe name or a path to a YAML file; ``key.path=value`` arguments override
@@ -33,7 +34,8 @@ from typing import Any, NoReturn
 
 import yaml
 
-from vlablocks.convert.lerobot import check_new_directory, convert_lerobot
+from vlablocks.convert.command import add_convert_command
+from vlablocks.convert.lerobot import check_new_directory
 from vlablocks.convert.common import ConversionError
 from vlablocks.convert.lerobot_export import converted_source, export_lerobot
 from vlablocks.data import ACTION, STATE, DataSelection
@@ -48,6 +50,8 @@ from vlablocks.policy.checks import smoke_check
 from vlablocks.policy.vla import RECIPE_FILE, VLA, NonFiniteActionError
 from vlablocks.recipes.builder import build, from_pretrained
 from vlablocks.recipes.loader import Recipe, RecipeError, bundled_recipes, load_recipe
+from vlablocks.serve.client import RemotePredictor
+from vlablocks.serve.command import add_serve_command
 from vlablocks.tools.bench import BenchSettings, format_table, run_bench, write_result
 from vlablocks.tools.report import build_report, format_report, write_report
 from vlablocks.train.checkpoint import LatestPointerError
@@ -240,10 +244,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    remote = None if args.server is None else RemotePredictor(args.server)
     results = evaluate_run(
         args.run, tasks=[t.strip() for t in args.tasks.split(",") if t.strip()], episodes=args.episodes,
         execute_steps=args.execute_steps, video=args.video, use_ema=args.ema, seed=args.seed, verify=args.verify,
-        workers=args.workers, env=args.env,
+        workers=args.workers, env=args.env, predictor=remote, predictor_name=args.server or "in-process",
     )
     _out(format_results(results))
     return 0
@@ -259,14 +264,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     converted = converted_source(source) if args.lerobot == "" else args.lerobot
     out = export_lerobot(vla, converted, args.out)
     _out(f"exported to {out} in LeRobot's layout (config.json, model.safetensors, processors; from {converted})")
-    return 0
-
-
-def cmd_convert(args: argparse.Namespace) -> int:
-    out = convert_lerobot(args.source_dir, args.out, tokenizer=args.tokenizer, overrides=args.overrides,
-                          revision=args.revision)
-    _out(f"converted to {out}; load it with vlablocks.from_pretrained({str(out)!r}), "
-         f"fine-tune it with vlablocks train {out} --data ...")
     return 0
 
 
@@ -379,6 +376,8 @@ def _add_eval_command(sub: Any) -> None:
     evaluate.add_argument("--no-verify", dest="verify", action="store_false",
                         help="load a checkpoint that has no manifest.json, without checking its files (logged)")
     evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--server", default=None, metavar="ws://HOST:PORT",
+                          help="take the actions from a policy server (vlablocks serve) instead of RUN's policy")
     evaluate.add_argument("--workers", type=positive_int, default=1,
                           help="rollout processes, each with a copy of the policy (results do not depend on it)")
     evaluate.set_defaults(fn=cmd_eval)
@@ -394,16 +393,6 @@ def _add_eval_command(sub: Any) -> None:
                              "from LeRobot; CONVERTED is the directory `vlablocks convert lerobot` wrote (default: the "
                              "checkpoint itself or its run's starting directory)")
     export.set_defaults(fn=cmd_export)
-    convert = sub.add_parser("convert", help="convert another toolkit's policy into a vlablocks checkpoint")
-    convert_sub = convert.add_subparsers(dest="source", required=True)
-    lerobot = convert_sub.add_parser("lerobot", help="a LeRobot pi0 / pi0.5 / SmolVLA policy directory or Hub id")
-    lerobot.add_argument("source_dir", metavar="SOURCE", help="a LeRobot policy directory or a Hub model id")
-    lerobot.add_argument("out", help="a new (or empty) output directory")
-    lerobot.add_argument("overrides", nargs="*", help="key.path=value recipe overrides (e.g. sizes the files do not carry)")
-    lerobot.add_argument("--tokenizer", default=None,
-                         help="a local tokenizer directory or Hub id (default: the one the policy's processors name)")
-    lerobot.add_argument("--revision", default=None, help="Hub revision of SOURCE")
-    lerobot.set_defaults(fn=cmd_convert)
 
 
 def _add_tool_commands(sub: Any) -> None:
@@ -446,7 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help=f"show the full traceback of an error (also: {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_inspect_commands, _add_data_commands, _add_train_command, _add_eval_command, _add_tool_commands):
+    for add in (_add_inspect_commands, _add_data_commands, _add_train_command, _add_eval_command, _add_tool_commands,
+                add_serve_command, add_convert_command):
         add(sub)
     return parser
 

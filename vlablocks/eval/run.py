@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from vlablocks.envs import eval_env_factory
-from vlablocks.eval.policy import ChunkPolicy
+from vlablocks.eval.policy import ChunkPolicy, ChunkPredictor
 from vlablocks.eval.rollout import evaluate
 from vlablocks.eval.video import VIDEO_SIZE
 from vlablocks.io.atomic import write_json
@@ -60,6 +60,8 @@ def evaluate_run(
     env: str = "metaworld",
     video_size: int = VIDEO_SIZE,
     verify: bool = True,
+    predictor: ChunkPredictor | None = None,
+    predictor_name: str = "in-process",
 ) -> dict[str, Any]:
     """Closed-loop evaluation of a run in environment ``env``; writes ``eval/results.json`` (and videos).
 
@@ -69,6 +71,10 @@ def evaluate_run(
     environment's settings (camera, image size, state layout, ...) come from the run's
     ``data.json`` (:func:`vlablocks.envs.eval_env_factory`); videos are ``video_size`` px.
     ``verify=False`` loads a checkpoint without a manifest (see :func:`~vlablocks.recipes.from_pretrained`).
+    ``predictor``: where the action chunks come from instead of the run's policy (e.g. a policy
+    server's client, :class:`vlablocks.serve.client.RemotePredictor`); the run still gives the
+    environment's settings, the horizon and the image size; ``predictor_name`` (e.g. the server's
+    URL) is recorded in the results as ``predictor``.
     """
     run = Path(run)
     policy, checkpoint = load_policy(run, use_ema, verify)
@@ -80,14 +86,14 @@ def evaluate_run(
     )
     if execute_steps is None:
         execute_steps = min(DEFAULT_EXECUTE_STEPS, policy.config.horizon)
-    predict = policy.predict_action if workers == 1 else CheckpointPolicy(checkpoint, use_ema, verify)
+    predict = predictor or (policy.predict_action if workers == 1 else CheckpointPolicy(checkpoint, use_ema, verify))
     act = ChunkPolicy(predict, execute_steps=execute_steps, horizon=policy.config.horizon)
     eval_dir = run / "eval"
     results = evaluate(make_env, act, tasks, episodes, seed=seed, video_dir=eval_dir / "videos" if video else None,
                        workers=workers)
     ema = use_ema and (checkpoint / EMA_FILE).is_file()  # what was evaluated, not what was asked for
     results = {**results, "checkpoint": str(checkpoint), "execute_steps": execute_steps, "ema": ema, "env": env,
-               **make_env.describe()}
+               **make_env.describe(), "predictor": predictor_name}
     eval_dir.mkdir(parents=True, exist_ok=True)
     write_json(eval_dir / "results.json", results)
     return results
