@@ -3,7 +3,7 @@
     vlablocks recipes | show RECIPE | check RECIPE           compose and inspect (RECIPE may be a checkpoint directory)
     vlablocks data metaworld --tasks ... --episodes N --out DIR
     vlablocks train RECIPE|CHECKPOINT --data DIR [--steps N] [--out RUN] [key=value ...] [train.finetune=lora ...]
-    vlablocks eval RUN --env metaworld --tasks ... --episodes N [--video] [--server ws://HOST:PORT]
+    vlablocks eval RUN --env metaworld --tasks ... --episodes N [--video] [--server ws://H:P] [--strategy S --delay D]
     vlablocks export RUN_OR_CHECKPOINT OUT [--lerobot [DIR]]     a plain (or LeRobot-layout) checkpoint, LoRA merged
     vlablocks convert lerobot DIR_OR_HUB_ID OUT [--tokenizer T]  a LeRobot pi0 / pi0.5 / SmolVLA policy -> vlablocks
     vlablocks report RUN [--data DIR] [--samples N]            loss by flow time, action errors, gradients
@@ -43,6 +43,7 @@ from vlablocks.data.format import VERSIONS
 from vlablocks.data.table import EpisodeError
 from vlablocks.envs import ENVS
 from vlablocks.envs.metaworld.tasks import CAMERAS, STATE_LAYOUTS
+from vlablocks.eval.policy import STRATEGIES
 from vlablocks.eval.run import evaluate_run, format_results
 from vlablocks.io.manifest import CheckpointError
 from vlablocks.policy.batch import BatchError
@@ -249,6 +250,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.run, tasks=[t.strip() for t in args.tasks.split(",") if t.strip()], episodes=args.episodes,
         execute_steps=args.execute_steps, video=args.video, use_ema=args.ema, seed=args.seed, verify=args.verify,
         workers=args.workers, env=args.env, predictor=remote, predictor_name=args.server or "in-process",
+        strategy=args.strategy, delay=args.delay,
     )
     _out(format_results(results))
     return 0
@@ -378,6 +380,9 @@ def _add_eval_command(sub: Any) -> None:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--server", default=None, metavar="ws://HOST:PORT",
                           help="take the actions from a policy server (vlablocks serve) instead of RUN's policy")
+    evaluate.add_argument("--strategy", choices=sorted(STRATEGIES), default="sync",
+                          help="how chunks execute (docs/deployment.md): sync, async, rtc (real-time chunking), ensemble")
+    evaluate.add_argument("--delay", type=int_at_least(0), default=0, help="simulated inference delay, control steps")
     evaluate.add_argument("--workers", type=positive_int, default=1,
                           help="rollout processes, each with a copy of the policy (results do not depend on it)")
     evaluate.set_defaults(fn=cmd_eval)

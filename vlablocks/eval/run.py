@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from vlablocks.envs import eval_env_factory
-from vlablocks.eval.policy import ChunkPolicy, ChunkPredictor
+from vlablocks.eval.policy import ChunkPredictor, GuidedVLAPredictor, TemporalEnsemblePolicy, get_strategy
+from vlablocks.eval.protocol import Policy
 from vlablocks.eval.rollout import evaluate
 from vlablocks.eval.video import VIDEO_SIZE
 from vlablocks.io.atomic import write_json
@@ -48,6 +49,14 @@ class CheckpointPolicy:
         return _loaded_policy(self.checkpoint, self.use_ema, self.verify).predict_action(batch)
 
 
+def execution_policy(strategy: str, predict: Any, execute_steps: int, horizon: int, delay: int) -> Policy:
+    """The chunk-executing policy of ``strategy`` (``ensemble`` infers every step: no ``execute_steps``)."""
+    cls = get_strategy(strategy)
+    if cls is TemporalEnsemblePolicy:
+        return cls(predict, horizon=horizon, delay=delay)
+    return cls(predict, execute_steps=execute_steps, horizon=horizon, delay=delay)
+
+
 def evaluate_run(
     run: str | Path,
     tasks: Sequence[str],
@@ -62,6 +71,8 @@ def evaluate_run(
     verify: bool = True,
     predictor: ChunkPredictor | None = None,
     predictor_name: str = "in-process",
+    strategy: str = "sync",
+    delay: int = 0,
 ) -> dict[str, Any]:
     """Closed-loop evaluation of a run in environment ``env``; writes ``eval/results.json`` (and videos).
 
@@ -74,7 +85,11 @@ def evaluate_run(
     ``predictor``: where the action chunks come from instead of the run's policy (e.g. a policy
     server's client, :class:`vlablocks.serve.client.RemotePredictor`); the run still gives the
     environment's settings, the horizon and the image size; ``predictor_name`` (e.g. the server's
-    URL) is recorded in the results as ``predictor``.
+    URL) is recorded in the results as ``predictor``. ``strategy`` (``sync``, ``async``, ``rtc``,
+    ``ensemble``; :mod:`vlablocks.eval.policy`) executes the chunks under a simulated inference
+    delay of ``delay`` control steps; ``rtc`` samples in process with
+    :class:`~vlablocks.eval.policy.GuidedVLAPredictor` (a ``predictor`` given must take
+    ``(batch, previous, delay)``, as the server's client does).
     """
     run = Path(run)
     policy, checkpoint = load_policy(run, use_ema, verify)
@@ -86,14 +101,19 @@ def evaluate_run(
     )
     if execute_steps is None:
         execute_steps = min(DEFAULT_EXECUTE_STEPS, policy.config.horizon)
-    predict = predictor or (policy.predict_action if workers == 1 else CheckpointPolicy(checkpoint, use_ema, verify))
-    act = ChunkPolicy(predict, execute_steps=execute_steps, horizon=policy.config.horizon)
+    if predictor is not None:
+        predict = predictor
+    elif strategy == "rtc":
+        predict = GuidedVLAPredictor(policy)
+    else:
+        predict = policy.predict_action if workers == 1 else CheckpointPolicy(checkpoint, use_ema, verify)
+    act = execution_policy(strategy, predict, execute_steps, policy.config.horizon, delay)
     eval_dir = run / "eval"
     results = evaluate(make_env, act, tasks, episodes, seed=seed, video_dir=eval_dir / "videos" if video else None,
                        workers=workers)
     ema = use_ema and (checkpoint / EMA_FILE).is_file()  # what was evaluated, not what was asked for
     results = {**results, "checkpoint": str(checkpoint), "execute_steps": execute_steps, "ema": ema, "env": env,
-               **make_env.describe(), "predictor": predictor_name}
+               **make_env.describe(), "predictor": predictor_name, "strategy": strategy, "delay": delay}
     eval_dir.mkdir(parents=True, exist_ok=True)
     write_json(eval_dir / "results.json", results)
     return results

@@ -67,8 +67,15 @@ class RemotePredictor:
             request[obs_map["noise"]] = torch.randn(self.metadata["noise_shape"]).numpy()
         return request
 
-    def __call__(self, batch: Mapping[str, Any]) -> torch.Tensor:
+    def __call__(self, batch: Mapping[str, Any], previous: torch.Tensor | None = None, delay: int = 0) -> torch.Tensor:
+        """``actions [1, H, A]`` for ``batch``; with ``previous [1, P, A]`` (the queued raw actions)
+        and ``delay``, the server samples the chunk with real-time chunking (a
+        :class:`~vlablocks.eval.policy.RealTimeChunkPolicy` predictor)."""
         request = self.request(batch)
+        if previous is not None:
+            obs_map = self.metadata["observation_map"]
+            request[obs_map["previous"]] = previous[0].detach().float().cpu().numpy()
+            request[obs_map["delay"]] = int(delay)
         assert self._connection is not None
         self._connection.send(wire.packb(request))
         reply = self._connection.recv()

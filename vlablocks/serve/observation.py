@@ -8,6 +8,8 @@ arrays and strings. The observation map names which request key feeds which batc
     state: observation/state                              # [S] raw units (null: not sent)
     prompt: prompt                                        # the instruction (str)
     noise: noise                                          # optional [H, A_model] start noise
+    previous: previous_actions                            # real-time chunking: the queued actions [P, A]
+    delay: inference_delay                                #   and the delay d (control steps) they cover
     depth: observation/depth                              # geometry policies: [N, H, W] metres,
     intrinsics: observation/intrinsics                    #   [N, 3, 3] pinhole K,
     cam_to_world: observation/cam_to_world                #   optional [N, 4, 4] poses (cameras stacked)
@@ -45,7 +47,7 @@ DEFAULT_CAMERA_KEYS = ("observation/image", "observation/wrist_image")
 
 
 #: the observation map's fields that name one request key each.
-SINGLE_KEYS = ("state", "prompt", "noise", "depth", "intrinsics", "cam_to_world")
+SINGLE_KEYS = ("state", "prompt", "noise", "depth", "intrinsics", "cam_to_world", "previous", "delay")
 #: geometry inputs a request may carry for a policy with a geometry encoder: (field, dims per camera).
 GEOMETRY = (("depth", 2), ("intrinsics", 2), ("cam_to_world", 2))
 GEOMETRY_FIELDS = tuple(name for name, _ in GEOMETRY)
@@ -63,12 +65,14 @@ class ObservationMap:
     state: str | None = "observation/state"
     prompt: str = "prompt"
     noise: str | None = "noise"
+    previous: str | None = "previous_actions"
+    delay: str | None = "inference_delay"
     depth: str | None = "observation/depth"
     intrinsics: str | None = "observation/intrinsics"
     cam_to_world: str | None = "observation/cam_to_world"
 
     def __post_init__(self) -> None:
-        names = [*self.images, self.state, self.prompt, self.noise, self.depth, self.intrinsics, self.cam_to_world]
+        names = [*self.images, *(getattr(self, name) for name in SINGLE_KEYS)]
         used = [n for n in names if n is not None]
         if not all(isinstance(n, str) and n for n in used):
             raise ValueError(f"observation map: request keys must be non-empty strings; got {used}")
@@ -183,6 +187,25 @@ def fit_images(images: Sequence[torch.Tensor], vla: VLA) -> torch.Tensor:
         else:
             out.append(PadResize(height, width, size).images(image))
     return torch.stack(out)
+
+
+def rtc_inputs(request: Mapping[str, Any], obs_map: ObservationMap, vla: VLA) -> tuple[torch.Tensor, int] | None:
+    """``(previous [1, P, A] raw actions, delay d)`` of a real-time-chunking request, or ``None``
+    when the request carries no previous chunk (a plain chunk is sampled)."""
+    if obs_map.previous is None or request.get(obs_map.previous) is None:
+        return None
+    previous = _array(request, obs_map.previous, "the queued actions [P, A]")
+    width, horizon = vla.normalizer["action"].width, vla.config.horizon
+    if previous.ndim != 2 or previous.shape[1] != width or not 1 <= previous.shape[0] <= horizon:
+        raise RequestError(f"request[{obs_map.previous!r}]: expected the queued actions [P, {width}] with 1 <= P <= "
+                           f"{horizon}; got shape {list(previous.shape)}")
+    delay = request.get(obs_map.delay, 0) if obs_map.delay is not None else 0
+    if isinstance(delay, np.generic):
+        delay = delay.item()
+    if not isinstance(delay, int) or isinstance(delay, bool) or not 0 <= delay <= previous.shape[0]:
+        raise RequestError(f"request[{obs_map.delay!r}]: expected an int delay in [0, {previous.shape[0]}] (at most the "
+                           f"queued actions); got {delay!r}")
+    return torch.tensor(previous, dtype=torch.float32)[None], delay
 
 
 def to_batch(request: Any, obs_map: ObservationMap, vla: VLA) -> tuple[dict[str, Any], torch.Tensor | None]:

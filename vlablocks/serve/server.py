@@ -22,13 +22,14 @@ answers ``OK``. SIGTERM / SIGINT close every connection and return.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http
 import json
 import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,13 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from vlablocks import __version__
+from vlablocks.eval.policy import GuidedVLAPredictor
+from vlablocks.heads.rtc import DEFAULT_BETA
 from vlablocks.policy.batch import BatchError, to_device
 from vlablocks.policy.vla import VLA
 from vlablocks.recipes.builder import from_pretrained
 from vlablocks.serve import wire
-from vlablocks.serve.observation import ObservationMap, to_batch
+from vlablocks.serve.observation import ObservationMap, rtc_inputs, to_batch
 from vlablocks.train.checkpoint import EMA_FILE, latest_checkpoint, load_ema_policy
 from vlablocks.train.workflow import DATA_INFO_FILE
 
@@ -89,9 +92,12 @@ class PolicyServer:
         obs_map: request keys -> batch keys (:class:`~vlablocks.serve.observation.ObservationMap`).
         name: the policy's name in the metadata and the log.
         max_size: largest accepted message in bytes (``None``: no limit).
+        rtc_beta: the guidance-weight clip of real-time-chunking requests (a request carrying
+            the queued actions, :func:`~vlablocks.serve.observation.rtc_inputs`).
     """
 
-    def __init__(self, vla: VLA, obs_map: ObservationMap, name: str, max_size: int | None = DEFAULT_MAX_SIZE) -> None:
+    def __init__(self, vla: VLA, obs_map: ObservationMap, name: str, max_size: int | None = DEFAULT_MAX_SIZE,
+                 rtc_beta: float = DEFAULT_BETA) -> None:
         self.vla = vla.eval()
         self.obs_map = obs_map if vla.geometry is not None else obs_map.without_geometry()
         self.name = name
@@ -100,6 +106,7 @@ class PolicyServer:
         self.metadata = server_metadata(vla, self.obs_map, name)
         self._packed_metadata = wire.packb(self.metadata)
         self._lock = threading.Lock()
+        self.guided = GuidedVLAPredictor(self.vla, beta=rtc_beta)
 
     def infer(self, request: Any) -> dict[str, Any]:
         """One observation -> ``{"actions": float32 [H, A], "server_timing": {infer_ms, wait_ms}}``.
@@ -108,12 +115,17 @@ class PolicyServer:
             BatchError: the request does not fit the map or the policy (one line).
         """
         batch, noise = to_batch(request, self.obs_map, self.vla)
+        rtc = rtc_inputs(request, self.obs_map, self.vla)
         batch = to_device(batch, self.device)
         noise = None if noise is None else noise.to(self.device)
         arrived = time.perf_counter()
         with self._lock:
             start = time.perf_counter()
-            actions = self.vla.predict_action(batch, noise=noise)[0].float().cpu().numpy()
+            if rtc is None:
+                actions = self.vla.predict_action(batch, noise=noise)
+            else:  # real-time chunking: the new chunk continues the queued actions (guided sampling)
+                actions = self.guided(batch, previous=rtc[0].to(self.device), delay=rtc[1], noise=noise)
+            actions = actions[0].float().cpu().numpy()
         done = time.perf_counter()
         return {"actions": actions,
                 "server_timing": {"infer_ms": (done - start) * 1e3, "wait_ms": (start - arrived) * 1e3}}
@@ -215,3 +227,26 @@ def trained_cameras(checkpoint: Path) -> int | None:
         return None
     cameras = json.loads(info.read_text(encoding="utf-8")).get("cameras")
     return len(cameras) if isinstance(cameras, list) and cameras else None
+
+
+@contextlib.contextmanager
+def serving_in_background(server: PolicyServer, host: str = "127.0.0.1", port: int = 0,
+                          timeout: float = 60.0) -> Iterator[str]:
+    """Run ``server`` on its own event loop in a background thread of this process (the same
+    torch settings as in-process inference); yields its URL, ``ws://HOST:PORT``, and stops it on exit."""
+    ready, state = threading.Event(), {}
+
+    async def main() -> None:
+        state["stop"], state["loop"] = asyncio.Event(), asyncio.get_running_loop()
+        await server.serve(host, port, ready=lambda _, real: (state.update(port=real), ready.set()),
+                           stop=state["stop"], handle_signals=False)
+
+    thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True, name="vlablocks-serve")
+    thread.start()
+    if not ready.wait(timeout):
+        raise RuntimeError(f"the policy server did not start listening within {timeout:g} s")
+    try:
+        yield f"ws://{host}:{state['port']}"
+    finally:
+        state["loop"].call_soon_threadsafe(state["stop"].set)
+        thread.join(timeout)
