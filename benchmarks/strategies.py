@@ -85,7 +85,7 @@ class Recorder:
 
     def summary(self) -> dict[str, float]:
         self.flush()
-        mean = lambda parts: float(torch.cat(parts).mean()) if parts and torch.cat(parts).numel() else float("nan")
+        mean = lambda parts: float(torch.cat(parts).mean()) if parts and torch.cat(parts).numel() else None  # no such step
         episodes = max(len(self.chunks), 1)
         return {"jerk_boundary": mean(self.at), "jerk_within": mean(self.within),
                 "chunks_per_episode": sum(self.chunks) / episodes, "waits_per_episode": sum(self.waits) / episodes}
@@ -107,6 +107,10 @@ def make_strategy(name: str, vla: Any, delay: int, args: argparse.Namespace) -> 
     return RealTimeChunkPolicy(GuidedVLAPredictor(vla, beta=args.beta), execute_steps=s, horizon=horizon, delay=delay)
 
 
+def _jump(value: float | None) -> str:
+    return "- (every step is one)" if value is None else f"{value:.4f}"
+
+
 def table(rows: list[dict[str, Any]], tasks: list[str]) -> str:
     lines = ["| strategy | d | " + " | ".join(tasks) + " | mean | jump at boundary | jump within | "
              "calls / episode | waits / episode | time |",
@@ -118,7 +122,7 @@ def table(rows: list[dict[str, Any]], tasks: list[str]) -> str:
             continue
         cells = " | ".join(f"{100 * row['per_task'][t]:.0f}%" for t in tasks)
         lines.append(f"| {row['strategy']} | {row['delay']} | {cells} | {100 * row['mean']:.0f}% | "
-                     f"{row['jerk_boundary']:.4f} | {row['jerk_within']:.4f} | {row['chunks_per_episode']:.1f} | "
+                     f"{_jump(row['jerk_boundary'])} | {_jump(row['jerk_within'])} | {row['chunks_per_episode']:.1f} | "
                      f"{row['waits_per_episode']:.1f} | {row['seconds']:.0f} s |")
     return "\n".join(lines)
 
@@ -167,10 +171,10 @@ def main(argv: list[str] | None = None) -> int:
              f"{args.episodes} episodes per task, seed {args.seed}; rtc beta = {args.beta}, ensemble m = {args.m}. "
              "Jumps: mean ||a_t - a_(t-1)||_2 in raw action units.")
     print(text + notes)
-    if args.json:
-        write_json(args.json, {"rows": rows, "checkpoint": str(checkpoint), "args": {k: str(v) for k, v in vars(args).items()}})
     if args.update:
         replace_section(args.update, SECTION, text + notes)
+    if args.json:
+        write_json(args.json, {"rows": rows, "checkpoint": str(checkpoint), "args": {k: str(v) for k, v in vars(args).items()}})
     return 0
 
 
