@@ -21,7 +21,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 import torch
 
 from vlablocks.envs import eval_env_factory
-from vlablocks.eval.policy import ChunkPolicy
+from vlablocks.eval.policy import ChunkPolicy, RecordingPredictor
 from vlablocks.eval.rollout import EvalJob
 from vlablocks.io.atomic import replace_section
 from vlablocks.serve import default_observation_map
@@ -32,18 +32,6 @@ from vlablocks.train.workflow import DATA_INFO_FILE
 
 TASKS = ("button-press-topdown-v3", "drawer-open-v3", "window-open-v3")
 SECTION = "serve-parity"
-
-
-class Recorder:
-    """A chunk predictor that keeps every chunk it returns."""
-
-    def __init__(self, predict) -> None:
-        self.predict, self.chunks = predict, []
-
-    def __call__(self, batch):
-        chunk = self.predict(batch)
-        self.chunks.append(chunk.clone())
-        return chunk
 
 
 def episodes(make_env, predict, horizon: int, task: str, count: int, execute: int) -> list[bool]:
@@ -68,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     with serving_in_background(PolicyServer(served, default_observation_map(len(info.get("cameras", [1]))), "demo")) as url:
         remote = RemotePredictor(url)
         for task in TASKS:
-            local, through = Recorder(policy.predict_action), Recorder(remote)
+            local, through = RecordingPredictor(policy.predict_action), RecordingPredictor(remote)
             a = episodes(make_env, local, policy.config.horizon, task, args.episodes, args.execute_steps)
             b = episodes(make_env, through, policy.config.horizon, task, args.episodes, args.execute_steps)
             same = len(local.chunks) == len(through.chunks) and all(torch.equal(x, y) for x, y in zip(local.chunks, through.chunks))

@@ -94,7 +94,9 @@ def test_openpi_client_gets_metadata_and_the_in_process_actions(server, policy):
     assert meta["horizon"] == HORIZON and meta["action_dim"] == DATA_A and meta["model_action_dim"] == MODEL_A
     assert meta["state_dim"] == STATE and meta["num_cameras"] == 1 and meta["image_size"] == 32
     assert meta["observation_map"] == {"images": ["observation/image"], "state": "observation/state",
-                                       "prompt": "prompt", "noise": "noise"}
+                                       "prompt": "prompt", "noise": "noise", "previous": "previous_actions",
+                                       "delay": "inference_delay"}  # no geometry keys: this policy reads none
+    assert meta["geometry"] is False
     assert meta["policy"] == "ckpt" and meta["vlablocks_version"] and "pi0" in meta["description"]
     expected = expected_actions(policy, observation(1))
     for obs, want in ((observation(1), expected), (observation(2, size=(48, 40)), None)):  # one to resize + pad

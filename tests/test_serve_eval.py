@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vlablocks.cli import main
-from vlablocks.eval.policy import GuidedVLAPredictor
+from vlablocks.eval.policy import GuidedVLAPredictor, RecordingPredictor
 from vlablocks.eval.run import evaluate_run
 from vlablocks.policy.checks import random_batch
 from vlablocks.serve import default_observation_map
@@ -20,18 +20,6 @@ from vlablocks.serve.server import PolicyServer, load_for_serving, serving_in_ba
 from vlablocks.train.checkpoint import load_policy
 
 TASK = "button-press-topdown-v3"
-
-
-class Recorder:
-    """A chunk predictor that keeps every chunk it returns."""
-
-    def __init__(self, predict) -> None:
-        self.predict, self.chunks = predict, []
-
-    def __call__(self, batch):
-        chunk = self.predict(batch)
-        self.chunks.append(chunk.clone())
-        return chunk
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +44,9 @@ def served(run):
 
 def test_evaluation_through_the_server_takes_the_in_process_actions(run, served):
     policy, _, url = served
-    local = Recorder(policy.predict_action)
+    local = RecordingPredictor(policy.predict_action)
     expected = evaluate_run(run, [TASK], episodes=2, execute_steps=8, predictor=local)
-    remote = Recorder(RemotePredictor(url))
+    remote = RecordingPredictor(RemotePredictor(url))
     through = evaluate_run(run, [TASK], episodes=2, execute_steps=8, predictor=remote, predictor_name=url)
     assert through["per_task"] == expected["per_task"] and through["predictor"] == url
     assert len(remote.chunks) == len(local.chunks) > 10

@@ -364,6 +364,20 @@ class GuidedVLAPredictor:
         return actions
 
 
+class RecordingPredictor:
+    """A chunk predictor that keeps a copy of every chunk ``predict`` returns (e.g. to compare an
+    evaluation through a policy server with one in process, chunk by chunk)."""
+
+    def __init__(self, predict: ChunkPredictor) -> None:
+        self.predict = predict
+        self.chunks: list[torch.Tensor] = []
+
+    def __call__(self, batch: Mapping[str, Any], *args: Any) -> torch.Tensor:
+        chunk = self.predict(batch, *args)
+        self.chunks.append(chunk.detach().clone())
+        return chunk
+
+
 #: The strategies by name (the benchmark's and any command line's choices).
 STRATEGIES: dict[str, type] = {
     "sync": ChunkPolicy,
