@@ -11,6 +11,7 @@ one in process.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,12 +40,14 @@ class RemotePredictor:
         self.url = url
         self.open_timeout = open_timeout
         self._connection: ClientConnection | None = None
+        self._stack = contextlib.ExitStack()
         self.metadata: dict[str, Any] = {}
 
     def connect(self) -> dict[str, Any]:
         """Open the connection (if not open) and return the server's metadata."""
         if self._connection is None:
-            self._connection = connect(self.url, compression=None, max_size=None, open_timeout=self.open_timeout)
+            self._connection = self._stack.enter_context(  # a context manager, as websockets wants it used
+                connect(self.url, compression=None, max_size=None, open_timeout=self.open_timeout))
             self.metadata = wire.unpackb(self._connection.recv())
         return self.metadata
 
@@ -85,9 +88,12 @@ class RemotePredictor:
         return torch.from_numpy(np.array(actions, dtype=np.float32))[None]
 
     def close(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
+        """Close the connection (a later call opens a new one)."""
+        self._stack.close()
+        self._connection = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_connection": None}
+        return {**self.__dict__, "_connection": None, "_stack": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update({**state, "_stack": contextlib.ExitStack()})
