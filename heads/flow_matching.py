@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from vlablocks.heads.denoiser import Denoiser, Prefix
-from vlablocks.heads.rtc import DEFAULT_BETA, rtc_sample, soft_mask
+from vlablocks.heads.rtc import DEFAULT_BETA, VelocityField, rtc_sample, soft_mask
 from vlablocks.heads.time_samplers import BetaTimeSampler, Device, TimeSampler
 
 # --------------------------------------------------------------------------------------------
@@ -163,8 +163,6 @@ def residual_var_at(t: float, loss: float) -> float:
 # ODE solvers, from t = 1 (noise) to t = 0 (data)
 # --------------------------------------------------------------------------------------------
 
-#: A velocity field ``f(x [B, H, A], t [B]) -> v [B, H, A]``.
-VelocityField = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: One solver step ``(f, x, t, t_next) -> x_next``, times as Python floats.
 SolverStep = Callable[[VelocityField, torch.Tensor, float, float], torch.Tensor]
 
@@ -410,17 +408,18 @@ class FlowMatchingHead(nn.Module):
         Returns: ``[B, H, A]`` actions.
         """
         noise = self._start_noise(prefix, state, noise, generator)
+        return self._solver(num_steps, solver)(self._field(prefix, state), noise)
+
+    def _field(self, prefix: Prefix, state: torch.Tensor | None) -> VelocityField:
+        """The velocity field of one observation: ``prepare`` once (the prefix cache), then
+        ``velocity(x [B, H, A], t [B])`` per solver evaluation."""
         context = self.denoiser.prepare(prefix)
+        return lambda x, t: self.denoiser.velocity(context, x, t, state)
 
-        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.denoiser.velocity(context, x, t, state)
-
-        return integrate(
-            velocity,
-            noise,
-            self.num_steps if num_steps is None else num_steps,
-            self.solver if solver is None else solver,
-        )
+    def _solver(self, num_steps: int | None, solver: str | None) -> Callable[..., torch.Tensor]:
+        """``integrate`` with the head's defaults for ``num_steps`` / ``solver`` when ``None``."""
+        return functools.partial(integrate, num_steps=self.num_steps if num_steps is None else num_steps,
+                                 method=self.solver if solver is None else solver)
 
     def sample_guided(
         self,
@@ -442,8 +441,7 @@ class FlowMatchingHead(nn.Module):
         while this chunk is computed) and ``[delay, H - execute)`` follow it with decaying weight
         (:func:`~vlablocks.heads.rtc.soft_mask`); ``beta`` clips the guidance weight (0: plain
         :meth:`sample` from the same noise). ``prepare`` runs once; each solver evaluation is a
-        velocity under autograd plus one vector-Jacobian product (about 2-3x a plain step).
-        Call it under ``torch.no_grad()`` if you like, not under ``torch.inference_mode()``.
+        velocity under autograd plus one vector-Jacobian product. Not under ``inference_mode``.
 
         Args:
             prefix, state, noise, num_steps, solver, generator: as in :meth:`sample`.
@@ -462,17 +460,8 @@ class FlowMatchingHead(nn.Module):
         if dim_mask is not None:
             _check_mask("dim_mask", dim_mask, [(self.action_dim,)])
             weights = weights * dim_mask.to(weights.device, weights.dtype)
-        context = self.denoiser.prepare(prefix)
-
-        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.denoiser.velocity(context, x, t, state)
-
-        solve = functools.partial(
-            integrate,
-            num_steps=self.num_steps if num_steps is None else num_steps,
-            method=self.solver if solver is None else solver,
-        )
-        return rtc_sample(velocity, noise, previous.to(noise.device, noise.dtype), weights, solve, beta)
+        return rtc_sample(self._field(prefix, state), noise, previous.to(noise.device, noise.dtype), weights,
+                          self._solver(num_steps, solver), beta)
 
     def _start_noise(
         self,
