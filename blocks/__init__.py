@@ -3,7 +3,8 @@
 Masks and positions (:mod:`.masks`), RoPE (:mod:`.rope`), norms (:mod:`.norms`), MLPs
 (:mod:`.mlp`), multi-expert attention (:mod:`.attention`), per-layer masks and RoPE tables
 precomputed once per token layout (:mod:`.attention_layout`), expert specs and layer maps
-(:mod:`.experts`), the deep-fusion stack (:mod:`.fusion`), the device context for parameter
+(:mod:`.experts`), the deep-fusion stack (:mod:`.fusion`), int8 linears for CPU inference
+(:mod:`.quantized`), the device context for parameter
 creation (:mod:`.device`) and weight import from transformers decoders (:mod:`.transformers_import`).
 """
 

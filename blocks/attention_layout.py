@@ -134,10 +134,9 @@ def slice_tokens(
     return mask[:, rows][:, :, cols], rope.rows(rows)
 
 
-def attention_dtype(weight: torch.Tensor) -> torch.dtype:
-    """The dtype of queries projected by a layer with this ``weight``: autocast's lower
-    precision when autocast is on for the weight's device, else the weight's dtype."""
-    device_type = weight.device.type
+def attention_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """The dtype of queries projected by linears taking ``dtype`` on a ``device_type`` device:
+    autocast's lower precision when autocast is on for that device, else ``dtype``."""
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
-    return weight.dtype
+    return dtype

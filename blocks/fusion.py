@@ -49,7 +49,7 @@ from vlablocks.blocks.experts import ExpertSpec, apply_norm, every_layer
 from vlablocks.blocks.experts import every_kth_layer as every_kth_layer  # re-exported
 from vlablocks.blocks.experts import first_n_layers as first_n_layers  # re-exported
 from vlablocks.blocks.fusion_layers import CrossAttentionFusionBlock, DeepFusionBlock
-from vlablocks.blocks.mlp import GatedMlp
+from vlablocks.blocks.mlp import GatedMlp, input_dtype
 
 
 # ------------------------------------------------------------------------------- the stack
@@ -200,14 +200,15 @@ class DeepFusionStack(nn.Module):
         for name, param in self.final_norms[expert].named_parameters():
             yield f"final_norms.{expert}.{name}", param
 
-    def expert_weight(self, expert: int) -> torch.Tensor:
-        """A weight of expert ``expert``'s attention / MLP linears (the base's for an expert that
-        shares them): their dtype is the one its stream runs in, whatever dtype its norms keep
-        (:mod:`vlablocks.policy.precision` keeps norms in float32 under bfloat16 weights)."""
+    def expert_dtype(self, expert: int) -> torch.dtype:
+        """The dtype expert ``expert``'s stream runs in: that of its attention / MLP linears (the
+        base's for an expert that shares them), whatever dtype its norms keep
+        (:mod:`vlablocks.policy.precision` keeps norms in float32 under bfloat16 weights);
+        float32 for dynamically quantised linears, which take float activations."""
         i = next(i for i, present in enumerate(self.layer_experts) if expert in present)
         layer = self.layers[i]
         modules = layer.expert_modules(self.layer_experts[i].index(expert)) or layer.expert_modules(0)
-        return next(module.gate_proj.weight for module in modules.values() if isinstance(module, GatedMlp))
+        return input_dtype(next(module.down_proj for module in modules.values() if isinstance(module, GatedMlp)))
 
     def set_attention_backend(self, backend: str) -> None:
         """Switch every layer's attention kernel (``"sdpa"`` or ``"eager"``)."""
@@ -265,7 +266,7 @@ class DeepFusionStack(nn.Module):
         Args:
             hidden_states: per expert ``[B, L_e, W_e]`` or ``None``; present streams form the
                 sequence ``Lq = sum(L_e)`` in expert order. Each is cast to the dtype of its
-                expert's linear weights (:meth:`expert_weight`; not under autocast, which
+                expert's linear weights (:meth:`expert_dtype`; not under autocast, which
                 picks the compute dtype itself), as are the outputs.
             attention_mask: ``[B, Lq, P + Lq]`` bool (True = attend) or additive float, ``P`` the
                 cache length (0 without a cache); see :mod:`vlablocks.blocks.masks`.
@@ -291,7 +292,7 @@ class DeepFusionStack(nn.Module):
         if not 1 <= num_layers <= self.num_layers:
             raise ValueError(f"num_layers must be in 1..{self.num_layers}; got {num_layers}")
         layout = self._resolve_layout(streams, cache, attention_mask, position_ids, layout)
-        streams = [_to_weight_dtype(x, self.expert_weight(e)) for e, x in enumerate(streams)]
+        streams = [_to_dtype(x, self.expert_dtype(e)) for e, x in enumerate(streams)]
         last_needed = self.cached_layers[-1] if cache_only else None
         keys: list[torch.Tensor | None] = [None] * self.num_layers
         values: list[torch.Tensor | None] = [None] * self.num_layers
@@ -399,11 +400,11 @@ class DeepFusionStack(nn.Module):
                 raise ValueError(f"cache lacks keys/values for layers {missing}; build it with return_cache=True")
 
 
-def _to_weight_dtype(x: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor | None:
-    """``x`` in ``weight``'s dtype, unless autocast is on for its device (then as given)."""
+def _to_dtype(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``x`` in ``dtype``, unless autocast is on for its device (then as given)."""
     if x is None or (torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)):
         return x
-    return x.to(weight.dtype)
+    return x.to(dtype)
 
 
 def _describe(x: torch.Tensor | None) -> str:

@@ -13,8 +13,27 @@ ActLayer = Callable[[], nn.Module]
 #: tanh-approximated GELU, the activation of Gemma's GeGLU and of GR00T's feed-forward.
 GeluTanh: ActLayer = partial(nn.GELU, approximate="tanh")
 
+class SigmoidGeluTanh(nn.Module):
+    """The tanh-approximated GELU written as ``x * sigmoid(2 z)``, ``z = sqrt(2 / pi) (x +
+    0.044715 x^3)`` (``0.5 (1 + tanh z) = sigmoid(2 z)``): the same function as
+    :data:`GeluTanh` up to float rounding, about twice as fast on CPUs whose ``tanh`` is slow.
+    Inference swaps it in (:func:`vlablocks.policy.inference.optimize_for_inference`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = x * x
+        z.mul_(2 * 0.7978845608028654 * 0.044715).add_(2 * 0.7978845608028654).mul_(x)
+        return z.sigmoid_().mul_(x)
+
+
 #: activation names (as recipes spell them) -> activation classes.
 ACTIVATIONS: dict[str, ActLayer] = {"silu": nn.SiLU, "gelu_tanh": GeluTanh, "gelu": nn.GELU}
+
+
+def input_dtype(linear: nn.Module) -> torch.dtype:
+    """The dtype a linear layer takes: its weight's, or float32 for a dynamically quantised one
+    (:class:`~vlablocks.blocks.quantized.Int8DynamicLinear` has no float weight)."""
+    weight = getattr(linear, "weight", None)
+    return weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
 
 
 def get_activation(name: str) -> ActLayer:
@@ -85,5 +104,29 @@ class GatedMlp(nn.Module):
         self.down_proj = nn.Linear(hidden_dim, dim, bias=bias, **factory)
         self.act = act_layer()
 
+    @property
+    def fused(self) -> bool:
+        """Whether gate and up are one ``gate_up_proj`` (:meth:`fuse`)."""
+        return hasattr(self, "gate_up_proj")
+
+    def fuse(self) -> None:
+        """Replace ``gate_proj`` and ``up_proj`` by one ``gate_up_proj`` with their stacked
+        weights (one matmul instead of two, for inference; the same outputs up to float
+        rounding). The parameter names change: checkpoints are written before fusing."""
+        if self.fused:
+            return
+        gate, up = self.gate_proj, self.up_proj
+        fused = nn.Linear(gate.in_features, 2 * gate.out_features, bias=gate.bias is not None,
+                          device=gate.weight.device, dtype=gate.weight.dtype)
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([gate.weight, up.weight]))
+            if fused.bias is not None:
+                fused.bias.copy_(torch.cat([gate.bias, up.bias]))
+        self.gate_up_proj = fused
+        del self.gate_proj, self.up_proj
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(self.act(gate) * up)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -21,8 +22,7 @@ def check_norm_eps(eps: float) -> None:
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     """``x * rsqrt(mean(x^2, -1) + eps)`` computed in float32. ``[..., D] -> [..., D]`` (fp32)."""
-    x = x.float()
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
 
 
 class RMSNorm(nn.Module):
@@ -55,7 +55,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.weight.float() + 1.0 if self.unit_offset else self.weight.float()
-        return (rms_normalize(x, self.eps) * scale).to(x.dtype)
+        return F.rms_norm(x.float(), (x.shape[-1],), scale, self.eps).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}, unit_offset={self.unit_offset}"

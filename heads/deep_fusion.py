@@ -164,7 +164,8 @@ class DeepFusionDenoiser(nn.Module):
 
     def _query_dtype(self) -> torch.dtype:
         """The dtype of the action expert's attention queries (its weights', or autocast's)."""
-        return attention_dtype(self.stack.expert_weight(self.expert))
+        device_type = self.suffix_encoder.action_out_proj.weight.device.type
+        return attention_dtype(self.stack.expert_dtype(self.expert), device_type)
 
     def _suffix_streams(self, suffix: SuffixTokens) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
         """Per-expert streams and AdaRMS conditions of the suffix tokens ``[B, S, W]``."""

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from vlablocks.tools.bench import BenchSettings, counted_flops, format_table, run_bench, token_work_ratio
+from vlablocks.tools.bench_setup import bench_batch, read_prompts
 from vlablocks.tools.memory import measure_memory
 from vlablocks.policy.checks import random_batch
 from vlablocks.cli import main
@@ -105,6 +106,107 @@ def test_cli_bench_prints_the_table_and_writes_json(capsys, tmp_path):
 def test_cli_bench_rejects_bad_settings(capsys):
     assert main(["bench", "tiny_llava3d_deepfusion", "--steps", "0"]) == 2
     assert "steps must be >= 1; got 0" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ prompts, spread, training phases
+
+TIMED = ("encode_ms", "input_checks_ms", "output_checks_ms", "prefix_ms", "step_ms", "chunk_cached_ms", "chunk_recompute_ms",
+         "train_fwd_bwd_ms", "train_optimizer_ms", "train_step_ms", "train_step_checkpointed_ms", "train_checks_ms")
+
+
+def _image_tokens(vla, batch):
+    return vla.embed_images(batch)[0].shape[1]
+
+
+@pytest.mark.parametrize("recipe", ["tiny_pi0", "tiny_pi05", "tiny_smolvla"])
+def test_prompt_tokens_make_every_prompt_exactly_n_tokens_up_to_max_length(recipe, caplog):
+    vla = build(recipe, [], load_weights=False)
+    top = vla.text.tokenizer.max_length
+    extra = 1 if recipe == "tiny_smolvla" else 0  # SmolVLA's state token closes the prefix
+    for n in (top - 5, top - 1, top):  # at max_length: nothing truncated (no warning)
+        batch = bench_batch(vla, 3, BenchSettings(prompt_tokens=n))
+        with torch.no_grad():
+            prefix = vla.encode(batch).prefix
+        assert prefix.pad.sum(1).tolist() == [_image_tokens(vla, batch) + n + extra] * 3, (n, batch["task"])
+        assert len(set(batch["task"])) == 3  # each sample its own text
+    assert "truncated" not in caplog.text
+
+
+def test_run_bench_records_the_prefix_of_n_token_prompts():
+    result = run_bench("tiny_pi0", [], BenchSettings(prompt_tokens=20, memory=False, train=False, repeats=2, warmup=0))
+    vla = build("tiny_pi0", [], load_weights=False)
+    batch = bench_batch(vla, 1, BenchSettings(prompt_tokens=20))
+    assert result.prefix_tokens == _image_tokens(vla, batch) + 20 == vla.encode(batch).prefix.embeds.shape[1]
+    assert result.settings["prompt_tokens"] == 20 and "20-token prompts" in format_table(result)
+
+
+def test_prompt_tokens_beyond_the_text_encoders_max_length_name_it():
+    with pytest.raises(ValueError, match=r"prompt_tokens must be <= the text encoder's max_length 24; got 25"):
+        run_bench("tiny_pi0", [], BenchSettings(prompt_tokens=25, memory=False, train=False, repeats=1, warmup=0))
+    vla = build("tiny_pi05", [], load_weights=False)  # pi0.5's template ("Task: ..., State: ...") alone is longer
+    with pytest.raises(ValueError, match=r"prompt_tokens must be >= \d+ for this policy .*; got 3"):
+        bench_batch(vla, 1, BenchSettings(prompt_tokens=3))
+
+
+def test_prompts_come_from_a_file_or_a_datasets_tasks(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("stack the blue cup on the plate\n\n  wipe the table  \n")
+    vla = build("tiny_pi0", [], load_weights=False)
+    batch = bench_batch(vla, 3, BenchSettings(prompts=str(path)))
+    assert batch["task"] == ["stack the blue cup on the plate", "wipe the table", "stack the blue cup on the plate"]
+    for dataset in ("v21", "v30_images"):
+        assert read_prompts(ROOT / "tests" / "data" / "lerobot" / dataset) == ["pick the cube", "open the drawer"]
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(ValueError, match="at least one task string"):
+        read_prompts(tmp_path / "empty.txt")
+
+
+@pytest.mark.parametrize("settings, match", [
+    (dict(prompt_tokens=8, prompts="x.txt"), "give prompt_tokens or prompts, not both"),
+    (dict(prompt_tokens=0), "prompt_tokens must be >= 1; got 0"),
+    (dict(prompts="/no/such/prompts.txt"), "prompts must be a text file or a LeRobot dataset directory"),
+])
+def test_prompt_settings_errors_name_the_field(settings, match):
+    with pytest.raises(ValueError, match=match):
+        BenchSettings(**settings)
+
+
+def test_every_timed_figure_has_ordered_stats_and_training_is_split():
+    settings = BenchSettings(memory=False, repeats=6, warmup=0, train_batch=2)  # training: 3 rounds
+    result = run_bench("tiny_pi0", [], settings)
+    assert set(result.spread) == set(TIMED)
+    for name, stats in result.spread.items():
+        assert set(stats) == {"min", "median", "max"}, name
+        assert 0 < stats["min"] <= stats["median"] <= stats["max"], (name, stats)
+        assert stats["median"] == getattr(result, name), name
+    assert result.train_fwd_bwd_ms > 0 and result.train_optimizer_ms > 0
+    # the whole step is their sum in each round: bounded by the sums of their extremes
+    fwd, opt, step = (result.spread[k] for k in ("train_fwd_bwd_ms", "train_optimizer_ms", "train_step_ms"))
+    assert fwd["min"] + opt["min"] <= step["min"] and step["max"] <= fwd["max"] + opt["max"]
+    assert result.train_samples_per_s == pytest.approx(2000 / result.train_step_ms)
+    assert result.train_fwd_bwd_samples_per_s == pytest.approx(2000 / result.train_fwd_bwd_ms)
+    assert result.train_fwd_bwd_samples_per_s > result.train_samples_per_s
+    table = format_table(result)
+    assert "min" in table.splitlines()[5] and "median" in table and "max" in table
+    assert "forward + backward" in table and "optimizer step" in table and "samples / s (whole step)" in table
+
+
+def test_cli_bench_accepts_the_prompt_options(capsys, tmp_path):
+    path, prompts = tmp_path / "bench.json", tmp_path / "prompts.txt"
+    quick = ["--repeats", "2", "--warmup", "0", "--no-train", "--no-memory"]
+    assert main(["bench", "tiny_pi0", "--prompt-tokens", "12", *quick, "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    assert data["settings"]["prompt_tokens"] == 12 and data["prefix_tokens"] == 16 + 12  # 16 image tokens at 32 px
+    assert data["spread"]["step_ms"]["min"] <= data["spread"]["step_ms"]["max"]
+    prompts.write_text("a much longer task than the built-in ones\n")
+    assert main(["bench", "tiny_pi0", "--prompts", str(prompts), *quick, "--json", str(path)]) == 0
+    assert json.loads(path.read_text())["settings"]["prompts"] == str(prompts)
+    capsys.readouterr()
+    assert main(["bench", "tiny_pi0", "--prompt-tokens", "12", "--prompts", str(prompts)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "not allowed with argument" in err
+    assert main(["bench", "tiny_pi0", "--prompt-tokens", "25", *quick]) == 1
+    assert "max_length 24; got 25" in capsys.readouterr().err
 
 
 def test_replace_section_rewrites_only_between_its_markers(tmp_path):

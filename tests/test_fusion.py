@@ -385,9 +385,8 @@ def test_layout_errors():
 
 
 def test_attention_dtype_follows_the_weights_and_autocast():
-    weight = torch.empty(2, 2)
-    assert attention_dtype(weight) == torch.float32
-    assert attention_dtype(weight.to(torch.bfloat16)) == torch.bfloat16
-    assert attention_dtype(torch.empty(2, 2, device="meta")) == torch.float32  # no autocast on meta
+    assert attention_dtype(torch.float32, "cpu") == torch.float32
+    assert attention_dtype(torch.bfloat16, "cpu") == torch.bfloat16
+    assert attention_dtype(torch.float32, "meta") == torch.float32  # no autocast on meta
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert attention_dtype(weight) == torch.bfloat16
+        assert attention_dtype(torch.float32, "cpu") == torch.bfloat16

@@ -166,5 +166,5 @@ def test_head_space_and_backend_errors():
         HeadSpace(6, 4, 8)
     with pytest.raises(ValueError, match="head_dim must be even"):
         HeadSpace(2, 2, 7)
-    with pytest.raises(ValueError, match=r"unknown attention backend 'flashy'; valid: \['eager', 'sdpa'\]"):
+    with pytest.raises(ValueError, match=r"unknown attention backend 'flashy'; valid: \['auto', 'eager', 'grouped_matmul', 'sdpa'\]"):
         get_attention_backend("flashy")

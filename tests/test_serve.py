@@ -178,6 +178,19 @@ def test_compile_flag_starts_and_serves_metadata(checkpoint):
         assert stop_server(proc) == 0
 
 
+def test_fused_int8_server_answers_close_to_the_float32_policy(checkpoint, policy):
+    """``--fuse --quantize int8``: the openpi client gets actions within the int8 error of the float32 ones."""
+    proc, port = start_server(checkpoint, "--fuse", "--quantize", "int8")
+    try:
+        client = websocket_client_policy.WebsocketClientPolicy("127.0.0.1", port)
+        obs = observation(1)
+        actions = client.infer(obs)["actions"]
+        error = np.abs(actions - expected_actions(policy, obs)).max()
+        assert 0 < error < 0.1 * 3.0, error  # quantised, not the float path; action std up to 3 here
+    finally:
+        assert stop_server(proc) == 0
+
+
 def test_wire_format_is_openpi_msgpack_numpy():
     message = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.int64(3), "c": [np.bool_(True), "x"],
                "d": {"e": np.zeros((0, 2), np.uint8)}}

@@ -7,7 +7,8 @@
     vlablocks export RUN_OR_CHECKPOINT OUT [--lerobot [DIR]]     a plain (or LeRobot-layout) checkpoint, LoRA merged
     vlablocks convert lerobot DIR_OR_HUB_ID OUT [--tokenizer T]  a LeRobot pi0 / pi0.5 / SmolVLA policy -> vlablocks
     vlablocks report RUN [--data DIR] [--samples N]            loss by flow time, action errors, gradients
-    vlablocks bench RECIPE [--device cpu|cuda] [--dtype fp32|bf16] [--compile [step|chunk]] [--batch B] [--steps N] [--json FILE]
+    vlablocks bench RECIPE [--device cpu|cuda] [--dtype fp32|bf16] [--compile [step|chunk]] [--batch B] [--steps N]
+                   [--prompt-tokens N | --prompts FILE_OR_DATASET] [--json FILE]   min / median / max timings
     vlablocks serve CHECKPOINT [--host H] [--port P] [--device D] [--compile] [--obs-map FILE]  openpi's websocket protocol
     vlablocks --debug COMMAND ...                                full tracebacks (or VLABLOCKS_DEBUG=1)
 
@@ -53,7 +54,8 @@ from vlablocks.recipes.builder import build, from_pretrained
 from vlablocks.recipes.loader import Recipe, RecipeError, bundled_recipes, load_recipe
 from vlablocks.serve.client import RemotePredictor
 from vlablocks.serve.command import add_serve_command
-from vlablocks.tools.bench import BenchSettings, format_table, run_bench, write_result
+from vlablocks.tools.bench import format_table, run_bench, write_result
+from vlablocks.tools.bench_command import add_bench_command, bench_settings
 from vlablocks.tools.report import build_report, format_report, write_report
 from vlablocks.train.checkpoint import LatestPointerError
 from vlablocks.train.config import TrainConfig, train_config
@@ -280,10 +282,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     try:
-        settings = BenchSettings(
-            device=args.device, dtype=args.dtype, compile=args.compile, batch=args.batch, train_batch=args.train_batch,
-            steps=args.steps, repeats=args.repeats, warmup=args.warmup, train=args.train, memory=args.memory,
-        )
+        settings = bench_settings(args)
     except ValueError as err:  # the settings are checked before anything runs: a usage error
         _err(f"vlablocks bench: {one_line(str(err))} (see vlablocks bench --help)")
         return EXIT_USAGE
@@ -415,23 +414,7 @@ def _add_tool_commands(sub: Any) -> None:
     report.add_argument("--out", default=None, help="output folder (default RUN/report)")
     report.set_defaults(fn=cmd_report)
 
-    bench = sub.add_parser("bench", help="inference latency (cached vs recomputed prefix), training speed, peak memory")
-    bench.add_argument("recipe")
-    bench.add_argument("overrides", nargs="*", help="key.path=value, e.g. policy.horizon=50 vision.image_size=256")
-    bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    bench.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    bench.add_argument("--compile", nargs="?", const="step", default="off", choices=["off", "step", "chunk"],
-                       help="torch.compile the prefix pass and the denoise step (step, the default when given) "
-                            "or each whole action chunk as one graph (chunk: faster on a CPU, slow to compile)")
-    bench.add_argument("--batch", type=int, default=1, help="observations per inference call (default 1: one robot)")
-    bench.add_argument("--train-batch", type=int, default=8, help="samples per training step")
-    bench.add_argument("--steps", type=int, default=10, help="ODE steps per action chunk")
-    bench.add_argument("--repeats", type=int, default=10, help="timed runs per figure (the median is reported)")
-    bench.add_argument("--warmup", type=int, default=2, help="untimed runs first")
-    bench.add_argument("--no-train", dest="train", action="store_false", help="skip the training step")
-    bench.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory probes")
-    bench.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    bench.set_defaults(fn=cmd_bench)
+    add_bench_command(sub, handler=cmd_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -107,6 +107,9 @@ class VLA(nn.Module):
         if config.state_dim is not None:
             self.normalizer["state"] = FeatureNormalizer(config.state_dim, config.state_norm, convention=convention)
         self.recipe: dict[str, Any] = copy.deepcopy(dict(recipe or {}))
+        #: the :class:`~vlablocks.policy.inference.InferenceOptions` this policy was optimised
+        #: with (``None``: as built); an optimised policy cannot be saved.
+        self.inference_options: Any = None
         apply_precision(self, config.precision)
 
     # ------------------------------------------------------------------ structure
@@ -341,6 +344,9 @@ class VLA(nn.Module):
 
         ``manifest=False`` leaves the manifest to a caller that adds files of its own (the trainer).
         """
+        if self.inference_options is not None:
+            raise ValueError(f"this policy was optimised for inference ({self.inference_options.name}): its parameters "
+                             "were fused or quantised; save the policy as loaded instead")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}

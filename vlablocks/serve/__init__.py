@@ -5,7 +5,7 @@
 """
 
 from vlablocks.serve.observation import ObservationMap, RequestError, default_observation_map, load_observation_map
-from vlablocks.serve.server import DEFAULT_MAX_SIZE, PolicyServer, compile_denoiser, load_for_serving
+from vlablocks.serve.server import DEFAULT_MAX_SIZE, PolicyServer, load_for_serving
 
-__all__ = ["DEFAULT_MAX_SIZE", "ObservationMap", "PolicyServer", "RequestError", "compile_denoiser",
+__all__ = ["DEFAULT_MAX_SIZE", "ObservationMap", "PolicyServer", "RequestError",
            "default_observation_map", "load_for_serving", "load_observation_map"]

@@ -13,21 +13,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from vlablocks.policy.inference import QUANTIZE, InferenceOptions, optimize_for_inference
 from vlablocks.serve.observation import default_observation_map, load_observation_map
-from vlablocks.serve.server import (DEFAULT_MAX_SIZE, PolicyServer, compile_denoiser, load_for_serving, policy_name,
-                                    trained_cameras)
+from vlablocks.serve.server import DEFAULT_MAX_SIZE, PolicyServer, load_for_serving, policy_name, trained_cameras
 
 
-def make_server(checkpoint: str | Path, device: str = "cpu", compile: bool = False, obs_map: str | Path | None = None,
-                max_size: int | None = DEFAULT_MAX_SIZE) -> PolicyServer:
+def make_server(checkpoint: str | Path, device: str = "cpu", obs_map: str | Path | None = None,
+                max_size: int | None = DEFAULT_MAX_SIZE, inference: InferenceOptions | None = None) -> PolicyServer:
     """A server for a checkpoint or run directory: the default observation map has as many
-    cameras as the run trained with (1 outside a run); ``obs_map`` (a YAML file) overrides it."""
+    cameras as the run trained with (1 outside a run); ``obs_map`` (a YAML file) overrides it.
+    ``inference``: optimise the policy first (:func:`~vlablocks.policy.inference.optimize_for_inference`)."""
     vla, directory = load_for_serving(checkpoint, device=device)
     observation_map = default_observation_map(trained_cameras(directory) or 1)
     if obs_map is not None:
         observation_map = load_observation_map(obs_map, base=observation_map)
-    if compile:
-        compile_denoiser(vla)
+    if inference is not None:
+        optimize_for_inference(vla, inference)
     return PolicyServer(vla, observation_map, policy_name(directory), max_size=max_size)
 
 
@@ -66,7 +67,10 @@ def _mebibytes(text: str) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    server = make_server(args.checkpoint, device=args.device, compile=args.compile, obs_map=args.obs_map,
+    inference = None
+    if args.fuse or args.quantize != "none" or args.compile:
+        inference = InferenceOptions(fuse=args.fuse, quantize=args.quantize, compile="step" if args.compile else "off")
+    server = make_server(args.checkpoint, device=args.device, inference=inference, obs_map=args.obs_map,
                          max_size=args.max_size * 2**20)
     run_server(server, args.host, args.port, announce=lambda line: sys.stdout.write(line + "\n"))
     return 0
@@ -81,6 +85,10 @@ def add_serve_command(sub: Any) -> None:
     serve.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     serve.add_argument("--compile", action="store_true",
                        help="torch.compile the prefix pass and the denoise step (the first request compiles them)")
+    serve.add_argument("--fuse", action="store_true",
+                       help="fused q/k/v and gate/up matmuls, grouped-matmul attention (same actions up to float rounding)")
+    serve.add_argument("--quantize", choices=QUANTIZE, default="none",
+                       help="int8: dynamic int8 linears on the CPU (action error in docs/benchmarks.md)")
     serve.add_argument("--obs-map", default=None, metavar="FILE.yaml",
                        help="request keys of the images, state, prompt and noise (default: openpi's LIBERO keys; "
                             "docs/deployment.md)")

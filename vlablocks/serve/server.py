@@ -193,14 +193,6 @@ def _health_check(connection: ServerConnection, request: Any) -> Any:
     return None
 
 
-def compile_denoiser(vla: VLA) -> None:
-    """``torch.compile`` (static shapes) the denoiser's prefix pass and denoise step in place, as
-    ``vlablocks bench --compile step`` does; the first request compiles them."""
-    denoiser = vla.denoiser
-    denoiser.prepare = torch.compile(denoiser.prepare, dynamic=False)
-    denoiser.velocity = torch.compile(denoiser.velocity, dynamic=False)
-
-
 def policy_name(checkpoint: Path) -> str:
     """``run/step_0002000`` style name of a checkpoint directory (its run's name when inside one)."""
     checkpoint = checkpoint.resolve()

@@ -1,8 +1,11 @@
 """``vlablocks bench``: inference latency, training throughput and peak memory of a recipe.
 
 Every figure is the median of ``repeats`` timed rounds after ``warmup`` untimed ones, the
-functions interleaved within a round (CUDA work is synchronised before each clock reading).
-What is timed, for a batch of random observations (:func:`~vlablocks.policy.checks.random_batch`):
+functions interleaved within a round (CUDA work is synchronised before each clock reading); the
+min, median and max of each are kept in :attr:`BenchResult.spread` (:func:`timing_stats`). What
+is timed, for a batch of random observations (:func:`~vlablocks.tools.bench_setup.bench_batch`:
+:func:`~vlablocks.policy.checks.random_batch`, its task prompts as ``--prompt-tokens`` /
+``--prompts`` ask):
 
 ==========================  ==================================================================
 ``encode_ms``               observation -> prefix tokens (vision, geometry, text embedding)
@@ -13,10 +16,16 @@ What is timed, for a batch of random observations (:func:`~vlablocks.policy.chec
 ``chunk_recompute_ms``      ``N`` joint passes over ``[prefix ; suffix]`` (no cache), deep fusion only
 ``input_checks_ms``         ``vla.check_batch``: what ``predict_action`` spends validating its batch
 ``output_checks_ms``        ``vla.check_actions``: what it spends checking the chunk is finite
-``train_step_ms``           loss, backward and an AdamW step at ``train_batch``
+``train_fwd_bwd_ms``        loss and backward at ``train_batch`` (gradients set to ``None`` first)
+``train_optimizer_ms``      the AdamW step and ``zero_grad(set_to_none=True)``, timed in the same
+                            rounds, right after the forward + backward it follows
+``train_step_ms``           the whole step: per round, ``train_fwd_bwd_ms + train_optimizer_ms``
 ``train_checks_ms``         ``vla.check_batch`` at ``train_batch``: what a training step spends on
                             its batch checks (the gradient guard reuses the clipped norm: free)
 ==========================  ==================================================================
+
+``train_samples_per_s`` is ``train_batch`` over the whole step (``train_step_ms``);
+``train_fwd_bwd_samples_per_s`` over forward + backward alone (``train_fwd_bwd_ms``).
 
 The cache's speed-up ``chunk_recompute_ms / chunk_cached_ms`` is reported next to the
 theoretical token-work ratio ``N (P + S) / (P + N S)`` (``P`` prefix and ``S`` suffix tokens:
@@ -53,23 +62,30 @@ from vlablocks.heads.deep_fusion import DeepFusionDenoiser
 from vlablocks.heads.denoiser import Prefix
 from vlablocks.heads.flow_matching import integrate
 from vlablocks.io.atomic import write_json
-from vlablocks.policy.batch import to_device
-from vlablocks.policy.checks import random_batch
 from vlablocks.policy.vla import VLA
-from vlablocks.tools.bench_setup import DTYPES, BenchSettings, bench_autocast, build_for_bench, make_train_step
+from vlablocks.tools.bench_setup import DTYPES, BenchSettings, bench_autocast, bench_batch, build_for_bench, make_train_phases
 from vlablocks.tools.memory import MEMORY_KINDS, measure_memory
 
 __all__ = [  # BenchSettings too: run_bench takes it
     "BenchResult", "BenchSettings", "bench_inference", "bench_training", "chunk_functions", "counted_flops",
-    "format_table", "machine_description", "median_ms", "run_bench", "token_work_ratio", "write_result",
+    "format_table", "machine_description", "median_ms", "run_bench", "spread_of", "time_rounds", "timing_stats",
+    "token_work_ratio", "write_result",
 ]
+
+#: the statistics of each timed figure in :attr:`BenchResult.spread`.
+Stats = dict[str, float]  # {"min": ms, "median": ms, "max": ms}
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class BenchResult:
-    """What one ``vlablocks bench`` run measured (milliseconds, MiB; ``None``: not measured)."""
+    """What one ``vlablocks bench`` run measured (milliseconds, MiB; ``None``: not measured).
+
+    The ``*_ms`` fields are medians; ``spread`` maps each timed figure's name (``"step_ms"``...)
+    to its ``{"min", "median", "max"}`` in ms. ``prefix_tokens`` is the prefix length ``P`` of
+    the inference batch (image tokens + the longest prompt's text tokens, padded).
+    """
 
     recipe: str
     overrides: list[str]
@@ -91,9 +107,13 @@ class BenchResult:
     compile_s: float | None = None
     train_step_ms: float | None = None
     train_samples_per_s: float | None = None
+    train_fwd_bwd_ms: float | None = None
+    train_optimizer_ms: float | None = None
+    train_fwd_bwd_samples_per_s: float | None = None
     train_step_checkpointed_ms: float | None = None
     train_checks_ms: float | None = None
     memory_mib: dict[str, float] = field(default_factory=dict)
+    spread: dict[str, Stats] = field(default_factory=dict)
 
     @property
     def speedup_vs_theory(self) -> float | None:
@@ -128,11 +148,12 @@ def machine_description(device: str) -> dict[str, Any]:
     return info
 
 
-def median_ms(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int, device: str) -> dict[str, float]:
-    """Median wall time in ms of each ``fn()``, over ``repeats`` rounds after ``warmup`` untimed ones.
+def time_rounds(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int, device: str) -> dict[str, list[float]]:
+    """Wall time in ms of each ``fn()`` in each of ``repeats`` rounds (``{name: [repeats]}``),
+    after ``warmup`` untimed rounds.
 
-    The functions are interleaved (one run of each per round), so a slow spell of the machine
-    hits them all alike and their ratios stay fair.
+    The functions are interleaved (one run of each per round, in ``fns``' order), so a slow spell
+    of the machine hits them all alike and their ratios stay fair.
     """
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(warmup):
@@ -146,7 +167,22 @@ def median_ms(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int, devi
             fn()
             sync()
             times[name].append(1000 * (time.perf_counter() - start))
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def spread_of(values: Sequence[float]) -> Stats:
+    """``{"min", "median", "max"}`` of ``values`` (ms)."""
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def timing_stats(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int, device: str) -> dict[str, Stats]:
+    """Min, median and max wall time in ms of each ``fn()`` (:func:`time_rounds`, interleaved)."""
+    return {name: spread_of(values) for name, values in time_rounds(fns, repeats, warmup, device).items()}
+
+
+def median_ms(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int, device: str) -> dict[str, float]:
+    """Median wall time in ms of each ``fn()`` (:func:`timing_stats`' medians)."""
+    return {name: stats["median"] for name, stats in timing_stats(fns, repeats, warmup, device).items()}
 
 
 def counted_flops(fn: Callable[[], Any]) -> int:
@@ -206,7 +242,7 @@ def bench_inference(vla: VLA, settings: BenchSettings) -> dict[str, Any]:
     """
     device, repeats, warmup, steps = settings.device, settings.repeats, settings.warmup, settings.steps
     vla = vla.eval().to(DTYPES[settings.dtype])
-    batch = to_device(random_batch(vla, settings.batch, seed=settings.seed), device)
+    batch = bench_batch(vla, settings.batch, settings)
     denoiser = vla.denoiser
     gen = torch.Generator(device).manual_seed(settings.seed)
     noise = torch.randn((settings.batch, vla.config.horizon, vla.config.action_dim), generator=gen, device=device)
@@ -241,28 +277,46 @@ def bench_inference(vla: VLA, settings: BenchSettings) -> dict[str, Any]:
             "step_ms": lambda: velocity(context, noise, t, state),
             **{name: (lambda fn=fn: fn(prefix, state, noise)) for name, fn in chunks.items()},
         }
-        out.update(median_ms(timed, repeats, warmup, device))
+        out["spread"] = timing_stats(timed, repeats, warmup, device)
+        out.update({name: stats["median"] for name, stats in out["spread"].items()})
     return out
 
 
 # ------------------------------------------------------------------------------------ training
 
 
-def bench_training(vla: VLA, settings: BenchSettings) -> dict[str, float]:
-    """Training step time without and with gradient checkpointing, and its batch checks' time."""
-    out = {}
+def bench_training(vla: VLA, settings: BenchSettings) -> dict[str, Any]:
+    """Training step time without and with gradient checkpointing, and its batch checks' time.
+
+    Without checkpointing, forward + backward (``train_fwd_bwd_ms``) and the optimizer step
+    (``train_optimizer_ms``) are timed apart in the same rounds; ``train_step_ms`` is their sum
+    per round (with checkpointing only that sum is kept). ``train_samples_per_s`` is from the
+    whole step, ``train_fwd_bwd_samples_per_s`` from forward + backward. ``"spread"``: each
+    figure's min / median / max.
+    """
+    out: dict[str, Any] = {}
+    spread: dict[str, Stats] = {}
     repeats, warmup = max(3, settings.repeats // 2), max(1, settings.warmup)
-    batch = to_device(random_batch(vla, settings.train_batch, seed=settings.seed), settings.device)
+    batch = bench_batch(vla, settings.train_batch, settings)
     for checkpointed in (False, True):
         vla.set_gradient_checkpointing(checkpointed)
-        step = make_train_step(vla, settings)
-        name = "train_step_checkpointed_ms" if checkpointed else "train_step_ms"
-        timed = {name: step}
+        forward_backward, optimizer_step = make_train_phases(vla, settings)
+        timed = {"fwd_bwd": forward_backward, "optimizer": optimizer_step}  # in this order: one step per round
         if not checkpointed:
             timed["train_checks_ms"] = lambda: vla.check_batch(batch, actions=True)
-        out.update(median_ms(timed, repeats, warmup, settings.device))
+        rounds = time_rounds(timed, repeats, warmup, settings.device)
+        fwd_bwd, optimizer = rounds.pop("fwd_bwd"), rounds.pop("optimizer")
+        steps = [a + b for a, b in zip(fwd_bwd, optimizer)]
+        if checkpointed:
+            spread["train_step_checkpointed_ms"] = spread_of(steps)
+        else:
+            spread.update(train_fwd_bwd_ms=spread_of(fwd_bwd), train_optimizer_ms=spread_of(optimizer),
+                          train_step_ms=spread_of(steps), train_checks_ms=spread_of(rounds["train_checks_ms"]))
     vla.set_gradient_checkpointing(False)
+    out.update({name: stats["median"] for name, stats in spread.items()})
     out["train_samples_per_s"] = 1000 * settings.train_batch / out["train_step_ms"]
+    out["train_fwd_bwd_samples_per_s"] = 1000 * settings.train_batch / out["train_fwd_bwd_ms"]
+    out["spread"] = spread
     return out
 
 
@@ -289,7 +343,7 @@ def run_bench(
         encode_ms=inference["encode_ms"], prefix_ms=inference["prefix_ms"], step_ms=inference["step_ms"],
         chunk_cached_ms=inference["chunk_cached_ms"], input_checks_ms=inference["input_checks_ms"],
         output_checks_ms=inference["output_checks_ms"],
-        compile_s=inference.get("compile_s"),
+        compile_s=inference.get("compile_s"), spread=dict(inference["spread"]),
     )
     if "chunk_recompute_ms" in inference:
         result.chunk_recompute_ms = inference["chunk_recompute_ms"]
@@ -306,8 +360,9 @@ def run_bench(
         torch.cuda.empty_cache()
     if settings.train:
         say(f"training: batch {settings.train_batch}, with and without gradient checkpointing")
-        result.__dict__.update(bench_training(
-            build_for_bench(recipe, overrides, settings.seed, settings.device), settings))
+        training = bench_training(build_for_bench(recipe, overrides, settings.seed, settings.device), settings)
+        result.spread.update(training.pop("spread"))
+        result.__dict__.update(training)
     if settings.memory:
         kinds: Iterable[str] = MEMORY_KINDS if settings.train else ("inference",)
         for kind in kinds:
@@ -324,28 +379,32 @@ def format_table(result: BenchResult) -> str:
         f"machine    {result.machine.get('gpu') or result.machine['cpu']} ({result.machine['torch_threads']} threads), "
         f"torch {result.machine['torch']}",
         f"settings   {s['device']} {s['dtype']}{'' if s['compile'] == 'off' else ', compiled per ' + s['compile']}, batch {s['batch']}, "
-        f"{s['steps']} ODE steps, median of {s['repeats']} after {s['warmup']} warm-up",
-        f"model      {result.parameters:,} parameters; prefix P = {result.prefix_tokens} tokens, "
-        f"suffix S = {result.suffix_tokens} tokens",
+        f"{s['steps']} ODE steps, min / median / max of {s['repeats']} after {s['warmup']} warm-up",
+        f"model      {result.parameters:,} parameters; prefix P = {result.prefix_tokens} tokens"
+        f"{_prompt_note(s)}, suffix S = {result.suffix_tokens} tokens",
         "",
-        f"{'figure':34s} {'value':>12s}",
+        f"{'figure':40s} {'min':>10s} {'median':>10s} {'max':>10s}",
     ]
 
-    def row(name: str, value: float | None, unit: str = "ms") -> None:
-        if value is not None:
-            lines.append(f"{name:34s} {value:12.2f} {unit}")
+    def row(name: str, value: float | None, unit: str = "ms", figure: str | None = None) -> None:
+        """One line: a timed ``figure``'s min / median / max, or ``value`` alone in the median column."""
+        if value is None:
+            return
+        stats = result.spread.get(figure or "")
+        low, high = (f"{stats['min']:10.2f}", f"{stats['max']:10.2f}") if stats else (f"{'':10s}", f"{'':10s}")
+        lines.append(f"{name:40s} {low} {value:10.2f} {high} {unit}".rstrip())
 
-    row("observation encoding", result.encode_ms)
-    row("prefix pass (cache)", result.prefix_ms)
-    row("one denoise step", result.step_ms)
-    row(f"chunk, cached ({s['steps']} steps)", result.chunk_cached_ms)
-    row(f"chunk, full recompute ({s['steps']} steps)", result.chunk_recompute_ms)
+    row("observation encoding", result.encode_ms, figure="encode_ms")
+    row("prefix pass (cache)", result.prefix_ms, figure="prefix_ms")
+    row("one denoise step", result.step_ms, figure="step_ms")
+    row(f"chunk, cached ({s['steps']} steps)", result.chunk_cached_ms, figure="chunk_cached_ms")
+    row(f"chunk, full recompute ({s['steps']} steps)", result.chunk_recompute_ms, figure="chunk_recompute_ms")
     row("observation to actions", result.encode_ms + result.chunk_cached_ms)
     if result.input_checks_ms is not None:
-        row("batch checks of predict_action", result.input_checks_ms)
+        row("batch checks of predict_action", result.input_checks_ms, figure="input_checks_ms")
         row("  share of observation to actions", 100 * result.input_checks_ms / (result.encode_ms + result.chunk_cached_ms), "%")
     if result.output_checks_ms is not None:
-        row("action checks of predict_action", result.output_checks_ms)
+        row("action checks of predict_action", result.output_checks_ms, figure="output_checks_ms")
         row("  share of observation to actions", 100 * result.output_checks_ms / (result.encode_ms + result.chunk_cached_ms), "%")
     if result.speedup is not None:
         row("cache speed-up", result.speedup, "x")
@@ -354,11 +413,14 @@ def format_table(result: BenchResult) -> str:
         row("  achieved / token-work ratio", result.speedup_vs_theory, "")
     row("compilation (first calls)", result.compile_s, "s")
     if result.train_step_ms is not None:
-        row(f"training step (batch {s['train_batch']})", result.train_step_ms)
-        row("  samples / s", result.train_samples_per_s, "")
-        row("  with gradient checkpointing", result.train_step_checkpointed_ms)
+        row(f"training step (batch {s['train_batch']})", result.train_step_ms, figure="train_step_ms")
+        row("  forward + backward", result.train_fwd_bwd_ms, figure="train_fwd_bwd_ms")
+        row("  optimizer step (AdamW + zero_grad)", result.train_optimizer_ms, figure="train_optimizer_ms")
+        row("  samples / s (whole step)", result.train_samples_per_s, "")
+        row("  samples / s (forward + backward)", result.train_fwd_bwd_samples_per_s, "")
+        row("  with gradient checkpointing", result.train_step_checkpointed_ms, figure="train_step_checkpointed_ms")
     if result.train_checks_ms is not None and result.train_step_ms is not None:
-        row("batch checks of a training step", result.train_checks_ms)
+        row("batch checks of a training step", result.train_checks_ms, figure="train_checks_ms")
         row("  share of the training step", 100 * result.train_checks_ms / result.train_step_ms, "%")
     memory = result.memory_mib
     for kind, label in (("inference", "inference"), ("train", "training"),
@@ -367,6 +429,15 @@ def format_table(result: BenchResult) -> str:
     if "train" in memory and "train_checkpointed" in memory:
         row("  checkpointing cuts it by", memory["train"] / memory["train_checkpointed"], "x")
     return "\n".join(lines)
+
+
+def _prompt_note(settings: dict[str, Any]) -> str:
+    """`` (N-token prompts)`` / `` (prompts from FILE)`` for the table's model line, else nothing."""
+    if settings.get("prompt_tokens") is not None:
+        return f" ({settings['prompt_tokens']}-token prompts)"
+    if settings.get("prompts") is not None:
+        return f" (prompts from {settings['prompts']})"
+    return ""
 
 
 def write_result(result: BenchResult, path: str | Path) -> None:

@@ -1,16 +1,20 @@
 """What ``vlablocks bench`` runs, shared by its timings (:mod:`vlablocks.tools.bench`) and its
-peak-memory probes (:mod:`vlablocks.tools.memory`): the settings, the seeded model, the autocast
-context and the training step."""
+peak-memory probes (:mod:`vlablocks.tools.memory`): the settings, the seeded model, the benchmark
+batch (with its task prompts), the autocast context and the training step."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 
+from vlablocks.data.meta import read_meta
+from vlablocks.policy import batch as keys
 from vlablocks.policy.batch import to_device
 from vlablocks.policy.checks import random_batch
 from vlablocks.policy.vla import VLA
@@ -39,6 +43,12 @@ class BenchSettings:
         train: measure the training step.
         memory: measure peak memory (CPU: one fresh process per figure).
         seed: seeds the weights and the inputs.
+        prompt_tokens: make every task prompt exactly this many tokens as the policy's text
+            encoder sees it (its own prompt template and newline included; see
+            :func:`fit_prompt`); ``None``: the short built-in tasks of
+            :func:`~vlablocks.policy.checks.random_batch`.
+        prompts: take the task strings from this file (one per line) or LeRobot dataset directory
+            (its ``meta/tasks``), cycled over the batch; exclusive with ``prompt_tokens``.
     """
 
     device: str = "cpu"
@@ -52,6 +62,8 @@ class BenchSettings:
     train: bool = True
     memory: bool = True
     seed: int = 0
+    prompt_tokens: int | None = None
+    prompts: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -67,6 +79,14 @@ class BenchSettings:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0; got {self.warmup}")
+        if self.prompt_tokens is not None and self.prompts is not None:
+            raise ValueError(f"give prompt_tokens or prompts, not both; got prompt_tokens={self.prompt_tokens} "
+                             f"and prompts={self.prompts!r}")
+        if self.prompt_tokens is not None and self.prompt_tokens < 1:
+            raise ValueError(f"prompt_tokens must be >= 1; got {self.prompt_tokens}")
+        if self.prompts is not None and not Path(self.prompts).exists():
+            raise ValueError(f"prompts must be a text file or a LeRobot dataset directory; got {self.prompts!r}, "
+                             "which does not exist")
 
 
 def build_for_bench(recipe: str, overrides: Sequence[str], seed: int, device: str) -> VLA:
@@ -82,21 +102,159 @@ def bench_autocast(settings: BenchSettings) -> AbstractContextManager:
     return torch.autocast(settings.device, dtype=DTYPES[settings.dtype])
 
 
-def make_train_step(vla: VLA, settings: BenchSettings) -> Callable[[], float]:
-    """A closure running one loss + backward + AdamW step on a fixed random batch."""
+def make_train_phases(vla: VLA, settings: BenchSettings) -> tuple[Callable[[], float], Callable[[], None]]:
+    """The two halves of a training step on a fixed benchmark batch (:func:`bench_batch`).
+
+    ``forward_backward()``: the gradients set to ``None``, then loss and backward (returns the
+    loss); ``optimizer_step()``: the AdamW step and ``zero_grad(set_to_none=True)``. Called in
+    turn they make one whole training step.
+    """
     vla.train()
-    batch = to_device(random_batch(vla, settings.train_batch, seed=settings.seed), settings.device)
+    batch = bench_batch(vla, settings.train_batch, settings)
     params = [p for p in vla.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     forward = torch.compile(vla, dynamic=False) if settings.compile != "off" else vla
     gen = torch.Generator(settings.device).manual_seed(settings.seed)
 
-    def step() -> float:
+    def forward_backward() -> float:
+        optimizer.zero_grad(set_to_none=True)  # a no-op after optimizer_step, but each half stands alone
         with bench_autocast(settings):
             loss = forward(batch, generator=gen).loss
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
+    def optimizer_step() -> None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return forward_backward, optimizer_step
+
+
+def make_train_step(vla: VLA, settings: BenchSettings) -> Callable[[], float]:
+    """A closure running one loss + backward + AdamW step on a fixed benchmark batch."""
+    forward_backward, optimizer_step = make_train_phases(vla, settings)
+
+    def step() -> float:
+        loss = forward_backward()
+        optimizer_step()
+        return loss
+
     return step
+
+
+# ------------------------------------------------------------------------------------ prompts
+
+#: words the fitted prompts are made of (cycled; each sample starts at a different one).
+PROMPT_WORDS = ("pick", "up", "the", "red", "block", "and", "place", "it", "in", "open", "drawer", "then",
+                "push", "green", "button", "close", "window", "slowly")
+_MARKER = "VLABLOCKSPROMPTMARKER"  # stands for the task while the policy's template is read
+
+
+def read_prompts(source: str | Path) -> list[str]:
+    """Task strings: a text file's non-empty lines (stripped), or a LeRobot dataset directory's
+    ``meta/tasks`` in task-index order (read by :func:`~vlablocks.data.meta.read_meta`)."""
+    path = Path(source)
+    if path.is_dir():
+        tasks = read_meta(path).tasks
+        prompts = [tasks[index] for index in sorted(tasks)]
+    else:
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompts must hold at least one task string; got none in {str(path)!r}")
+    return prompts
+
+
+def prompt_templates(vla: VLA, batch: dict[str, Any]) -> list[tuple[str, str]]:
+    """Per sample, the text around the task in what ``vla.encode(batch)`` gives its text encoder
+    (``task_newline``'s ``"\\n"``, pi0.5's ``"Task: ..., State: ...;\\nAction: "``): ``(before, after)``.
+
+    Found by encoding the batch with a marker task up to the text encoder and reading the texts it
+    receives (then stopping: nothing is tokenized), so the policy's own prompt building is used.
+    """
+
+    def capture(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        raise _Captured(list(args[0]))
+
+    hook = vla.text.register_forward_pre_hook(capture)
+    try:
+        with torch.no_grad():
+            vla.encode({**batch, keys.TASK: [_MARKER] * len(batch[keys.TASK])})
+    except _Captured as captured:
+        texts = captured.texts
+    else:
+        raise RuntimeError("vla.encode never called its text encoder: no prompt to fit")
+    finally:
+        hook.remove()
+    if any(text.count(_MARKER) != 1 for text in texts):
+        raise RuntimeError(f"could not find the task in the texts the text encoder receives: {texts!r:.200}")
+    return [tuple(text.split(_MARKER)) for text in texts]  # type: ignore[misc]
+
+
+class _Captured(Exception):
+    """Stops :func:`prompt_templates`' encoding at the text encoder, carrying its texts."""
+
+    def __init__(self, texts: list[str]) -> None:
+        super().__init__("captured")
+        self.texts = texts
+
+
+def fit_prompt(count: Callable[[str], int], tokens: int, start: int = 0) -> str:
+    """A task text of words from :data:`PROMPT_WORDS` (from word ``start`` on) for which ``count``
+    gives exactly ``tokens``: the shortest such prefix of the word sequence, grown word by word and
+    the last word character by character. One token short, a last character is appended without a
+    space first (a byte tokenizer counts ``" u"`` as two tokens; at ``max_length`` the second would
+    be truncated, unseen). ValueError when no prefix lands on ``tokens``."""
+    words = itertools.cycle(PROMPT_WORDS[start % len(PROMPT_WORDS):] + PROMPT_WORDS[:start % len(PROMPT_WORDS)])
+    text = ""
+    shortest = count(PROMPT_WORDS[start % len(PROMPT_WORDS)][0])
+    if tokens < shortest:
+        raise ValueError(f"prompt_tokens must be >= {shortest} for this policy (its prompt template and a "
+                         f"one-letter task take that many tokens); got {tokens}")
+    extras = ("s", "a", "x")  # a last character that adds one token, not two
+    for word in words:
+        if text and count(text) == tokens - 1:
+            for extra in extras:
+                if count(text + extra) == tokens:
+                    return text + extra
+        joined = f"{text} " if text else ""
+        for end in range(1, len(word) + 1):
+            found = count(joined + word[:end])
+            if found == tokens:
+                return joined + word[:end]
+            if found > tokens:
+                base = (joined + word[: end - 1]).rstrip()
+                for extra in extras:
+                    if base and count(base + extra) == tokens:
+                        return base + extra
+                raise ValueError(f"prompt_tokens: no task text tokenizes to exactly {tokens} tokens "
+                                 f"(the tokenizer jumps from {count(text)} to {found}); try {tokens + 1}")
+        text = joined + word
+    raise AssertionError("unreachable: the word cycle is endless")
+
+
+def bench_batch(vla: VLA, batch_size: int, settings: BenchSettings) -> dict[str, Any]:
+    """:func:`~vlablocks.policy.checks.random_batch` on ``settings.device``, its tasks replaced as
+    ``settings.prompt_tokens`` / ``settings.prompts`` ask (see :class:`BenchSettings`).
+
+    With ``prompt_tokens = N`` the text part of the prefix is ``N`` tokens for every sample: the
+    prefix is ``P = image tokens + N`` (+ 1 state token, SmolVLA). ValueError when ``N`` exceeds
+    the tokenizer's ``max_length``.
+    """
+    batch = to_device(random_batch(vla, batch_size, seed=settings.seed), settings.device)
+    if settings.prompts is not None:
+        prompts = read_prompts(settings.prompts)
+        batch[keys.TASK] = [prompts[i % len(prompts)] for i in range(batch_size)]
+    elif settings.prompt_tokens is not None:
+        tokenizer = vla.text.tokenizer
+        if settings.prompt_tokens > tokenizer.max_length:
+            raise ValueError(f"prompt_tokens must be <= the text encoder's max_length {tokenizer.max_length}; "
+                             f"got {settings.prompt_tokens}")
+
+        def counter(before: str, after: str) -> Callable[[str], int]:
+            return lambda task: int(tokenizer([before + task + after])[1].sum())
+
+        with bench_autocast(settings):  # encoded as the timed calls encode it (a bf16 model, pi0.5's binned state)
+            templates = prompt_templates(vla, batch)
+        batch[keys.TASK] = [fit_prompt(counter(before, after), settings.prompt_tokens, start=i)
+                            for i, (before, after) in enumerate(templates)]
+    return batch

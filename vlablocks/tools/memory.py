@@ -19,10 +19,8 @@ from pathlib import Path
 
 import torch
 
-from vlablocks.policy.batch import to_device
-from vlablocks.policy.checks import random_batch
 from vlablocks.policy.vla import VLA
-from vlablocks.tools.bench_setup import DTYPES, BenchSettings, bench_autocast, build_for_bench, make_train_step
+from vlablocks.tools.bench_setup import DTYPES, BenchSettings, bench_autocast, bench_batch, build_for_bench, make_train_step
 
 MEMORY_KINDS = ("inference", "train", "train_checkpointed")
 
@@ -70,9 +68,9 @@ def measure_memory(kind: str, recipe: str, overrides: Sequence[str], settings: B
 
 
 def _inference_work(vla: VLA, settings: BenchSettings) -> Callable[[], None]:
-    """One ``predict_action`` call on a fixed random batch, as the inference timings run it."""
+    """One ``predict_action`` call on a fixed benchmark batch, as the inference timings run it."""
     vla = vla.eval().to(DTYPES[settings.dtype])
-    batch = to_device(random_batch(vla, settings.batch, seed=settings.seed), settings.device)
+    batch = bench_batch(vla, settings.batch, settings)
 
     def work() -> None:
         with torch.inference_mode(), bench_autocast(settings):
