@@ -15,7 +15,8 @@ Modes (:mod:`vlablocks.policy.inference`, :mod:`vlablocks.policy.precision`):
   error and success hold, its speed does not (marked in the table).
 
 Run after ``make demo``:
-    python benchmarks/cpu_precision.py runs/demo/run --episodes 10 --json docs/benchmarks/cpu_precision.json
+    python benchmarks/cpu_precision.py runs/demo/run --episodes 10 --json docs/benchmarks/cpu_precision.json \
+        --update docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 
 from vlablocks.eval.run import evaluate_run
+from vlablocks.io.atomic import replace_section
 from vlablocks.policy.inference import InferenceOptions, cpu_native_bf16, optimize_for_inference
 from vlablocks.policy.precision import apply_precision
 from vlablocks.policy.vla import VLA
@@ -80,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--episodes", type=int, default=10, help="episodes per task")
     parser.add_argument("--modes", nargs="+", default=["float32", "fused", "fused + int8", "bfloat16"])
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--update", type=Path, help="markdown file with a <!-- cpu_precision:begin/end --> section")
     args = parser.parse_args(argv)
     reference, _ = load_policy(args.run)
     reference.eval()
@@ -105,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         lines.append(f"| {row['mode']} | {100 * row['success']:.0f}% | {row['max_abs_error']:.1e} "
                      f"({row['median_abs_error']:.1e}) | {row['chunk_ms_median']:.1f} ms{note} |")
     print("\n".join(lines))
+    if args.update:
+        replace_section(args.update, "cpu_precision", "\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps({"run": str(args.run), "native_bf16": native, "torch": torch.__version__,
                                          "rows": rows}, indent=1))

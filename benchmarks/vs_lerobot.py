@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,6 +44,7 @@ from safetensors.torch import load_file, save_file
 
 import vlablocks
 from vlablocks.convert.lerobot import convert_lerobot, family, read_policy
+from vlablocks.io.atomic import replace_section
 from vlablocks.policy.inference import InferenceOptions, optimize_for_inference
 from vlablocks.tools.bench import counted_flops, spread_of
 
@@ -103,8 +105,8 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def matmul_rate(size: int = 2048, repeats: int = 10) -> float:
-    """The machine's float32 matmul rate in GFLOP/s: the best of ``repeats`` ``size``-cubed matmuls."""
+def matmul_rate(size: int = 2048, repeats: int = 1) -> float:
+    """The machine's float32 matmul rate in GFLOP/s now: the best of ``repeats`` ``size``-cubed matmuls."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b
     return 2 * size**3 / min(timed(lambda: a @ b) for _ in range(repeats)) / 1e9
@@ -151,6 +153,9 @@ def run_policy(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
     convert_lerobot(source, converted, tokenizer=source / "tokenizer", overrides=CONVERT_OVERRIDES[name])
     reference = vlablocks.from_pretrained(converted).eval()
     blocks = block_counts(source, reference, built["blocks"])
+    unequal = [row for row in blocks if row["lerobot"] != row["vlablocks"] + row["unused"]]
+    if unequal:
+        raise SystemExit(f"[{name}] parameter counts differ block by block: {unequal}")
     one, train_batch = our_batches(source, built["task"], reference.normalizer["action"].width, reference.config.horizon)
 
     noise = torch.randn(1, reference.config.horizon, reference.config.action_dim, generator=torch.Generator().manual_seed(5))
@@ -189,6 +194,7 @@ def run_policy(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
     chunk: dict[str, list[float]] = {}
     step: dict[str, list[float]] = {}
     loads = [os.getloadavg()[0]]
+    rates: list[float] = []  # the matmul rate, once per round: the step's FLOP time follows the machine's drifts
     with torch.no_grad():
         contexts = {}
         for label, vla in ours.items():
@@ -203,10 +209,13 @@ def run_policy(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
                 context, state = contexts[label]
                 ten = timed(lambda: [vla.denoiser.velocity(context, noise, t, state) for _ in range(10)])
                 step.setdefault(label, []).append(ten / 10)  # a chunk's 10 steps in a row, per step
+            rates.append(matmul_rate())
             loads.append(os.getloadavg()[0])
         # counted on the fused eager model: its attention is matmuls, which the counter sees (SDPA's it may not)
         step_flops = counted_flops(lambda: ours["fused"].denoiser.velocity(contexts["fused"][0], noise, t, contexts["fused"][1]))
-    rate = matmul_rate()
+    rate = statistics.median(rates)
+    flop_ratio = {label: statistics.median(seconds / (step_flops / (r * 1e9)) for seconds, r in zip(values, rates))
+                  for label, values in step.items()}  # per round: step time / FLOP time at that round's rate
 
     say(f"training: forward + backward at batch 8, {args.train_rounds} interleaved rounds")
     for worker in lerobot.values():
@@ -241,7 +250,8 @@ def run_policy(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
         "parity_max_abs": parity, "action_error_vs_fp32_eager": errors,
         "chunk_ms": {k: stats(v) for k, v in chunk.items()},
         "step_ms": {k: stats(v) for k, v in step.items()},
-        "step_flops": step_flops, "matmul_gflops": rate, "step_flop_time_ms": step_flops / rate / 1e6,
+        "step_flops": step_flops, "matmul_gflops": rate, "matmul_gflops_rounds": spread_of(rates),
+        "step_flop_time_ms": step_flops / rate / 1e6, "step_over_flop_time": flop_ratio,
         "train_fwd_bwd_ms": {k: stats(v) for k, v in train.items()}, "train_flops": train_flops,
         "train_flop_time_ms": train_flops / rate / 1e6, "compile_s": compile_s,
         "load_average": {"min": min(loads), "max": max(loads)},
@@ -255,7 +265,9 @@ def table(result: dict[str, Any]) -> str:
     fastest_lerobot = min(v["median"] for k, v in chunks.items() if k.startswith("LeRobot"))
     lines = [f"**{name}** ({result['parameters']['lerobot']:,} parameters in LeRobot, {result['parameters']['vlablocks']:,} "
              f"used by vlablocks; actions of the two for the same weights and noise differ by "
-             f"{result['parity_max_abs']:.1e})", "",
+             f"{result['parity_max_abs']:.1e}; {len(result['blocks'])} blocks compared, each of equal size on both sides; "
+             "not used by vlablocks: " + ", ".join(f"`{row['block']}` ({row['unused']:,})"
+                                                 for row in result["blocks"] if row["unused"]) + ")", "",
              "| observation -> chunk, batch 1 | min | median | max | vs LeRobot's fastest | action error vs fp32 eager |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for label, s in chunks.items():
@@ -264,11 +276,16 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"| {label} | {s['min']:.0f} ms | {s['median']:.0f} ms | {s['max']:.0f} ms | "
                      f"**{fastest_lerobot / s['median']:.2f}x** | {'' if error is None else f'{error:.1e}'} |")
     flop_ms = result["step_flop_time_ms"]
-    lines += ["", f"Denoise step: {result['step_flops'] / 1e9:.2f} GFLOP, {flop_ms:.1f} ms at the measured "
-              f"{result['matmul_gflops']:.0f} GFLOP/s float32 matmul rate.", "",
+    spread = result["matmul_gflops_rounds"]
+    lines += ["", f"Denoise step: {result['step_flops'] / 1e9:.2f} GFLOP (torch's counter, fused model), {flop_ms:.1f} ms "
+              f"at the median float32 matmul rate {result['matmul_gflops']:.0f} GFLOP/s (a 2048^3 matmul timed in every "
+              f"round: {spread['min']:.0f} to {spread['max']:.0f}). Each step time is the mean of a chunk's 10 steps "
+              "run back to back; / FLOP time is the median over rounds of the step time over the FLOP time at that "
+              "round's rate.", "",
               "| vlablocks denoise step | min | median | max | / FLOP time |", "| --- | ---: | ---: | ---: | ---: |"]
     for label, s in result["step_ms"].items():
-        lines.append(f"| {label} | {s['min']:.1f} ms | {s['median']:.1f} ms | {s['max']:.1f} ms | {s['median'] / flop_ms:.2f} |")
+        lines.append(f"| {label} | {s['min']:.1f} ms | {s['median']:.1f} ms | {s['max']:.1f} ms | "
+                     f"{result['step_over_flop_time'][label]:.2f} |")
     train = result["train_fwd_bwd_ms"]
     fastest = min(v["median"] for k, v in train.items() if k.startswith("LeRobot"))
     train_flop_ms = result["train_flop_time_ms"]
@@ -283,18 +300,6 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def update_section(path: Path, body: str, name: str = "vs_lerobot") -> None:
-    """Replace the text between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` in ``path``."""
-    text = path.read_text()
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    if begin not in text or end not in text:
-        raise SystemExit(f"{path}: no {begin} ... {end} section to update")
-    head, rest = text.split(begin, 1)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(head + begin + "\n" + body + "\n" + end + rest.split(end, 1)[1])
-    tmp.replace(path)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--policy", nargs="+", default=["pi0", "smolvla"], choices=["pi0", "smolvla"])
@@ -306,7 +311,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", type=Path)
     parser.add_argument("--update", type=Path, help="markdown file with a <!-- vs_lerobot:begin/end --> section")
+    parser.add_argument("--tables-from", type=Path, metavar="JSON",
+                        help="measure nothing: print (and --update) the tables of an earlier run's JSON")
     args = parser.parse_args(argv)
+    if args.tables_from is not None:
+        results = json.loads(args.tables_from.read_text())["results"]
+        print("\n\n".join(table(r) for r in results))
+        if args.update:
+            replace_section(args.update, "vs_lerobot", "\n\n".join(table(r) for r in results))
+        return 0
     torch.set_num_threads(args.threads)
     machine = {"cpu": platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__,
                "date": time.strftime("%Y-%m-%d")}
@@ -318,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "results": results}, indent=1))
     if args.update:
-        update_section(args.update, "\n\n".join(table(r) for r in results))
+        replace_section(args.update, "vs_lerobot", "\n\n".join(table(r) for r in results))
     return 0
 
 
