@@ -108,6 +108,19 @@ def test_cli_bench_rejects_bad_settings(capsys):
     assert "steps must be >= 1; got 0" in capsys.readouterr().err
 
 
+def test_cli_bench_times_the_policy_optimised_for_inference(capsys, tmp_path):
+    """--fuse --quantize int8: the inference figures are the optimised policy's (no FLOP count: int8 ops are not counted)."""
+    path = tmp_path / "bench.json"
+    assert main(["bench", "tiny_pi0", "--fuse", "--quantize", "int8", "--repeats", "1", "--warmup", "0", "--no-train",
+                 "--no-memory", "--json", str(path)]) == 0
+    assert "cpu fp32, fused, int8, batch 1" in capsys.readouterr().out
+    data = json.loads(path.read_text())
+    assert data["settings"]["fuse"] is True and data["settings"]["quantize"] == "int8"
+    assert data["step_ms"] > 0 and data["flop_ratio"] is None
+    with pytest.raises(ValueError, match="quantize='int8' is dynamic CPU quantisation; got device 'cuda'"):
+        BenchSettings(device="cuda", quantize="int8")
+
+
 # ------------------------------------------------------------------ prompts, spread, training phases
 
 TIMED = ("encode_ms", "input_checks_ms", "output_checks_ms", "prefix_ms", "step_ms", "chunk_cached_ms", "chunk_recompute_ms",

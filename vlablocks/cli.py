@@ -8,8 +8,10 @@
     vlablocks convert lerobot DIR_OR_HUB_ID OUT [--tokenizer T]  a LeRobot pi0 / pi0.5 / SmolVLA policy -> vlablocks
     vlablocks report RUN [--data DIR] [--samples N]            loss by flow time, action errors, gradients
     vlablocks bench RECIPE [--device cpu|cuda] [--dtype fp32|bf16] [--compile [step|chunk]] [--batch B] [--steps N]
-                   [--prompt-tokens N | --prompts FILE_OR_DATASET] [--json FILE]   min / median / max timings
-    vlablocks serve CHECKPOINT [--host H] [--port P] [--device D] [--compile] [--obs-map FILE]  openpi's websocket protocol
+                   [--prompt-tokens N | --prompts FILE_OR_DATASET] [--fuse] [--quantize int8] [--json FILE]
+                                                                 min / median / max timings
+    vlablocks serve CHECKPOINT [--host H] [--port P] [--device D] [--compile] [--fuse] [--quantize int8]
+                   [--obs-map FILE]                               openpi's websocket protocol
     vlablocks --debug COMMAND ...                                full tracebacks (or VLABLOCKS_DEBUG=1)
 
 RECIPE is a bundled recipe name or a path to a YAML file; ``key.path=value`` arguments override

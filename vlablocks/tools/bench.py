@@ -62,6 +62,7 @@ from vlablocks.heads.deep_fusion import DeepFusionDenoiser
 from vlablocks.heads.denoiser import Prefix
 from vlablocks.heads.flow_matching import integrate
 from vlablocks.io.atomic import write_json
+from vlablocks.policy.inference import InferenceOptions, optimize_for_inference
 from vlablocks.policy.vla import VLA
 from vlablocks.tools.bench_setup import DTYPES, BenchSettings, bench_autocast, bench_batch, build_for_bench, make_train_phases
 from vlablocks.tools.memory import MEMORY_KINDS, measure_memory
@@ -242,6 +243,8 @@ def bench_inference(vla: VLA, settings: BenchSettings) -> dict[str, Any]:
     """
     device, repeats, warmup, steps = settings.device, settings.repeats, settings.warmup, settings.steps
     vla = vla.eval().to(DTYPES[settings.dtype])
+    if settings.fuse or settings.quantize != "none":
+        optimize_for_inference(vla, InferenceOptions(fuse=settings.fuse, quantize=settings.quantize))
     batch = bench_batch(vla, settings.batch, settings)
     denoiser = vla.denoiser
     gen = torch.Generator(device).manual_seed(settings.seed)
@@ -257,7 +260,7 @@ def bench_inference(vla: VLA, settings: BenchSettings) -> dict[str, Any]:
         prefix, state = vla.encode(batch)
         out: dict[str, Any] = {"prefix_tokens": prefix.embeds.shape[1],
                                "suffix_tokens": len(denoiser.suffix_encoder.layout(1)[0][0])}
-        if settings.dtype == "fp32":  # FLOPs do not depend on the dtype: count them once, uncompiled
+        if settings.dtype == "fp32" and settings.quantize == "none":  # count once, uncompiled (int8 ops are not counted)
             out["flops"] = {name: counted_flops(lambda fn=fn: fn(prefix, state, noise))
                             for name, fn in chunk_functions(denoiser, steps).items()}
         start = time.perf_counter()
@@ -378,7 +381,8 @@ def format_table(result: BenchResult) -> str:
         f"recipe     {result.recipe} {' '.join(result.overrides)}".rstrip(),
         f"machine    {result.machine.get('gpu') or result.machine['cpu']} ({result.machine['torch_threads']} threads), "
         f"torch {result.machine['torch']}",
-        f"settings   {s['device']} {s['dtype']}{'' if s['compile'] == 'off' else ', compiled per ' + s['compile']}, batch {s['batch']}, "
+        f"settings   {s['device']} {s['dtype']}{'' if s['compile'] == 'off' else ', compiled per ' + s['compile']}"
+        f"{', fused' if s.get('fuse') else ''}{', int8' if s.get('quantize') == 'int8' else ''}, batch {s['batch']}, "
         f"{s['steps']} ODE steps, min / median / max of {s['repeats']} after {s['warmup']} warm-up",
         f"model      {result.parameters:,} parameters; prefix P = {result.prefix_tokens} tokens"
         f"{_prompt_note(s)}, suffix S = {result.suffix_tokens} tokens",

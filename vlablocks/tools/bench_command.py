@@ -18,7 +18,7 @@ def bench_settings(args: argparse.Namespace) -> BenchSettings:
     return BenchSettings(
         device=args.device, dtype=args.dtype, compile=args.compile, batch=args.batch, train_batch=args.train_batch,
         steps=args.steps, repeats=args.repeats, warmup=args.warmup, train=args.train, memory=args.memory,
-        prompt_tokens=args.prompt_tokens, prompts=args.prompts,
+        prompt_tokens=args.prompt_tokens, prompts=args.prompts, fuse=args.fuse, quantize=args.quantize,
     )
 
 
@@ -32,6 +32,10 @@ def add_bench_command(sub: Any, handler: Callable[[argparse.Namespace], int]) ->
     bench.add_argument("--compile", nargs="?", const="step", default="off", choices=["off", "step", "chunk"],
                        help="torch.compile the prefix pass and the denoise step (step, the default when given) "
                             "or each whole action chunk as one graph (chunk: faster on a CPU, slow to compile)")
+    bench.add_argument("--fuse", action="store_true",
+                       help="time inference with fused projections and the auto attention backend (vlablocks serve --fuse)")
+    bench.add_argument("--quantize", choices=["none", "int8"], default="none",
+                       help="time inference with dynamic int8 linears (CPU; vlablocks serve --quantize int8)")
     bench.add_argument("--batch", type=int, default=1, help="observations per inference call (default 1: one robot)")
     bench.add_argument("--train-batch", type=int, default=8, help="samples per training step")
     bench.add_argument("--steps", type=int, default=10, help="ODE steps per action chunk")

@@ -49,6 +49,9 @@ class BenchSettings:
             :func:`~vlablocks.policy.checks.random_batch`.
         prompts: take the task strings from this file (one per line) or LeRobot dataset directory
             (its ``meta/tasks``), cycled over the batch; exclusive with ``prompt_tokens``.
+        fuse, quantize: time the inference figures of the policy optimised for inference
+            (:func:`~vlablocks.policy.inference.optimize_for_inference`: fused projections;
+            ``"int8"`` dynamic int8 linears, CPU only); training is always timed as built.
     """
 
     device: str = "cpu"
@@ -64,8 +67,14 @@ class BenchSettings:
     seed: int = 0
     prompt_tokens: int | None = None
     prompts: str | None = None
+    fuse: bool = False
+    quantize: Literal["none", "int8"] = "none"
 
     def __post_init__(self) -> None:
+        if self.quantize not in ("none", "int8"):
+            raise ValueError(f"quantize must be 'none' or 'int8'; got {self.quantize!r}")
+        if self.quantize == "int8" and self.device != "cpu":
+            raise ValueError(f"quantize='int8' is dynamic CPU quantisation; got device {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {self.dtype!r}")
         if self.compile not in ("off", "step", "chunk"):
