@@ -229,6 +229,29 @@ def test_guard_max_grad_norm_counts_large_gradients(tmp_path):
     assert all(torch.equal(trainer.vla.state_dict()[k], v) for k, v in before.items())
 
 
+@pytest.mark.parametrize("clip", [1e-3, None])
+def test_clipping_scales_the_gradients_the_optimizer_steps_with(tmp_path, clip):
+    """With ``clip_grad_norm`` the optimizer steps with gradients of exactly that total norm (the
+    logged norm is the one before clipping); without it, with the raw gradients. AdamW's update
+    barely depends on the gradients' scale, so the weights alone would not show a missing clip."""
+    trainer = make_trainer(tmp_path, TrainConfig(steps=2, clip_grad_norm=clip, **FAST))
+    seen, optimizer_step = [], trainer.optimizer.step
+
+    def step(*args, **kwargs):
+        grads = [p.grad for group in trainer.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        seen.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+        return optimizer_step(*args, **kwargs)
+
+    trainer.optimizer.step = step
+    trainer.train()
+    raw = [float(row["grad_total_norm"]) for row in metrics(tmp_path)]
+    assert len(seen) == len(raw) == 2 and min(raw) > 100 * 1e-3  # far above the clip: clipping has work to do
+    if clip is None:
+        assert seen == pytest.approx(raw, rel=1e-4)
+    else:
+        assert seen == pytest.approx([clip, clip], rel=1e-3)
+
+
 # ------------------------------------------------------------------------------------ checkpoints
 
 
