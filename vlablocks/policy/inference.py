@@ -10,8 +10,8 @@ What :func:`optimize_for_inference` does, each part optional (:class:`InferenceO
   :meth:`~vlablocks.blocks.mlp.GatedMlp.fuse`); attention runs as two matmuls with each key /
   value group's query heads stacked as rows for short queries (the suffix over the cache), and
   as torch's fused SDPA kernel for long ones (the prefix pass; the ``auto`` backend of
-  :mod:`vlablocks.blocks.attention`); the tanh GELU runs as ``x * sigmoid(2 z)`` (the same function; ``tanh`` is slow
-  on CPUs without AVX-512).
+  :mod:`vlablocks.blocks.attention`); the tanh GELU runs as ``x * sigmoid(2 z)`` (the same
+  function; ``tanh`` is slow on CPUs without AVX-512).
 - ``quantize="int8"``: dynamic int8 quantisation (weights per output channel, activations per
   call; fbgemm kernels, :mod:`vlablocks.blocks.quantized`, which ``torch.compile`` traces
   without a graph break) of the linears that carry the FLOPs: the fusion stack's attention and
@@ -19,9 +19,8 @@ What :func:`optimize_for_inference` does, each part optional (:class:`InferenceO
   embedding and the norms stay float32. For inference on a CPU; its action error against
   float32 is measured in docs/benchmarks.md.
 - ``compile="step"``: ``torch.compile`` (static shapes) the vision tower, the prefix pass and
-  the denoise step;
-  the first chunk compiles them (inductor caches the compiled artefacts on disk, so a later
-  process compiles faster: ``TORCHINDUCTOR_CACHE_DIR``).
+  the denoise step; the first chunk compiles them (inductor caches the compiled artefacts on
+  disk, so a later process compiles faster: ``TORCHINDUCTOR_CACHE_DIR``).
 
 Everything that depends only on the observation is computed once per chunk by the denoiser
 itself (the prefix cache, the suffix masks and RoPE tables). An optimised policy is for
