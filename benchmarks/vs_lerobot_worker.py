@@ -59,16 +59,6 @@ MID_SMOLVLM = dict(
 )
 
 
-def stats() -> dict:
-    g = torch.Generator().manual_seed(123)
-    out = {}
-    for key, d in (("observation.state", STATE_DIM), ("action", ACTION_DIM)):
-        mean, std = torch.randn(d, generator=g) * 0.2, torch.rand(d, generator=g) * 0.5 + 0.5
-        out[key] = {"mean": mean, "std": std, "min": mean - 2 * std, "max": mean + 2 * std,
-                    "q01": mean - 1.5 * std, "q99": mean + 1.5 * std}
-    return out
-
-
 def raw_observation(batch: int, seed: int = 7) -> dict:
     g = torch.Generator().manual_seed(seed)
     return {CAM: torch.rand(batch, 3, *RESOLUTION, generator=g),
@@ -119,7 +109,7 @@ def build(policy: str, dest: str | None, compile_mode: str | None):
         with torch.no_grad():  # released checkpoints tie the embedding to lm_head
             pg.model.language_model.embed_tokens.weight.copy_(pg.lm_head.weight)
         with tokenizer_step(tokenizer, set_name=True):
-            pre, post = make_pi0_pre_post_processors(cfg, dataset_stats=stats())
+            pre, post = make_pi0_pre_post_processors(cfg, dataset_stats=fixtures.stats(STATE_DIM, ACTION_DIM))
     elif policy == "smolvla":
         from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
         from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
@@ -136,7 +126,7 @@ def build(policy: str, dest: str | None, compile_mode: str | None):
             from transformers import SmolVLMConfig
             SmolVLMConfig(**MID_SMOLVLM).save_pretrained(Path(dest) / "tokenizer")
         with tokenizer_step(tokenizer, set_name=False):
-            pre, post = make_smolvla_pre_post_processors(cfg, dataset_stats=stats())
+            pre, post = make_smolvla_pre_post_processors(cfg, dataset_stats=fixtures.stats(STATE_DIM, ACTION_DIM))
     else:
         raise ValueError(f"policy must be pi0 or smolvla; got {policy!r}")
     model.eval()

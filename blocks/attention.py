@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlablocks.blocks.masks import as_additive_mask
+from vlablocks.blocks.mlp import stacked_linear
 from vlablocks.blocks.rope import apply_rope
 
 KeyValue = tuple[torch.Tensor, torch.Tensor]
@@ -183,14 +184,7 @@ class ExpertProjections(nn.Module):
         model is for inference, its checkpoints are written before fusing."""
         if self.fused:
             return
-        parts = (self.q_proj, self.k_proj, self.v_proj)
-        qkv = nn.Linear(parts[0].in_features, sum(self.split), bias=parts[0].bias is not None,
-                        device=parts[0].weight.device, dtype=parts[0].weight.dtype)
-        with torch.no_grad():
-            qkv.weight.copy_(torch.cat([p.weight for p in parts]))
-            if qkv.bias is not None:
-                qkv.bias.copy_(torch.cat([p.bias for p in parts]))
-        self.qkv_proj = qkv
+        self.qkv_proj = stacked_linear([self.q_proj, self.k_proj, self.v_proj])
         del self.q_proj, self.k_proj, self.v_proj
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
@@ -34,6 +34,19 @@ def input_dtype(linear: nn.Module) -> torch.dtype:
     (:class:`~vlablocks.blocks.quantized.Int8DynamicLinear` has no float weight)."""
     weight = getattr(linear, "weight", None)
     return weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
+
+
+def stacked_linear(parts: Sequence[nn.Linear]) -> nn.Linear:
+    """One ``nn.Linear`` computing ``parts`` side by side: their weights (and biases) stacked along
+    the output, ``[..., in] -> [..., sum(out)]`` (split the result to get each part's output)."""
+    first = parts[0]
+    stacked = nn.Linear(first.in_features, sum(p.out_features for p in parts), bias=first.bias is not None,
+                        device=first.weight.device, dtype=first.weight.dtype)
+    with torch.no_grad():
+        stacked.weight.copy_(torch.cat([p.weight for p in parts]))
+        if stacked.bias is not None:
+            stacked.bias.copy_(torch.cat([p.bias for p in parts]))
+    return stacked
 
 
 def get_activation(name: str) -> ActLayer:
@@ -115,14 +128,7 @@ class GatedMlp(nn.Module):
         rounding). The parameter names change: checkpoints are written before fusing."""
         if self.fused:
             return
-        gate, up = self.gate_proj, self.up_proj
-        fused = nn.Linear(gate.in_features, 2 * gate.out_features, bias=gate.bias is not None,
-                          device=gate.weight.device, dtype=gate.weight.dtype)
-        with torch.no_grad():
-            fused.weight.copy_(torch.cat([gate.weight, up.weight]))
-            if fused.bias is not None:
-                fused.bias.copy_(torch.cat([gate.bias, up.bias]))
-        self.gate_up_proj = fused
+        self.gate_up_proj = stacked_linear([self.gate_proj, self.up_proj])
         del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -61,10 +61,10 @@ def build_tokenizer(path: Path):
 
 
 # ----------------------------------------------------------------------------- helpers
-def stats():
+def stats(state_dim=STATE_DIM, action_dim=ACTION_DIM):
     g = torch.Generator().manual_seed(123)
     out = {}
-    for key, d in (("observation.state", STATE_DIM), ("action", ACTION_DIM)):
+    for key, d in (("observation.state", state_dim), ("action", action_dim)):
         mean = torch.randn(d, generator=g) * 0.2
         std = torch.rand(d, generator=g) * 0.5 + 0.5
         out[key] = {"mean": mean, "std": std, "min": mean - 2 * std, "max": mean + 2 * std,
