@@ -22,7 +22,6 @@ Run after ``make demo``:
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from typing import Any
 import torch
 
 from vlablocks.eval.run import evaluate_run
-from vlablocks.io.atomic import replace_section
+from vlablocks.io.atomic import replace_section, write_json
 from vlablocks.policy.inference import InferenceOptions, cpu_native_bf16, optimize_for_inference
 from vlablocks.policy.precision import apply_precision
 from vlablocks.policy.vla import VLA
@@ -111,8 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.update:
         replace_section(args.update, "cpu_precision", "\n".join(lines))
     if args.json:
-        args.json.write_text(json.dumps({"run": str(args.run), "native_bf16": native, "torch": torch.__version__,
-                                         "rows": rows}, indent=1))
+        write_json(args.json, {"run": str(args.run), "native_bf16": native, "torch": torch.__version__, "rows": rows})
     return 0
 
 

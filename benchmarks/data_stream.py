@@ -41,6 +41,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from vlablocks.data import DatasetWriter, LeRobotDataset, video
+from vlablocks.io.atomic import write_json
 from vlablocks.policy.batch import collate
 from vlablocks.tools.bench import machine_description, median_ms
 from vlablocks.tools.bench_setup import BenchSettings, build_for_bench, make_train_step
@@ -297,7 +298,7 @@ def main() -> None:
                    "rgb_bytes": rgb_bytes, "decoded_bytes": dataset.decoded_bytes(), "generation_s": generation_s,
                    "baseline_rss_mib": baseline_mib, "loaders": loaders, "trainer": trainer, "decode_fps": decode,
                    "machine": machine}
-        args.json.write_text(json.dumps(figures, indent=2))
+        write_json(args.json, figures)
 
 
 if __name__ == "__main__":

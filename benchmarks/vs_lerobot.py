@@ -44,20 +44,27 @@ from safetensors.torch import load_file, save_file
 
 import vlablocks
 from vlablocks.convert.lerobot import convert_lerobot, family, read_policy
-from vlablocks.io.atomic import replace_section
-from vlablocks.policy.inference import InferenceOptions, optimize_for_inference
+from vlablocks.io.atomic import replace_section, write_json
+from vlablocks.policy.config import Precision
+from vlablocks.policy.inference import InferenceOptions, cpu_native_bf16, optimize_for_inference
+from vlablocks.policy.precision import apply_precision
 from vlablocks.tools.bench import counted_flops, spread_of
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "benchmarks" / "vs_lerobot_worker.py"
 DEFAULT_PYTHON = "/work/lerobot_envs/v3/bin/python"
-#: vlablocks' modes: label -> options (None: the policy as loaded, float32 eager).
-OURS: dict[str, InferenceOptions | None] = {
-    "eager": None,
-    "fused": InferenceOptions(fuse=True),
-    "fused + compiled": InferenceOptions(fuse=True, compile="step"),
-    "fused + int8": InferenceOptions(fuse=True, quantize="int8"),
-    "fused + int8 + compiled": InferenceOptions(fuse=True, quantize="int8", compile="step"),
+#: vlablocks' modes: label -> (parameter precision, options; None: the policy as loaded, eager).
+OURS: dict[str, tuple[Precision, InferenceOptions | None]] = {
+    "eager": ("float32", None),
+    "fused": ("float32", InferenceOptions(fuse=True)),
+    "fused + compiled": ("float32", InferenceOptions(fuse=True, compile="step")),
+    "fused + int8": ("float32", InferenceOptions(fuse=True, quantize="int8")),
+    "fused + int8 + compiled": ("float32", InferenceOptions(fuse=True, quantize="int8", compile="step")),
+}
+#: added where the CPU computes bf16 natively (AMX / AVX512-BF16, :func:`cpu_native_bf16`) or with ``--bf16``.
+BF16_MODES: dict[str, tuple[Precision, InferenceOptions | None]] = {
+    "fused + bf16": ("bfloat16", InferenceOptions(fuse=True)),
+    "fused + bf16 + compiled": ("bfloat16", InferenceOptions(fuse=True, compile="step")),
 }
 #: per policy: converter overrides LeRobot's config.json cannot give (pi0's SigLIP head count is a constant there).
 CONVERT_OVERRIDES = {"pi0": ["vision.config.num_attention_heads=4"], "smolvla": []}
@@ -178,8 +185,9 @@ def run_policy(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any
 
     ours: dict[str, torch.nn.Module] = {}
     errors: dict[str, float] = {}
-    for label, options in OURS.items():
+    for label, (precision, options) in (OURS | (BF16_MODES if args.bf16 else {})).items():
         vla = vlablocks.from_pretrained(converted).eval()
+        apply_precision(vla, precision)
         if options is not None:
             optimize_for_inference(vla, options)
         with torch.no_grad():
@@ -309,6 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--train-rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=cpu_native_bf16(),
+                        help="also time fused bf16 modes (default: where the CPU has AMX / AVX512-BF16)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--update", type=Path, help="markdown file with a <!-- vs_lerobot:begin/end --> section")
     parser.add_argument("--tables-from", type=Path, metavar="JSON",
@@ -322,14 +332,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     machine = {"cpu": platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__,
-               "date": time.strftime("%Y-%m-%d")}
+               "native_bf16": cpu_native_bf16(), "date": time.strftime("%Y-%m-%d")}
     results = []
     with tempfile.TemporaryDirectory(prefix="vs_lerobot_") as work:
         for name in args.policy:
             results.append(run_policy(name, args, Path(work)))
             print(table(results[-1]) + "\n", flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "results": results}, indent=1))
+        write_json(args.json, {"machine": machine, "results": results})
     if args.update:
         replace_section(args.update, "vs_lerobot", "\n\n".join(table(r) for r in results))
     return 0
