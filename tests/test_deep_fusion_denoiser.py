@@ -338,3 +338,13 @@ def test_every_trainable_parameter_of_tiny_smolvla_gets_a_gradient_through_the_c
     assert missing == _unread_by_the_cache_pass(vla.denoiser.stack), "some parameters get no (finite) gradient"
     cross = [name for name in trainable if ".cross_attention." in name and ("k_proj" in name or "v_proj" in name)]
     assert cross and all(trainable[name].grad.abs().sum() > 0 for name in cross)
+
+
+def test_prepare_keeps_the_prefix_output_only_when_asked():
+    # the default prefix pass stops at the last cached keys/values (no base output to keep)
+    denoiser = make_head().eval().denoiser
+    prefix, _, _ = make_batch(batch=2)
+    with torch.no_grad():
+        assert denoiser.prepare(prefix).prefix_hidden is None
+        hidden = denoiser.prepare(prefix, prefix_output=True).prefix_hidden
+    assert hidden is not None and hidden.shape[:2] == prefix.embeds.shape[:2]

@@ -7,7 +7,6 @@ from helpers import SPACE, tiny_stack
 from vlablocks.blocks.dit import AdaLayerNorm, DiT, DiTBlock
 from vlablocks.blocks.fusion import DeepFusionStack, ExpertSpec
 from vlablocks.encoders.suffix import ConcatMlpTimeFusion, SuffixEncoder
-from vlablocks.encoders.time import DiffusersTimestepEmbedder
 from vlablocks.heads import FlowMatchingHead, Prefix
 from vlablocks.heads.dit import HybridDenoiser, LastLayerDiTDenoiser, LayerwiseDiTDenoiser
 
@@ -123,15 +122,6 @@ def test_every_parameter_trains_and_the_backbone_runs_once_per_observation(name)
     assert len(calls) == 1
 
 
-def test_diffusers_time_embedding_converts_the_time_convention():
-    from diffusers.models.embeddings import Timesteps
-
-    embedder = DiffusersTimestepEmbedder(16)
-    t = torch.tensor([0.0, 0.25, 1.0])
-    reference = embedder.mlp(Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=1)(torch.tensor([1000.0, 750.0, 0.0])))
-    torch.testing.assert_close(embedder(t), reference)
-
-
 def test_dit_errors_and_structure():
     dit = DiT(4, 32, 2, 16, temb_dim=32, cross_attention_dim=24, interleave_self_attention=True)
     assert dit.cross_attention_blocks == (0, 2)
@@ -179,3 +169,15 @@ def test_dit_gradient_checkpointing_gives_identical_gradients():
         results.append({n: p.grad for n, p in dit.named_parameters()})
     for name in results[0]:
         assert (results[0][name] - results[1][name]).abs().max() <= 1e-6, name
+
+
+def test_dit_heads_default_to_a_4x_feed_forward_no_future_tokens_and_pass_checkpointing_on():
+    for denoiser in denoisers().values():
+        block = denoiser.dit.blocks[0]
+        assert block.ff.net[2].in_features == 4 * W  # diffusers' FeedForward: GELU proj, dropout, out linear
+        assert not denoiser.dit.gradient_checkpointing
+    assert denoisers()["layerwise"].future_tokens is None
+    assert LastLayerDiTDenoiser(backbone(), suffix(), num_layers=2, num_heads=2, head_dim=16).future_tokens is None
+    for made in (LayerwiseDiTDenoiser(backbone(), suffix(), num_heads=2, head_dim=16, num_layers=2, gradient_checkpointing=True),
+                 HybridDenoiser(tiny_stack(), suffix(), num_layers=2, num_heads=2, head_dim=16, gradient_checkpointing=True)):
+        assert made.dit.gradient_checkpointing

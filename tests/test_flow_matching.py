@@ -21,6 +21,7 @@ from vlablocks.heads.flow_matching import (
     masked_mse,
     residual_var_at,
 )
+from vlablocks.heads.rtc import guided_velocity
 from vlablocks.heads.time_samplers import BetaTimeSampler, UniformTimeSampler, sample_gamma
 
 NUM_SAMPLES = 100_000
@@ -610,3 +611,50 @@ def test_gaussian_loss_curve_is_the_residual_variance_of_the_best_linear_predict
         assert abs(empirical - gaussian_loss_curve(torch.tensor(t), s2)) < 0.01 * max(1.0, empirical), (t, s2)
         assert residual_var_at(t, float(gaussian_loss_curve(torch.tensor(t), s2))) == pytest.approx(s2)
     assert torch.allclose(gaussian_loss_curve(torch.tensor([0.0, 1.0]), s2), torch.tensor([1.0, s2], dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------------------------
+# Contracts pinned for mutation testing (docs/mutation.md)
+# --------------------------------------------------------------------------------------------
+
+
+def test_residual_var_is_infinite_where_no_curve_reaches_the_loss() -> None:
+    assert residual_var_at(0.5, 4.0) == math.inf  # the denominator 1 - 4 * 0.25 is exactly 0
+    assert residual_var_at(0.5, 5.0) == math.inf
+    assert residual_var_at(0.5, 1.0) == pytest.approx(0.25 / 0.75)
+
+
+def test_beta_time_sampler_refuses_a_zero_beta_as_well_as_alpha() -> None:
+    for alpha, beta in ((1.5, 0.0), (0.0, 1.0)):
+        with pytest.raises(ValueError, match=r"BetaTimeSampler needs"):
+            BetaTimeSampler(alpha, beta)
+
+
+def test_vel_cosine_leaves_out_the_padded_steps() -> None:
+    head = make_head()
+    prefix, state, actions = make_batch()
+    t = torch.full((BATCH,), 0.5)
+    noise = torch.randn(actions.shape, generator=seeded(3))
+    mask = torch.ones(BATCH, HORIZON, dtype=torch.bool)
+    mask[:, -1] = False
+    masked = head.loss(prefix, actions, state, step_mask=mask, t=t, noise=noise).vel_cosine
+    full = head.loss(prefix, actions, state, t=t, noise=noise).vel_cosine
+    assert not torch.allclose(masked, full)
+
+
+def test_rtc_guidance_of_a_batch_is_each_samples_own() -> None:
+    # per-sample times: the guidance weight must broadcast per sample, not across the action dims
+    torch.manual_seed(0)
+    net = nn.Linear(ACTION_DIM, ACTION_DIM)
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return net(x) * (1 + t.view(-1, 1, 1))
+
+    x = torch.randn(2, HORIZON, ACTION_DIM, generator=seeded(1))
+    target = torch.randn(2, HORIZON, ACTION_DIM, generator=seeded(2))
+    t = torch.tensor([0.3, 0.8])
+    weights = torch.ones(HORIZON, ACTION_DIM)
+    both = guided_velocity(velocity, x, t, target, weights, beta=5.0)
+    for i in range(2):
+        one = guided_velocity(velocity, x[i:i + 1], t[i:i + 1], target[i:i + 1], weights, beta=5.0)
+        torch.testing.assert_close(both[i:i + 1], one)

@@ -5,7 +5,7 @@ import torch
 from transformers import GemmaConfig, GemmaModel, LlamaConfig, LlamaForCausalLM, LlamaModel, MistralConfig, MistralModel
 
 from helpers import SPACE, joint_mask, random_prefix, tiny_stack
-from vlablocks.blocks.attention import HeadSpace
+from vlablocks.blocks.attention import HeadSpace, KeyValueCrossAttention
 from vlablocks.blocks.attention_layout import attention_dtype
 from vlablocks.blocks.fusion import DeepFusionStack, ExpertSpec, every_kth_layer, every_layer, first_n_layers
 from vlablocks.blocks.masks import as_additive_mask, block_causal_mask, positions_from_pad, suffix_mask_and_positions
@@ -390,3 +390,54 @@ def test_attention_dtype_follows_the_weights_and_autocast():
     assert attention_dtype(torch.float32, "meta") == torch.float32  # no autocast on meta
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert attention_dtype(torch.float32, "cpu") == torch.bfloat16
+
+
+def test_first_n_layers_accepts_one_to_all_layers_only():
+    assert first_n_layers(4, 1) == (0,) and first_n_layers(4, 4) == (0, 1, 2, 3)
+    for n in (0, 5):
+        with pytest.raises(ValueError, match=rf"first_n_layers needs 1 <= n <= num_layers \(4\); got {n}"):
+            first_n_layers(4, n)
+
+
+def test_key_value_cross_attention_has_no_biases_unless_asked_and_switches_backend():
+    plain = KeyValueCrossAttention(24, SPACE)
+    assert all(getattr(plain, name).bias is None for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    biased = KeyValueCrossAttention(24, SPACE, bias=True)
+    assert all(getattr(biased, name).bias is not None for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    plain.set_backend("eager")
+    assert plain.backend == "eager"
+
+
+def test_imported_config_defaults_and_refusals():
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=32)
+    spec, depth = base_spec_from_config(config)
+    assert depth == 2 and spec.head_space.head_dim == 32  # an explicit head_dim wins over hidden / heads (16)
+    del config.hidden_act  # older configs: SiLU
+    spec, _ = base_spec_from_config(config)
+    assert isinstance(spec.act_layer(), torch.nn.SiLU)
+    config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    with pytest.raises(ValueError, match=r"only default RoPE is supported; config has rope_type 'linear'"):
+        base_spec_from_config(config)
+
+
+def test_spec_and_stack_bounds():
+    ExpertSpec("tiny", 1, 1, SPACE)  # width and MLP of one unit are valid (if useless)
+    for field, value in (("width", 0), ("mlp_dim", 0)):
+        with pytest.raises(ValueError, match=rf"ExpertSpec 'x': {field} must be an int >= 1; got 0"):
+            ExpertSpec("x", **{"width": 8, "mlp_dim": 8, field: value}, head_space=SPACE)
+    for eps in (0.0, -1e-6, float("nan"), True):
+        with pytest.raises(ValueError, match=r"the norm epsilon must be a finite number > 0"):
+            ExpertSpec("x", 8, 8, SPACE, norm_eps=eps)
+    base, expert = ExpertSpec("vlm", 64, 128, SPACE), ExpertSpec("action", 32, 64, SPACE)
+    DeepFusionStack([base, expert], 4, cross_attention_layers=(0, 3))
+    for layers in ((4,), (-1,)):
+        with pytest.raises(ValueError, match=rf"cross_attention_layers \[{layers[0]}\] are out of range for 4 layers \(valid 0..3\)"):
+            DeepFusionStack([base, expert], 4, cross_attention_layers=layers)
+
+
+def test_an_adarms_stack_is_built_on_the_given_device_and_dtype():
+    base = ExpertSpec("vlm", 64, 128, SPACE)
+    expert = ExpertSpec("action", 32, 64, SPACE, adarms_cond_dim=16)
+    stack = DeepFusionStack([base, expert], 2, device="meta", dtype=torch.bfloat16)
+    assert {p.device.type for p in stack.parameters()} == {"meta"} and {p.dtype for p in stack.parameters()} == {torch.bfloat16}

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from vlablocks.encoders.geometry import (
     FrequencyPositionEncoding,
@@ -502,3 +503,10 @@ def test_geometry_encoder_keeps_vision_dtype() -> None:
     vision, depth, k, _ = scene()
     tokens, _ = encoder(vision.bfloat16(), GRID, depth=depth, intrinsics=k)
     assert tokens.dtype == torch.bfloat16 and torch.isfinite(tokens).all()
+
+
+def test_voxel_size_must_be_positive_or_none():
+    GeometryEncoder(nn.Linear(3, 8), 8, voxel_size=None)
+    for voxel_size in (0.0, -0.1):
+        with pytest.raises(ValueError, match=rf"voxel_size must be > 0 or None, got {voxel_size}"):
+            GeometryEncoder(nn.Linear(3, 8), 8, voxel_size=voxel_size)

@@ -15,8 +15,10 @@ from transformers.models.llama.modeling_llama import (
 
 from vlablocks.blocks.attention import ATTENTION_BACKENDS, HeadSpace, MultiExpertAttention, get_attention_backend
 from vlablocks.blocks.masks import as_additive_mask, block_causal_mask, positions_from_pad
-from vlablocks.blocks.mlp import GatedMlp, GeluTanh
+from vlablocks.blocks.dit import DiT, DiTBlock
+from vlablocks.blocks.mlp import GatedMlp, GeluTanh, Mlp
 from vlablocks.blocks.norms import AdaRMSNorm, RMSNorm, rms_normalize
+from vlablocks.blocks.quantized import Int8DynamicLinear, quantize_linears
 from vlablocks.blocks.rope import apply_rope, rope_cos_sin
 
 torch.manual_seed(0)
@@ -168,3 +170,32 @@ def test_head_space_and_backend_errors():
         HeadSpace(2, 2, 7)
     with pytest.raises(ValueError, match=r"unknown attention backend 'flashy'; valid: \['auto', 'eager', 'grouped_matmul', 'sdpa'\]"):
         get_attention_backend("flashy")
+
+
+def test_blocks_are_built_on_the_given_device_and_dtype():
+    made = [DiT(2, 16, 2, 8, temb_dim=16, cross_attention_dim=12, device="meta", dtype=torch.bfloat16),
+            Mlp(16, 32, device="meta", dtype=torch.bfloat16), AdaRMSNorm(16, 8, device="meta", dtype=torch.bfloat16)]
+    for module in made:
+        tensors = list(module.parameters()) + list(module.buffers())
+        assert {t.device.type for t in tensors} == {"meta"} and {t.dtype for t in tensors} == {torch.bfloat16}, module
+
+
+def test_dit_layout_matches_diffusers_affine_free_norms_and_dropout():
+    # the parameter set must be the reference's (GR00T checkpoints load into it): LayerNorms without affine weights
+    # (the AdaLayerNorm / final modulation supplies scale and shift), eps 1e-5 / 1e-6, dropout on attention and MLP
+    block = DiTBlock(16, 2, 8, temb_dim=16, dropout=0.25)
+    assert block.norm1.norm.weight is None and block.norm2.weight is None
+    assert block.norm1.norm.eps == block.norm2.eps == 1e-5
+    assert [m.p for m in block.attn.modules() if isinstance(m, nn.Dropout)] == [0.25]
+    assert [m.p for m in block.ff.modules() if isinstance(m, nn.Dropout)] == [0.25]
+    dit = DiT(1, 16, 2, 8, temb_dim=16, cross_attention_dim=12)
+    assert dit.norm_out.weight is None and dit.norm_out.eps == 1e-6
+
+
+def test_quantize_linears_asks_about_each_linear_by_its_qualified_name():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)))
+    asked = []
+    count = quantize_linears(model, keep=lambda name, linear: asked.append(name) or name == "1.2")
+    assert sorted(asked) == ["0", "1.0", "1.2"] and count == 2
+    assert isinstance(model[0], Int8DynamicLinear) and isinstance(model[1][0], Int8DynamicLinear)
+    assert type(model[1][2]) is nn.Linear

@@ -5,8 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from vlablocks.blocks.masks import block_causal_mask
+from vlablocks.encoders.projectors import PixelShuffleProjector
 from vlablocks.encoders.suffix import AdaRMSTimeFusion, ConcatMlpTimeFusion, SuffixEncoder, TimeTokenFusion
-from vlablocks.encoders.time import sinusoidal_embedding
+from vlablocks.encoders.time import DiffusersTimestepEmbedder, sinusoidal_embedding
+from vlablocks.encoders.vision import ConvNet, PatchViT
 
 W, H, A, S = 16, 3, 4, 5
 
@@ -104,3 +106,19 @@ def test_errors_name_the_problem():
         enc(torch.randn(2, H, A), torch.rand(2, 1), torch.randn(2, S))
     with pytest.raises(ValueError, match="state was given but this SuffixEncoder has no state token"):
         encoder(ConcatMlpTimeFusion, state_dim=None)(torch.randn(2, H, A), torch.rand(2), torch.randn(2, S))
+
+
+def test_encoders_are_built_and_run_on_the_given_device_and_dtype():
+    # the meta device stands in for an accelerator: a buffer or table left on the CPU would not combine with it
+    fusion = ConcatMlpTimeFusion(16, device="meta", dtype=torch.bfloat16)
+    made = [SuffixEncoder(4, 16, 3, fusion, state_dim=5, device="meta", dtype=torch.bfloat16),
+            PatchViT(32, 16, 16, 1, 2, device="meta", dtype=torch.bfloat16),
+            ConvNet(32, (8, 16), 2, 16, 4, device="meta", dtype=torch.bfloat16),
+            PixelShuffleProjector(8, 12, 2, device="meta", dtype=torch.bfloat16),
+            DiffusersTimestepEmbedder(16, device="meta", dtype=torch.bfloat16)]
+    for module in made:
+        params = list(module.parameters())
+        assert {p.device.type for p in params} == {"meta"} and {p.dtype for p in params} == {torch.bfloat16}, module
+    assert made[0].ar.device.type == "meta"
+    embedding = sinusoidal_embedding(torch.rand(3, device="meta"), 16)
+    assert embedding.device.type == "meta" and embedding.shape == (3, 16)

@@ -148,3 +148,19 @@ def test_text_encoder_checks_and_meta_build(hf_dir):
     embeds, pad = meta(["open the drawer"])
     assert embeds.is_meta and embeds.shape == (1, 16, 2048) and pad.is_meta
     assert "embed_scale=45.2548" in repr(meta)
+
+
+@pytest.mark.parametrize("budget", [1, 2, 3, 4, 5])
+def test_byte_tokenizer_truncates_at_a_character_boundary(budget):
+    # "é" is C3 A9 and "ñ" is C3 B1: continuation bytes of both parities; cutting inside one would leave half a char
+    tokenizer = ByteTokenizer(max_length=budget + 1)  # BOS + budget bytes
+    ids = tokenizer.encode("éñé")
+    data = bytes(i - ByteTokenizer.BYTE_OFFSET for i in ids[1:])
+    assert len(data) == budget - budget % 2 and "éñé".encode().startswith(data)
+    data.decode("utf-8")  # whole characters only
+    with pytest.raises(ValueError, match=r"max_length must leave room for BOS/EOS \(1 more needed\); got 1"):
+        ByteTokenizer(max_length=1, add_bos=True, add_eos=True)
+
+
+def test_text_encoder_repr_names_its_tokenizer_and_scale():
+    assert TextEncoder(ByteTokenizer(16), 8, embed_scale=2.0).extra_repr() == "tokenizer=ByteTokenizer, embed_scale=2"

@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from vlablocks.encoders.time import TimestepEmbedder, sinusoidal_embedding
+from diffusers.models.embeddings import Timesteps
+
+from vlablocks.encoders.time import DiffusersTimestepEmbedder, TimestepEmbedder, get_time_embedder, sinusoidal_embedding
 
 
 def reference_embedding(t: float, dim: int, min_period: float, max_period: float) -> list[float]:
@@ -100,3 +102,16 @@ def test_embedder_rejects_odd_dim_at_construction() -> None:
 def test_embedder_builds_on_meta_device() -> None:
     embedder = TimestepEmbedder(16, device="meta")
     assert embedder.mlp.fc1.weight.device.type == "meta"
+
+
+def test_diffusers_time_embedding_converts_the_time_convention():
+    embedder = DiffusersTimestepEmbedder(16)
+    t = torch.tensor([0.0, 0.25, 1.0])
+    reference = embedder.mlp(Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=1)(torch.tensor([1000.0, 750.0, 0.0])))
+    torch.testing.assert_close(embedder(t), reference)
+
+
+def test_time_embedders_by_name():
+    assert get_time_embedder("pi0") is TimestepEmbedder and get_time_embedder("diffusers") is DiffusersTimestepEmbedder
+    with pytest.raises(ValueError, match=r"unknown time embedding 'gr00t'; valid: \['diffusers', 'pi0'\]"):
+        get_time_embedder("gr00t")

@@ -10,7 +10,7 @@ from transformers import SiglipImageProcessor
 
 from helpers import TINY_SIGLIP, save_tiny_siglip
 
-from vlablocks.encoders.projectors import LinearProjector, Mlp2xGeluProjector, llava_projector_state_dict
+from vlablocks.encoders.projectors import LinearProjector, Mlp2xGeluProjector, PixelShuffleProjector, llava_projector_state_dict
 from vlablocks.encoders.siglip import SIGLIP_SO400M_PATCH14_224, SiglipVision
 from vlablocks.encoders.timm_vision import TimmVision
 from vlablocks.encoders.vision import ConvNet, PatchViT, VisionBackbone
@@ -342,3 +342,30 @@ def test_gradient_checkpointing_gives_identical_tokens_and_gradients(backbone):
     assert grads0.keys() == grads1.keys()
     for name in grads0:
         torch.testing.assert_close(grads1[name], grads0[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_one_conv_per_stage_and_no_bias_in_the_pixel_shuffle_projection_are_valid_settings():
+    net = ConvNet(image_size=32, channels=(8, 16), convs_per_stage=1, width=16, norm_groups=4)
+    assert net.pos_embed.shape == (1, 64, 16)  # [1, tokens, width]: one table shared by the batch
+    assert net(torch.rand(2, 3, 32, 32)).shape == (2, 64, 16)
+    projector = PixelShuffleProjector(8, 12, scale_factor=1)  # no merging: a plain projection
+    assert projector.proj.bias is None and projector(torch.randn(2, 16, 8)).shape == (2, 16, 12)
+    with pytest.raises(ValueError, match=r"scale_factor must be >= 1; got 0"):
+        PixelShuffleProjector(8, 12, scale_factor=0)
+
+
+def test_timm_vision_saves_its_recipe_without_the_weights_path(tmp_path):
+    node = {"type": "timm", "model_name": "resnet18", "image_size": 64, "weights_path": "/data/resnet.safetensors"}
+    exported = TimmVision("resnet18", image_size=64).export_recipe(node, tmp_path)
+    assert exported == {"type": "timm", "model_name": "resnet18", "image_size": 64}
+
+
+def test_siglip_select_layer_bounds_and_no_pooling_head(siglip_dir):
+    path, _ = siglip_dir  # 2 layers: 3 hidden states, indices -3..2
+    for select_layer in (-3, 2):
+        enc = SiglipVision(path, select_layer=select_layer)
+        assert enc.model.use_head is False and enc.model.config.vision_use_head is False
+    for select_layer in (-4, 3):
+        with pytest.raises(ValueError, match=rf"select_layer must index the 3 hidden states .* lie in \[-3, 2\], or be None; "
+                                             rf"got {select_layer}"):
+            SiglipVision(path, select_layer=select_layer)

@@ -106,10 +106,6 @@ class BatchSpec:
     any_image_size: bool = False
 
 
-def _shape(value: Any) -> str:
-    return str(list(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
-
-
 def _layout(key: str, value: Any, dims: Sequence[int | str | None], layout: str, sizes: dict[str, int],
             floating: bool) -> None:
     """``value`` is a tensor matching ``dims`` (int: exact, str: a size shared across keys, None: any)."""

@@ -156,9 +156,7 @@ class FeatureNormalizer(nn.Module):
             if self.convention == "lerobot":
                 return x * self.std[:d] + self.mean[:d]
             return x * (self.std[:d] + EPS) + self.mean[:d]
-        if self.mode == "quantile":
-            if self.convention == "lerobot":
-                return (x + 1.0) * self._quantile_span(d) / 2.0 + self.q01[:d]
+        if self.mode == "quantile":  # LeRobot's (x + 1) * span / 2 gives the same bits: halving is exact
             return (x + 1.0) / 2.0 * self._quantile_span(d) + self.q01[:d]
         return x
 

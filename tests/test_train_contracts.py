@@ -1,0 +1,163 @@
+"""The training loop's small contracts, value by value: the sharded epoch sampler, the derived
+seeds, the EMA and its warm-up, the learning-rate schedule, SIGTERM and the export marker
+(gaps that mutation testing found: docs/mutation.md)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+from torch import nn
+
+from vlablocks.recipes import build, load_recipe
+from vlablocks.train.config import TrainConfig, lr_factor
+from vlablocks.train.ema import EMA, ema_decay_at
+from vlablocks.train.export import EXPORT_FILE, plain_recipe, write_export
+from vlablocks.train.sampler import EPOCH_STREAM, ShardedEpochSampler, derive_seed
+from vlablocks.train.signals import StopSignal
+
+# --- ShardedEpochSampler ---------------------------------------------------------------------------
+
+
+def _epoch(num_samples: int, batch_size: int, replicas: int, seed: int, epoch: int) -> list[list[list[int]]]:
+    """Every rank's micro-batches of one epoch."""
+    ranks = []
+    for rank in range(replicas):
+        sampler = ShardedEpochSampler(num_samples, batch_size, replicas, rank, seed)
+        sampler.set_epoch(epoch)
+        ranks.append(list(sampler))
+    return ranks
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 3])
+def test_sampler_cuts_one_seeded_permutation_into_equal_disjoint_shards(replicas):
+    num_samples, batch_size, seed = 23, 2, 7
+    ranks = _epoch(num_samples, batch_size, replicas, seed, epoch=4)
+    per_rank = num_samples // (batch_size * replicas)
+    assert [len(batches) for batches in ranks] == [per_rank] * replicas  # unequal micro-batches and the tail dropped
+    assert all(len(batch) == batch_size for batches in ranks for batch in batches)
+    # global micro-batch j = c * replicas + rank of the epoch's permutation
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(derive_seed(seed, EPOCH_STREAM, 4))).tolist()
+    for rank, batches in enumerate(ranks):
+        for c, batch in enumerate(batches):
+            j = c * replicas + rank
+            assert batch == order[j * batch_size:(j + 1) * batch_size]
+    seen = [i for batches in ranks for batch in batches for i in batch]
+    assert len(seen) == len(set(seen)) == per_rank * replicas * batch_size
+
+
+def test_sampler_orders_differ_by_epoch_and_seed_and_repeat_for_the_same_ones():
+    first = _epoch(40, 4, 1, seed=3, epoch=0)
+    assert _epoch(40, 4, 1, seed=3, epoch=0) == first
+    assert _epoch(40, 4, 1, seed=3, epoch=1) != first
+    assert _epoch(40, 4, 1, seed=4, epoch=0) != first
+
+
+def test_sampler_resumes_mid_epoch_where_it_left_off():
+    sampler = ShardedEpochSampler(30, 3, 2, 1, seed=5)
+    sampler.set_epoch(2)
+    full = list(sampler)
+    assert len(sampler) == 5
+    sampler.set_epoch(2, start=3)
+    assert len(sampler) == 2 and list(sampler) == full[3:]
+
+
+def test_sampler_refuses_a_dataset_smaller_than_one_global_batch():
+    ShardedEpochSampler(8, 4, 2, 0, seed=0)  # exactly one global micro-batch is enough
+    with pytest.raises(ValueError, match=r"has 7 samples, fewer than one global micro-batch \(batch_size 4 x 2 processes\)"):
+        ShardedEpochSampler(7, 4, 2, 0, seed=0)
+
+
+def test_derived_seeds_are_63_bit_repeatable_and_differ_by_stream_and_key():
+    seeds = {derive_seed(0, 1, 0), derive_seed(0, 2, 0), derive_seed(0, 1, 1), derive_seed(1, 1, 0), derive_seed(0, 3, 7)}
+    assert len(seeds) == 5 and derive_seed(0, 1, 0) == derive_seed(0, 1, 0)
+    assert all(0 <= s < 2**63 for s in seeds) and max(seeds) >= 2**40  # both 32-bit words are used
+
+
+# --- EMA -------------------------------------------------------------------------------------------
+
+
+def test_ema_decay_warms_up_from_a_tenth_towards_the_decay():
+    assert ema_decay_at(0.999, 0) == pytest.approx(0.1)
+    assert ema_decay_at(0.999, 8) == pytest.approx(9 / 18)
+    assert ema_decay_at(0.5, 8) == 0.5  # capped at the configured decay
+    assert ema_decay_at(0.999, 10**6) == 0.999
+
+
+def test_ema_update_reset_and_applied_weights_value_by_value():
+    param = nn.Parameter(torch.tensor([0.0, 10.0]))
+    ema = EMA([param], decay=0.9)
+    with torch.no_grad():
+        param.copy_(torch.tensor([1.0, 0.0]))
+    ema.update(step=0)  # decay 0.1: ema = 0.1 * ema + 0.9 * param
+    torch.testing.assert_close(ema.shadow[0], torch.tensor([0.9, 1.0]))
+    ema.update(step=100)  # decay 0.9: ema = 0.9 * ema + 0.1 * param
+    torch.testing.assert_close(ema.shadow[0], torch.tensor([0.91, 0.9]))
+    with ema.applied():
+        torch.testing.assert_close(param.detach(), torch.tensor([0.91, 0.9]))
+    assert torch.equal(param.detach(), torch.tensor([1.0, 0.0]))  # the live weights come back
+    with pytest.raises(RuntimeError, match="inside"), ema.applied():
+        raise RuntimeError("inside")
+    assert torch.equal(param.detach(), torch.tensor([1.0, 0.0]))  # ... after an exception too
+    ema.reset()
+    assert torch.equal(ema.shadow[0], param.detach()) and ema.shadow[0] is not param
+
+
+# --- learning-rate schedule ------------------------------------------------------------------------
+
+
+def test_lr_factor_warm_up_then_cosine_to_zero_or_constant():
+    cosine = TrainConfig(steps=14, warmup_steps=4, schedule="cosine")
+    assert [lr_factor(cosine, s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(cosine, 4) == 1.0  # the cosine starts at its top
+    assert lr_factor(cosine, 9) == pytest.approx(0.5)  # half way through the 10 decay steps
+    assert lr_factor(cosine, 6) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.2)))
+    assert lr_factor(cosine, 14) == pytest.approx(0.0) and lr_factor(cosine, 20) == pytest.approx(0.0)  # stays at 0
+    constant = TrainConfig(steps=14, warmup_steps=2, schedule="constant")
+    assert [lr_factor(constant, s) for s in (0, 1, 2, 13)] == [0.5, 1.0, 1.0, 1.0]
+    no_warmup = TrainConfig(steps=1, warmup_steps=0, schedule="cosine")
+    assert lr_factor(no_warmup, 0) == 1.0
+
+
+# --- SIGTERM -------------------------------------------------------------------------------------
+
+
+def test_first_sigterm_requests_a_stop_and_hands_the_next_one_to_the_previous_handler():
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        with StopSignal() as stop:
+            assert not stop.requested
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.requested and received == []  # the first one only asks to stop
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert received == [signal.SIGTERM]  # the second one goes to the handler from before
+        with StopSignal() as stop:
+            pass
+        assert not stop.requested and signal.getsignal(signal.SIGTERM) is not stop._handle  # restored on exit
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# --- export --------------------------------------------------------------------------------------
+
+
+def test_plain_recipe_drops_only_the_fine_tuning_settings():
+    recipe = {"policy": {"horizon": 4}, "train": {"finetune": "lora", "lora": {"rank": 8}, "lr": 1e-4}}
+    assert plain_recipe(recipe) == {"policy": {"horizon": 4}, "train": {"lr": 1e-4}}
+    assert recipe["train"]["finetune"] == "lora"  # the argument is not changed
+    assert plain_recipe({"policy": {}, "train": {"finetune": "full"}}) == {"policy": {}}  # an emptied section goes
+    assert plain_recipe({"policy": {}}) == {"policy": {}}
+
+
+def test_export_marks_its_directory_with_the_producer_and_the_source(tmp_path):
+    vla = build(load_recipe("tiny_pi0"))
+    source = tmp_path / "run" / "checkpoints" / "step_4"
+    out = write_export(vla, tmp_path / "export", source)
+    assert json.loads((out / EXPORT_FILE).read_text()) == {"producer": "vlablocks export", "source": str(source.resolve())}
+    write_export(vla, out, None)  # an earlier export may be replaced
+    assert json.loads((out / EXPORT_FILE).read_text()) == {"producer": "vlablocks export", "source": None}
