@@ -8,21 +8,25 @@ place would put the working tree at risk. So every area runs in its own staged c
 tests beside it; mutmut's cache there makes the next run re-test only the functions that changed.
 
 Each area mutates its modules and runs its own test files (:data:`AREAS`); mutmut runs, for each
-mutant, only the tests that call the mutated function. A mutant is *killed* when a test fails.
-Survivors are sorted into:
+mutant, only the tests that call the mutated function. A mutant is *killed* when a test fails (or
+hangs: a timeout). Each module runs a seeded sample of its mutants (``--sample``). Survivors are
+sorted into:
 
-- *message*: the change only touches the text of an error, log, warning or help message or a
-  docstring (found from the module's syntax tree). Observable, but not behaviour; counted apart.
+- *message*: the change only touches the text of an error, warning or help message or a
+  docstring, or the arguments of a logging call (found from the module's syntax tree).
+  Observable, but not behaviour; counted apart.
 - *equivalent*: listed with a reason in ``dev/mutation_equivalent.yaml`` (no observable difference).
 - *open*: a gap in the tests.
 
-The kill rate is killed / (mutants - message survivors - equivalent - skipped); mutants that no
-selected test reaches ("no tests") count as not killed.
+The kill rate is (killed + timeout) / (run - message - equivalent - skipped); mutants that no
+selected test reaches ("no tests") count as not killed, sampled mutants not yet run are left out
+(and counted in the report).
 
 Run:
     make mutation                                                    # every area
     make mutation MUTATION_ARGS="--area policy"                      # one area
     make mutation MUTATION_ARGS="--area policy --module vlablocks/policy/normalize.py"
+    make mutation MUTATION_ARGS="--retest"                           # the survivors again, after new tests
 """
 
 from __future__ import annotations
@@ -441,11 +445,21 @@ def main(argv: list[str] | None = None) -> int:
     previous = json.loads(args.json.read_text()) if args.json.exists() else {"areas": {}}
     results: dict[str, Any] = previous.get("areas", {})
     failed: list[str] = []
+    if not args.update.is_file():
+        parser.error(f"--update: {args.update} does not exist; expected a markdown file with a "
+                     "<!-- mutation:begin --> ... <!-- mutation:end --> section")
+    unknown = [m for m in args.module or () if not any(_in_area(m, area, mapping) for area in AREAS)]
+    if unknown:
+        parser.error(f"--module: {unknown} belong to no area; expected paths like blocks/attention.py or "
+                     "vlablocks/train/ema.py")
     for area in args.area:
         modules = [m for m in (args.module or AREAS[area].modules) if _in_area(m, area, mapping)]
         if not modules:
             continue
         directory = args.work / area
+        if args.report_only and not (directory / "sample.json").exists():
+            log.warning("%s: no results in %s yet; run it first", area, directory)
+            continue
         if not args.report_only and not run_area(area, modules, args):
             failed.append(area)
             continue
