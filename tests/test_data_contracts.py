@@ -17,6 +17,7 @@ from test_dataset import assert_samples_match, make_episode, write
 from test_dataset_formats import even_episodes
 from vlablocks.data import DatasetWriter, LeRobotDataset
 from vlablocks.data.meta import read_jsonl
+from vlablocks.data.resize import PadResize
 from vlablocks.data.video_writer import VideoEncodeError, _encoder_options, check_frames
 from vlablocks.policy import batch as keys
 
@@ -158,3 +159,18 @@ def test_decoded_bytes_count_rgb_and_depth_per_frame(tmp_path):
     h, w = with_depth[0][keys.IMAGES].shape[-2:]
     assert with_depth.decoded_bytes() == 5 * (3 * h * w + 2 * h * w)
     assert LeRobotDataset(root, horizon=2, cameras=["front"], cache=False, load_depth=False).decoded_bytes() == 5 * 3 * h * w
+
+
+def test_resize_with_pad_of_a_portrait_frame_moves_the_principal_point_right():
+    # 64 x 48 (portrait) -> 32: scale 0.5 to 32 x 24, 4 columns of padding on the left; a 3D point projects through
+    # the new K where its pixel went, for a homogeneous K whose last row is not 1 as well
+    resize = PadResize(64, 48, 32)
+    assert (resize.new_shape, resize.offset) == ((32, 24), (0, 4))
+    point = torch.tensor([0.3, -0.2, 2.0])
+    for k in (torch.tensor([[50.0, 0.0, 23.5], [0.0, 52.0, 31.0], [0.0, 0.0, 1.0]]),
+              torch.tensor([[100.0, 0.0, 47.0], [0.0, 104.0, 62.0], [0.0, 0.0, 2.0]])):
+        uv = (k @ point)[:2] / (k @ point)[2]
+        new = resize.intrinsics(k) @ point
+        torch.testing.assert_close(new[:2] / new[2], uv * 0.5 + torch.tensor([4.0, 0.0]))
+    images = torch.rand(2, 3, 64, 48)  # batched frames keep their leading dims
+    assert resize.images(images).shape == (2, 3, 32, 32) and resize.images(images[0]).shape == (3, 32, 32)
