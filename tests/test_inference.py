@@ -147,6 +147,11 @@ def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
     assert cpu_native_bf16(amd) is False
     assert cpu_native_bf16(intel) is True
     assert cpu_native_bf16(tmp_path / "missing") is False
+    named = tmp_path / "named"  # only the flags line counts, and everything after its first colon
+    named.write_text("model name\t: Some CPU: amx_bf16 in its name\nflags\t\t: fpu avx2 : avx512_bf16\n")
+    assert cpu_native_bf16(named) is True
+    named.write_text("model name\t: Some CPU: amx_bf16 in its name\nflags\t\t: fpu avx2\n")
+    assert cpu_native_bf16(named) is False
 
 
 @pytest.mark.parametrize("name", ["tiny_pi0", "tiny_smolvla"])

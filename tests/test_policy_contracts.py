@@ -1,5 +1,5 @@
 """Policy-side contracts pinned value by value (gaps that mutation testing found: docs/mutation.md):
-resize-with-pad geometry, collation, the smoke check, native-bf16 detection, augmentation's device,
+resize-with-pad geometry, collation, the smoke check, augmentation's device,
 the loss's step mask, the image range, the weights' metadata and the inference options' refusals."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from vlablocks.policy import vla as vla_module
 from vlablocks.policy.config import PolicyConfig
 from vlablocks.policy.images import resize_with_pad
 from vlablocks.policy.precision import apply_precision, parameter_dtypes, reduced_precision_parameters
-from vlablocks.policy.inference import InferenceOptions, cpu_native_bf16, optimize_for_inference
+from vlablocks.policy.inference import InferenceOptions, optimize_for_inference
 from vlablocks.recipes import build, load_recipe
 
 
@@ -78,16 +78,6 @@ def test_smoke_check_reports_the_policys_shapes_gradients_and_finite_timings():
             param.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="the loss is not finite: nan"):
         smoke_check(vla)
-
-
-@pytest.mark.parametrize(("flags", "native"), [("fpu avx2 amx_bf16 amx_tile", True), ("fpu avx512_bf16", True),
-                                               ("fpu avx2 avx512f", False)])
-def test_native_bf16_reads_the_flags_line_only(tmp_path, flags, native):
-    cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text(f"model name\t: Some CPU: amx_bf16 in its name\nflags\t\t: {flags}\nbugs\t\t: spectre_v1\n")
-    assert cpu_native_bf16(cpuinfo) is native
-    cpuinfo.write_text(f"flags\t\t: {flags} : tail\n")  # a colon in the value: everything after the first one counts
-    assert cpu_native_bf16(cpuinfo) is native
 
 
 def test_random_shift_stays_on_the_images_device():
