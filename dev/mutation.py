@@ -106,7 +106,7 @@ EQUIVALENT = ROOT / "dev" / "mutation_equivalent.yaml"
 #: logging calls: any change to their arguments only changes what is logged.
 LOG_CALLS = {"debug", "info", "warning", "error", "exception", "critical"}
 #: calls whose string arguments are messages (``warnings.warn(...)``, ``pytest.fail``, exceptions).
-MESSAGE_CALLS = {"warn", "fail", "SystemExit"}
+MESSAGE_CALLS = {"warn", "fail", "SystemExit", "check_shape"}  # check_shape: a name and a layout for its error
 MESSAGE_KEYWORDS = {"help", "description", "epilog", "metavar", "desc"}
 
 

@@ -4,6 +4,7 @@ out-of-range frames, and the writer's files against those LeRobot was shown to r
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from helpers import write_toy_dataset
 from test_dataset import assert_samples_match, make_episode, write
 from test_dataset_formats import even_episodes
 from vlablocks.data import DatasetWriter, LeRobotDataset
@@ -174,3 +176,43 @@ def test_resize_with_pad_of_a_portrait_frame_moves_the_principal_point_right():
         torch.testing.assert_close(new[:2] / new[2], uv * 0.5 + torch.tensor([4.0, 0.0]))
     images = torch.rand(2, 3, 64, 48)  # batched frames keep their leading dims
     assert resize.images(images).shape == (2, 3, 32, 32) and resize.images(images[0]).shape == (3, 32, 32)
+
+
+def test_replacing_a_dataset_whose_root_vanished_puts_the_new_one_in_place(tmp_path):
+    root = tmp_path / "d"
+    write_toy_dataset(root, lengths=(3,))
+    writer = DatasetWriter(root, fps=10, cameras=["corner"], state_dim=4, action_dim=4, overwrite=True)
+    writer.add_episode(_toy_frames(2), "push the button")
+    shutil.rmtree(root)  # the user removed the old dataset while the new one was written
+    assert writer.finalize() == root
+    assert len(LeRobotDataset(root, horizon=1)) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["d"]  # no hidden staging directory left
+
+
+def test_writer_and_reader_refusals_say_what_was_expected(tmp_path):
+    with pytest.raises(ValueError, match=r"fps must be > 0; got 0"):
+        DatasetWriter(tmp_path / "a", fps=0, cameras=["corner"], state_dim=4, action_dim=4)
+    writer = DatasetWriter(tmp_path / "b", fps=10, cameras=["corner"], state_dim=4, action_dim=4)
+    with pytest.raises(ValueError, match=r"an episode needs at least one step; got 0"):
+        writer.add_episode(_toy_frames(0), "push the button")
+    writer.abort()
+
+    root = write_toy_dataset(tmp_path / "c", lengths=(3,), version="v2.1")
+    stats = root / "meta" / "stats.json"
+    saved = stats.read_text()
+    stats.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"meta/stats.json: expected a JSON object; got list"):
+        LeRobotDataset(root, horizon=1)
+    stats.write_text(saved)
+    (root / "meta" / "tasks.jsonl").write_text('{"task_index": 7, "task": "push the button"}\n')
+    with pytest.raises(ValueError, match=r"meta: task_index \[0\] used by the episodes is not listed in the tasks"):
+        LeRobotDataset(root, horizon=1)
+
+
+def _toy_frames(length: int) -> dict[str, np.ndarray]:
+    """One episode in the layout of ``write_toy_dataset``: a 32 px camera, 4-dim state and actions."""
+    rng = np.random.default_rng(length)
+    return {"observation.state": rng.normal(size=(length, 4)).astype(np.float32),
+            "action": rng.uniform(-1, 1, size=(length, 4)).astype(np.float32),
+            "observation.images.corner": rng.integers(0, 256, size=(length, 32, 32, 3), dtype=np.uint8),
+            "observation.intrinsics.corner": np.tile(np.eye(3, dtype=np.float32), (length, 1, 1))}

@@ -20,6 +20,7 @@ from vlablocks.encoders.points import (
     patch_points,
     points_from_geometry,
     points_from_rays,
+    transform_points,
     unproject_depth,
     valid_depth_mask,
 )
@@ -510,3 +511,39 @@ def test_voxel_size_must_be_positive_or_none():
     for voxel_size in (0.0, -0.1):
         with pytest.raises(ValueError, match=rf"voxel_size must be > 0 or None, got {voxel_size}"):
             GeometryEncoder(nn.Linear(3, 8), 8, voxel_size=voxel_size)
+
+
+# ----------------------------------------------------------------------------- dtypes
+
+
+def test_geometry_math_runs_in_at_least_float32_and_follows_the_points_dtype() -> None:
+    """bf16 inputs are computed in float32, float64 ones stay float64, and a pose in another
+    dtype is cast to the points' (not the other way round)."""
+    gen = torch.Generator().manual_seed(0)
+    xyz = (torch.rand(2, 5, 3, generator=gen) * 4 - 2).bfloat16()
+    encoded = nerf_encoding(xyz, 4)
+    assert encoded.dtype == torch.float32
+    torch.testing.assert_close(encoded, nerf_encoding(xyz.float(), 4), atol=0, rtol=0)
+
+    points = torch.rand(2, H, W, 3, generator=gen)
+    pose = random_pose(2, seed=1, dtype=torch.float64)
+    moved = transform_points(points, pose)
+    assert moved.dtype == torch.float32
+    torch.testing.assert_close(moved, transform_points(points, pose.float()), atol=0, rtol=0)
+
+    rays = torch.randn(2, H, W, 3, generator=gen)
+    depth = torch.rand(2, H, W, generator=gen) + 0.5
+    low = points_from_rays(rays.bfloat16(), depth.bfloat16())
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, rays.bfloat16().float() * depth.bfloat16().float()[..., None], atol=0, rtol=0)
+    wide = points_from_rays(rays, depth.double())
+    assert wide.dtype == torch.float64
+    torch.testing.assert_close(wide, rays.double() * depth.double()[..., None], atol=0, rtol=0)
+
+
+def test_an_encoding_of_the_wrong_shape_is_named_in_the_error() -> None:
+    """An encoding without a ``dim`` attribute is only checked when it runs."""
+    vision, depth, k, _ = scene()
+    encoder = GeometryEncoder(nn.Linear(3, DIM + 1), DIM)
+    with pytest.raises(ValueError, match=r"the encoding must map \[B, N, 3\] to \(2, 12, 8\), got \(2, 12, 9\)"):
+        encoder(vision, GRID, depth=depth, intrinsics=k)

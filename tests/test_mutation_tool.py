@@ -23,6 +23,7 @@ def f(x):
             "which is negative")
     logger.info("value %s", x)
     table = {"mean": 1, "std": 2}
+    check_shape("points", x, (2, 3), "[B, 3]")
     return table["mean"] + x
 '''
 
@@ -56,13 +57,16 @@ def _diff(before: str, after: str) -> str:
 
 def test_message_mutants_are_text_changes_inside_raises_and_docstrings_or_any_change_to_a_log_call():
     text, logging_ = mutation.message_lines(SOURCE)
-    assert {2, 4, 5, 6} <= text and logging_ == {7} and not {3, 8, 9} & (text | logging_)
+    assert {2, 4, 5, 6, 9} <= text and logging_ == {7} and not {3, 8, 10} & (text | logging_)
     assert mutation.is_message(_diff('            "which is negative")', '            "XXwhich is negativeXX")'), SOURCE)
     assert mutation.is_message(_diff('    logger.info("value %s", x)', '    logger.info("XXvalue %sXX", x)'), SOURCE)
     assert mutation.is_message(_diff('    logger.info("value %s", x)', '    logger.info(None, x)'), SOURCE)  # what is logged
     # the same kind of change to a dict key is behaviour, and so is a changed condition inside the function
     assert not mutation.is_message(_diff('    table = {"mean": 1, "std": 2}', '    table = {"XXmeanXX": 1, "std": 2}'), SOURCE)
     assert not mutation.is_message(_diff("    if x < 0:", "    if x <= 0:"), SOURCE)
+    # check_shape's name and layout only appear in its error; the shape it checks is behaviour
+    assert mutation.is_message(_diff('    check_shape("points", x, (2, 3), "[B, 3]")', '    check_shape("points", x, (2, 3), "[b, 3]")'), SOURCE)
+    assert not mutation.is_message(_diff('    check_shape("points", x, (2, 3), "[B, 3]")', '    check_shape("points", x, (2, 4), "[B, 3]")'), SOURCE)
 
 
 def test_summary_counts_each_outcome_and_the_kill_rate_leaves_out_message_and_equivalent_survivors():

@@ -164,3 +164,28 @@ def test_byte_tokenizer_truncates_at_a_character_boundary(budget):
 
 def test_text_encoder_repr_names_its_tokenizer_and_scale():
     assert TextEncoder(ByteTokenizer(16), 8, embed_scale=2.0).extra_repr() == "tokenizer=ByteTokenizer, embed_scale=2"
+
+
+def _without_special_tokens(hf_dir, directory, *names):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+    for name in names:
+        setattr(tokenizer, name, None)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def test_hf_tokenizer_pads_with_its_pad_token_else_eos_else_zero(hf_dir, tmp_path, caplog):
+    assert HFTokenizer(hf_dir, max_length=8).pad_id == 0  # "[PAD]" is id 0 in the tiny vocabulary
+    no_pad = HFTokenizer(_without_special_tokens(hf_dir, tmp_path / "no_pad", "pad_token"), max_length=8)
+    assert no_pad.tokenizer.pad_token_id is None and no_pad.tokenizer.eos_token_id == 3
+    assert no_pad.pad_id == 3
+    ids, mask = no_pad(["open the drawer", "pick up the red block"])
+    assert ids[0, 4:].tolist() == [3, 3] and mask[0].tolist() == [True] * 4 + [False] * 2
+    bare = HFTokenizer(_without_special_tokens(hf_dir, tmp_path / "bare", "pad_token", "eos_token"), max_length=8)
+    assert bare.tokenizer.eos_token_id is None and bare.pad_id == 0
+    with caplog.at_level(logging.WARNING, logger="vlablocks.encoders.text"):
+        HFTokenizer(hf_dir, max_length=3)(["pick up the red block"])
+    assert [r.getMessage() for r in caplog.records] == [
+        "HFTokenizer truncated a text to max_length=3 tokens (warned once per tokenizer)"]

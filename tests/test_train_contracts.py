@@ -11,14 +11,20 @@ import signal
 
 import pytest
 import torch
+from ddp_worker import RECIPE, TinyDataset, make_trainer
+from safetensors.torch import load_file
 from torch import nn
 
+from vlablocks.io.manifest import CheckpointError
 from vlablocks.recipes import build, load_recipe
+from vlablocks.recipes.builder import from_pretrained
+from vlablocks.train.checkpoint import latest_checkpoint
 from vlablocks.train.config import TrainConfig, lr_factor
 from vlablocks.train.ema import EMA, ema_decay_at
-from vlablocks.train.export import EXPORT_FILE, plain_recipe, write_export
+from vlablocks.train.export import EXPORT_FILE, merged_policy, plain_recipe, write_export
 from vlablocks.train.sampler import EPOCH_STREAM, ShardedEpochSampler, derive_seed
 from vlablocks.train.signals import StopSignal
+from vlablocks.train.trainer import Trainer
 
 # --- ShardedEpochSampler ---------------------------------------------------------------------------
 
@@ -161,3 +167,38 @@ def test_export_marks_its_directory_with_the_producer_and_the_source(tmp_path):
     assert json.loads((out / EXPORT_FILE).read_text()) == {"producer": "vlablocks export", "source": str(source.resolve())}
     write_export(vla, out, None)  # an earlier export may be replaced
     assert json.loads((out / EXPORT_FILE).read_text()) == {"producer": "vlablocks export", "source": None}
+
+
+def test_a_run_s_policy_is_its_ema_unless_asked_and_resume_refuses_a_later_checkpoint(tmp_path):
+    make_trainer(tmp_path / "run", TrainConfig(steps=2, batch_size=2, save_every=None, lr=1e-2, ema_decay=0.5)).train()
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    ema, live = load_file(checkpoint / "ema.safetensors"), load_file(checkpoint / "model.safetensors")
+    assert any(not torch.equal(ema[k], live[k]) for k in ema)
+    policy, source = merged_policy(tmp_path / "run")  # the default: the EMA weights
+    assert source == checkpoint
+    assert all(torch.equal(policy.state_dict()[k], ema[k]) for k in ema)
+    raw, _ = merged_policy(tmp_path / "run", use_ema=False)
+    assert all(torch.equal(raw.state_dict()[k], live[k]) for k in live)
+    with pytest.raises(ValueError, match=r"checkpoint step 2 is beyond TrainConfig.steps=1"):
+        make_trainer(tmp_path / "again", TrainConfig(steps=1, batch_size=2, save_every=None)).resume(checkpoint)
+
+
+def test_resuming_a_lora_run_checks_the_base_it_was_trained_on(tmp_path):
+    torch.manual_seed(0)
+    base = build(RECIPE).save_pretrained(tmp_path / "base")
+    config = TrainConfig(steps=1, batch_size=2, save_every=None, finetune="lora")
+
+    def lora_trainer(out: str) -> Trainer:
+        vla = from_pretrained(base)
+        return Trainer(vla, TinyDataset(vla, 8), config, tmp_path / out, init_dir=base)
+
+    lora_trainer("run").train()
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    assert not (checkpoint / "model.safetensors").exists()  # the adapters refer to the base
+    resumed = lora_trainer("again")
+    weights = base / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # the base changed after the run
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model.safetensors: checksum mismatch"):
+        resumed.resume(checkpoint)

@@ -6,13 +6,15 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from transformers import SiglipImageProcessor
 
 from helpers import TINY_SIGLIP, save_tiny_siglip
 
 from vlablocks.encoders.projectors import LinearProjector, Mlp2xGeluProjector, PixelShuffleProjector, llava_projector_state_dict
 from vlablocks.encoders.siglip import SIGLIP_SO400M_PATCH14_224, SiglipVision
-from vlablocks.encoders.timm_vision import TimmVision
+from vlablocks.encoders.timm_vision import TimmVision, _token_layout
 from vlablocks.encoders.vision import ConvNet, PatchViT, VisionBackbone
 
 def images(batch=2, size=32, seed=0):
@@ -369,3 +371,91 @@ def test_siglip_select_layer_bounds_and_no_pooling_head(siglip_dir):
         with pytest.raises(ValueError, match=rf"select_layer must index the 3 hidden states .* lie in \[-3, 2\], or be None; "
                                              rf"got {select_layer}"):
             SiglipVision(path, select_layer=select_layer)
+
+
+# ---------------------------------------------------------------- devices, dtypes, token layouts
+
+
+class _CpuAllocations(TorchDispatchMode):
+    """Counts the bytes of every CPU tensor an operation returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
+                self.bytes += tensor.numel() * tensor.element_size()
+        return out
+
+
+def test_siglip_is_built_on_its_device_and_never_reads_pickled_weights(siglip_dir, tmp_path):
+    with _CpuAllocations() as allocations:
+        built = SiglipVision(config=TINY_SIGLIP, device="meta")
+    assert all(p.is_meta for p in built.parameters())
+    weights = sum(p.numel() * p.element_size() for p in built.parameters())
+    assert allocations.bytes < weights / 10, f"{allocations.bytes} B allocated on the CPU for {weights} B of meta weights"
+
+    path, ref = siglip_dir
+    moved = SiglipVision(path, device="meta")
+    assert all(t.is_meta for t in [*moved.parameters(), *moved.buffers()])
+
+    ref.config.save_pretrained(tmp_path)
+    torch.save(ref.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(OSError, match="no file named model.safetensors"):
+        SiglipVision(str(tmp_path))
+
+
+def test_vision_backbones_keep_their_dtype_in_every_parameter_and_buffer():
+    for backbone in (PatchViT(image_size=32, patch_size=8, width=16, depth=1, num_heads=2, dtype=torch.bfloat16),
+                     ConvNet(image_size=32, channels=(8, 16), width=16, norm_groups=4, dtype=torch.bfloat16)):
+        assert {t.dtype for t in [*backbone.parameters(), *backbone.buffers()]} == {torch.bfloat16}, type(backbone)
+
+
+class WideViT(nn.Module):
+    """Stands in for a timm model in the token-layout rules: only its attributes matter."""
+
+    def __init__(self, **attributes) -> None:
+        super().__init__()
+        for name, value in attributes.items():
+            setattr(self, name, value)
+
+
+def test_timm_token_layouts_follow_the_model_s_declared_grid_and_format():
+    features = torch.arange(1 * 7 * 5, dtype=torch.float32).view(1, 7, 5)  # 1 prefix + 2 x 3 patches
+    declared = WideViT(patch_embed=WideViT(grid_size=(2, 3)), num_prefix_tokens=1)
+    to_tokens, grid, out_dim = _token_layout(declared, features)
+    assert (grid, out_dim) == ((2, 3), 5) and torch.equal(to_tokens(features), features[:, 1:])
+
+    square = torch.zeros(1, 9, 4)  # no declared grid: a square one is inferred
+    assert _token_layout(WideViT(), square)[1:] == ((3, 3), 4)
+    with pytest.raises(ValueError, match=r"cannot infer the patch grid of WideViT: 5 tokens after 0 prefix tokens, "
+                                         r"grid guess \(2, 2\)"):
+        _token_layout(WideViT(), torch.zeros(1, 5, 4))
+
+    nhwc = torch.arange(2 * 3 * 4, dtype=torch.float32).view(1, 2, 3, 4)  # [B, h, w, C]
+    to_tokens, grid, out_dim = _token_layout(WideViT(output_fmt="NHWC"), nhwc)
+    assert (grid, out_dim) == ((2, 3), 4)
+    assert torch.equal(to_tokens(nhwc)[0, 1], nhwc[0, 0, 1])  # row 0, column 1
+    to_tokens, grid, out_dim = _token_layout(WideViT(), nhwc)  # the same tensor read as [B, C, h, w]
+    assert (grid, out_dim) == ((3, 4), 2)
+    with pytest.raises(ValueError, match=r"forward_features of WideViT returned shape \(2, 3\)"):
+        _token_layout(WideViT(), torch.zeros(2, 3))
+
+
+def test_timm_nhwc_backbone_tokens_are_its_feature_map_row_major():
+    torch.manual_seed(0)
+    enc = TimmVision("mambaout_femto", image_size=64).eval()  # timm's output_fmt "NHWC"
+    assert (enc.out_dim, enc.grid, enc.patch_size) == (288, (2, 2), 32)
+    assert enc.extra_repr() == "model_name='mambaout_femto', out_dim=288, image_size=64, patch_size=32, grid=(2, 2)"
+    x = images(size=64)
+    with torch.no_grad():
+        features = enc.model.forward_features(enc.normalize(x))  # [B, 2, 2, 288]
+        tokens = enc(x)
+    assert features.shape == (2, 2, 2, 288) and tokens.shape == (2, 4, 288)
+    torch.testing.assert_close(tokens[:, 1], features[:, 0, 1])
+    torch.testing.assert_close(tokens[:, 2], features[:, 1, 0])
+    with pytest.raises(ValueError, match="never downloads"):
+        TimmVision("hf_hub:timm/mambaout_femto", image_size=64)
