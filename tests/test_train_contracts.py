@@ -8,6 +8,7 @@ import json
 import math
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,16 +16,19 @@ from ddp_worker import RECIPE, TinyDataset, make_trainer
 from safetensors.torch import load_file
 from torch import nn
 
-from vlablocks.io.manifest import CheckpointError
+from vlablocks.io.manifest import CheckpointError, write_manifest
 from vlablocks.recipes import build, load_recipe
 from vlablocks.recipes.builder import from_pretrained
 from vlablocks.train.checkpoint import latest_checkpoint
-from vlablocks.train.config import TrainConfig, lr_factor
+from vlablocks.train.config import TrainConfig, lr_factor, train_config
 from vlablocks.train.ema import EMA, ema_decay_at
 from vlablocks.train.export import EXPORT_FILE, merged_policy, plain_recipe, write_export
 from vlablocks.train.sampler import EPOCH_STREAM, ShardedEpochSampler, derive_seed
+from vlablocks.train.metrics import StepStats, metrics_row
 from vlablocks.train.signals import StopSignal
+from vlablocks.train.state import read_trainer_state
 from vlablocks.train.trainer import Trainer
+from vlablocks.train.workflow import init_directory
 
 # --- ShardedEpochSampler ---------------------------------------------------------------------------
 
@@ -181,6 +185,12 @@ def test_a_run_s_policy_is_its_ema_unless_asked_and_resume_refuses_a_later_check
     assert all(torch.equal(raw.state_dict()[k], live[k]) for k in live)
     with pytest.raises(ValueError, match=r"checkpoint step 2 is beyond TrainConfig.steps=1"):
         make_trainer(tmp_path / "again", TrainConfig(steps=1, batch_size=2, save_every=None)).resume(checkpoint)
+    state = checkpoint / "trainer_state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "format": "vlablocks.trainer_state/0"}))
+    write_manifest(checkpoint)  # a consistent checkpoint of another format
+    with pytest.raises(ValueError, match=r"trainer_state.json: format 'vlablocks.trainer_state/0', expected "
+                                         r"'vlablocks.trainer_state/1'"):
+        read_trainer_state(checkpoint)
 
 
 def test_resuming_a_lora_run_checks_the_base_it_was_trained_on(tmp_path):
@@ -202,3 +212,26 @@ def test_resuming_a_lora_run_checks_the_base_it_was_trained_on(tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"model.safetensors: checksum mismatch"):
         resumed.resume(checkpoint)
+
+
+def test_the_recipe_s_train_section_is_the_run_s_configuration():
+    config = train_config(load_recipe("tiny_pi0", ["train.steps=7", "train.lr=0.25"]), ["train.weight_decay=0.5"])
+    assert (config.steps, config.lr, config.weight_decay) == (7, 0.25, 0.5)
+    assert train_config(load_recipe("tiny_llava3d_deepfusion")).batch_size == 32  # from the YAML file itself
+
+
+def test_a_metrics_row_averages_its_window_and_counts_samples_per_second():
+    window = [StepStats(loss=1.0, vel_cosine=0.5, grad_total_norm=2.0, grad_max_abs=0.5, lrs={"head": 0.1}, seconds=0.5),
+              StepStats(loss=3.0, vel_cosine=0.7, grad_total_norm=4.0, grad_max_abs=0.25, lrs={"head": 0.2}, seconds=1.0)]
+    row = metrics_row(window, step=12, guard_hits=1, samples_per_step=6, wall_time_s=9.0)
+    assert row == pytest.approx({"step": 12, "loss": 2.0, "vel_cosine": 0.6, "grad_total_norm": 3.0, "grad_max_abs": 0.5,
+                                 "guard_hits": 1, "lr_head": 0.2, "samples_per_s": 8.0, "wall_time_s": 9.0})
+
+
+def test_a_bundled_recipe_name_wins_over_a_directory_of_that_name_unless_written_as_a_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    build(load_recipe("tiny_pi0")).save_pretrained(tmp_path / "tiny_pi0")
+    assert init_directory("tiny_pi0") is None  # the bundled recipe
+    assert init_directory("./tiny_pi0") == Path("tiny_pi0")
+    assert init_directory(str(tmp_path / "tiny_pi0")) == tmp_path / "tiny_pi0"
+    assert init_directory("no_such_directory") is None  # a recipe name or file, checked later
