@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ddp_worker import RECIPE, TinyDataset, make_trainer
+from ddp_worker import RECIPE, TinyDataset, make_trainer, stop_in_step
 from safetensors.torch import load_file
 from torch import nn
 
@@ -235,3 +235,38 @@ def test_a_bundled_recipe_name_wins_over_a_directory_of_that_name_unless_written
     assert init_directory("./tiny_pi0") == Path("tiny_pi0")
     assert init_directory(str(tmp_path / "tiny_pi0")) == tmp_path / "tiny_pi0"
     assert init_directory("no_such_directory") is None  # a recipe name or file, checked later
+
+
+class NoisyTinyDataset(TinyDataset):
+    """TinyDataset whose samples carry noise seeded by the DataLoader worker's seed (which comes
+    from the loader's generator, one per epoch) and the sample's index: augmentation that repeats
+    with the run's seed."""
+
+    def __getitem__(self, index: int) -> dict:
+        sample = dict(super().__getitem__(index))
+        noise = torch.Generator().manual_seed(torch.utils.data.get_worker_info().seed + index)
+        sample["state"] = sample["state"] + 0.1 * torch.randn(sample["state"].shape, generator=noise)
+        return sample
+
+
+def test_a_run_resumed_in_a_later_epoch_gives_its_workers_the_seeds_of_the_original_epoch(tmp_path):
+    config = TrainConfig(steps=4, batch_size=2, save_every=3, lr=1e-2, num_workers=1)  # 2 batches per epoch
+
+    def trainer(out: str) -> Trainer:
+        torch.manual_seed(0)
+        vla = build(RECIPE)
+        return Trainer(vla, NoisyTinyDataset(vla, 4), config, tmp_path / out)
+
+    straight = trainer("straight")
+    straight.train()
+    interrupted = trainer("split")
+    stop_in_step(interrupted, 4)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.train()
+    checkpoint = latest_checkpoint(tmp_path / "split")
+    assert checkpoint.name == "step_0000003"  # in the second epoch, after its first batch
+    resumed = trainer("split")
+    resumed.resume(checkpoint)
+    resumed.train()
+    for name, tensor in straight.vla.state_dict().items():
+        assert torch.equal(resumed.vla.state_dict()[name], tensor), name
