@@ -26,7 +26,7 @@ Run:
     make mutation                                                    # every area
     make mutation MUTATION_ARGS="--area policy"                      # one area
     make mutation MUTATION_ARGS="--area policy --module vlablocks/policy/normalize.py"
-    make mutation MUTATION_ARGS="--retest"                           # the survivors again, after new tests
+    make mutation MUTATION_ARGS="--retest"                           # the open survivors again, after new tests
 """
 
 from __future__ import annotations
@@ -222,9 +222,20 @@ def sample(names: list[str], fraction: float, minimum: int, seed: int) -> list[s
     return [name for name in names if name in chosen]
 
 
-def run_area(area: str, modules: list[str], args: argparse.Namespace) -> bool:
+def to_run(chosen: dict[str, list[str]], codes: dict[str, dict[str, int | None]], retest: bool,
+           settled: set[str]) -> list[str]:
+    """The sampled mutants to run: those without a result and, with ``retest``, those that
+    survived or that no test reached, unless ``settled`` (message-only or equivalent: no test
+    can or need kill them)."""
+    again = {0, 5, 33} if retest else set()  # mutmut's exit codes: survived, no tests (pytest's 5, mutmut's 33)
+    return [name for path, names in chosen.items() for name in names
+            if codes[path][name] is None or (codes[path][name] in again and name not in settled)]
+
+
+def run_area(area: str, modules: list[str], args: argparse.Namespace, settled: set[str]) -> bool:
     """Stage ``area``, generate its mutants, sample them and run the sampled ones that have no
-    result yet (and, with ``--retest``, those that survived); False if mutmut failed."""
+    result yet (and, with ``--retest``, the open survivors: not those in ``settled``); False if
+    mutmut failed."""
     directory = stage(area, modules, args.work)
     log_file = directory / "mutmut.log"
     log_file.unlink(missing_ok=True)
@@ -237,9 +248,7 @@ def run_area(area: str, modules: list[str], args: argparse.Namespace) -> bool:
     chosen = {path: sample(sorted(by_name), args.sample, args.sample_min, args.seed) for path, by_name in codes.items()}
     write_json(directory / "sample.json", {"settings": {"fraction": args.sample, "minimum": args.sample_min, "seed": args.seed},
                                            "mutants": chosen})
-    retest = {0, 5, 33} if args.retest else set()  # survived, no tests
-    todo = [name for path, names in chosen.items() for name in names
-            if codes[path][name] is None or codes[path][name] in retest]
+    todo = to_run(chosen, codes, args.retest, settled)
     log.info("%s: %d mutants generated, %d sampled, %d to run", area, sum(map(len, codes.values())),
              sum(map(len, chosen.values())), len(todo))
     if todo and run_mutmut(directory, todo, log_file, args.max_children) != 0:
@@ -432,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="fraction of each module's mutants to run (seeded; 1 runs them all)")
     parser.add_argument("--sample-min", type=int, default=20, help="at least this many per module (or all it has)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--retest", action="store_true", help="run the sampled survivors again (after adding tests)")
+    parser.add_argument("--retest", action="store_true",
+                        help="run the sampled open survivors again (after adding tests); message-only and equivalent ones are not")
     parser.add_argument("--report-only", action="store_true", help="re-read the staged results; run nothing")
     parser.add_argument("--collect", type=Path, help=argparse.SUPPRESS)  # inside a staged area (see collect)
     args = parser.parse_args(argv)
@@ -460,7 +470,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.report_only and not (directory / "sample.json").exists():
             log.warning("%s: no results in %s yet; run it first", area, directory)
             continue
-        if not args.report_only and not run_area(area, modules, args):
+        settled = {m["name"] for m in results.get(area, {}).get("survivors", [])
+                   if m.get("message") or m["name"] in equivalent}  # as the last report sorted them
+        if not args.report_only and not run_area(area, modules, args, settled):
             failed.append(area)
             continue
         subprocess.check_call([sys.executable, __file__, "--collect", "results.json"], cwd=directory)

@@ -95,3 +95,10 @@ def test_sample_is_seeded_proportional_with_a_floor_and_keeps_the_order():
     assert len(mutation.sample(names[:50], 0.1, 20, seed=0)) == 20  # the floor
     assert mutation.sample(names[:12], 0.1, 20, seed=0) == names[:12]  # a small module runs whole
     assert mutation.sample(names, 1.0, 20, seed=0) == names
+
+
+def test_a_retest_runs_the_open_survivors_and_what_never_ran_but_not_settled_or_killed_mutants():
+    chosen = {"m.py": ["a", "b", "c", "d", "e", "f"]}
+    codes = {"m.py": {"a": None, "b": 0, "c": 1, "d": 33, "e": 0, "f": 5}}  # never run, survived, killed, no tests
+    assert mutation.to_run(chosen, codes, retest=False, settled={"e"}) == ["a"]
+    assert mutation.to_run(chosen, codes, retest=True, settled={"e"}) == ["a", "b", "d", "f"]
