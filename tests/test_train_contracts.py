@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from ddp_worker import RECIPE, TinyDataset, make_trainer, stop_in_step
+from matplotlib.figure import Figure
 from safetensors.torch import load_file
 from torch import nn
 
@@ -20,13 +21,14 @@ from vlablocks.io.manifest import CheckpointError, write_manifest
 from vlablocks.recipes import build, load_recipe
 from vlablocks.recipes.builder import from_pretrained
 from vlablocks.train.checkpoint import latest_checkpoint
-from vlablocks.train.config import TrainConfig, lr_factor, train_config
+from vlablocks.train.config import LoraSettings, TrainConfig, lr_factor, train_config
 from vlablocks.train.ema import EMA, ema_decay_at
 from vlablocks.train.export import EXPORT_FILE, merged_policy, plain_recipe, write_export
 from vlablocks.train.sampler import EPOCH_STREAM, ShardedEpochSampler, derive_seed
-from vlablocks.train.metrics import StepStats, metrics_row
+from vlablocks.train.metrics import StepStats, metrics_row, plot_curves
 from vlablocks.train.signals import StopSignal
 from vlablocks.train.state import read_trainer_state
+from vlablocks.train import trainer as trainer_module
 from vlablocks.train.trainer import Trainer
 from vlablocks.train.workflow import init_directory
 
@@ -249,7 +251,11 @@ class NoisyTinyDataset(TinyDataset):
         return sample
 
 
-def test_a_run_resumed_in_a_later_epoch_gives_its_workers_the_seeds_of_the_original_epoch(tmp_path):
+def test_a_run_resumed_in_a_later_epoch_gives_its_workers_the_seeds_of_the_original_epoch(tmp_path, monkeypatch):
+    purges = []  # TensorBoard drops what the interrupted run logged after the checkpoint
+    opened = trainer_module.open_tensorboard
+    monkeypatch.setattr(trainer_module, "open_tensorboard", lambda log_dir, purge_step: purges.append(purge_step)
+                        or opened(log_dir, purge_step))
     config = TrainConfig(steps=4, batch_size=2, save_every=3, lr=1e-2, num_workers=1)  # 2 batches per epoch
 
     def trainer(out: str) -> Trainer:
@@ -270,3 +276,41 @@ def test_a_run_resumed_in_a_later_epoch_gives_its_workers_the_seeds_of_the_origi
     resumed.train()
     for name, tensor in straight.vla.state_dict().items():
         assert torch.equal(resumed.vla.state_dict()[name], tensor), name
+    assert purges == [None, None, 4]
+
+
+def test_the_training_noise_is_the_run_s_own_not_the_global_rng_s(tmp_path):
+    weights = []
+    for global_seed in (1, 2):
+        trainer = make_trainer(tmp_path / str(global_seed), TrainConfig(steps=1, batch_size=2, save_every=None, lr=1e-2))
+        torch.manual_seed(global_seed)
+        trainer.train()
+        weights.append(trainer.vla.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_lora_settings_given_as_a_mapping_become_lora_settings():
+    config = TrainConfig(finetune="lora", lora={"rank": 2, "alpha": 4})
+    assert config.lora == LoraSettings(rank=2, alpha=4)
+    assert TrainConfig(finetune="lora").lora == LoraSettings()
+
+
+def test_the_curves_plot_one_panel_per_metric_and_one_lr_line_per_group(tmp_path, monkeypatch):
+    drawn = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *args, **kwargs: drawn.append(fig) or save(fig, *args, **kwargs))
+    rows = [{"step": s, "loss": 1.0 / s, "vel_cosine": 0.1 * s, "grad_total_norm": 2.0 * s, "grad_max_abs": 0.5 * s,
+             "guard_hits": int(s >= 3), "lr_vision": 1e-4, "lr_other": 1e-3, "samples_per_s": 10.0 * s} for s in (1, 2, 3, 4)]
+    assert plot_curves(tmp_path / "curves.png", rows, ["vision", "other"], "run").read_bytes()[:4] == b"\x89PNG"
+    (fig,) = drawn
+    axes = fig.get_axes()
+    assert [ax.get_subplotspec().get_geometry()[:2] for ax in axes] == [(2, 3)] * 6
+    assert [ax.get_title() for ax in axes] == ["loss", "vel_cosine", "grad_total_norm", "grad_max_abs", "learning rate",
+                                                "samples/s"]
+    for ax, key in zip(axes, ["loss", "vel_cosine", "grad_total_norm", "grad_max_abs", "lr_vision", "samples_per_s"]):
+        assert list(ax.get_lines()[0].get_ydata()) == [r[key] for r in rows], key  # the first line: the metric
+    lr_lines = [line for line in axes[4].get_lines() if line.get_color() != "red"]
+    assert [line.get_label() for line in lr_lines[:2]] == ["vision", "other"]
+    assert [t.get_text() for t in axes[4].get_legend().get_texts()] == ["vision", "other"]
+    guard = [line for line in axes[0].get_lines() if line.get_color() == "red"]
+    assert [list(line.get_xdata()) for line in guard] == [[3, 3]]  # the step whose guard fired
