@@ -86,16 +86,21 @@ def save_tiny_siglip(path, seed: int = 0):
     return str(path), model
 
 
+def toy_episode(length: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One episode of ``write_toy_dataset``'s layout: a 32 px camera, 4-dim state and actions."""
+    return {
+        "observation.state": rng.normal(size=(length, 4)).astype(np.float32),
+        "action": rng.uniform(-1, 1, size=(length, 4)).astype(np.float32),
+        "observation.images.corner": rng.integers(0, 256, size=(length, 32, 32, 3), dtype=np.uint8),
+        "observation.intrinsics.corner": np.tile(np.array([[32.0, 0, 16], [0, 32, 16], [0, 0, 1]], np.float32), (length, 1, 1)),
+    }
+
+
 def write_toy_dataset(root: Path, lengths: tuple[int, ...] = (6, 5), seed: int = 0, **kwargs) -> Path:
     """A tiny LeRobot-layout dataset that fits ``tiny_pi0`` with ``policy.state_dim=4 action_dim=4``:
     one 32 px camera, 4-dim state and actions, one task."""
     rng = np.random.default_rng(seed)
     writer = DatasetWriter(root, fps=10, cameras=["corner"], state_dim=4, action_dim=4, **kwargs)
     for length in lengths:
-        writer.add_episode({
-            "observation.state": rng.normal(size=(length, 4)).astype(np.float32),
-            "action": rng.uniform(-1, 1, size=(length, 4)).astype(np.float32),
-            "observation.images.corner": rng.integers(0, 256, size=(length, 32, 32, 3), dtype=np.uint8),
-            "observation.intrinsics.corner": np.tile(np.array([[32.0, 0, 16], [0, 32, 16], [0, 0, 1]], np.float32), (length, 1, 1)),
-        }, "push the button")
+        writer.add_episode(toy_episode(length, rng), "push the button")
     return writer.finalize()

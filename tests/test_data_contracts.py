@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from helpers import write_toy_dataset
+from helpers import toy_episode, write_toy_dataset
 from test_dataset import assert_samples_match, make_episode, write
 from test_dataset_formats import even_episodes
 from vlablocks.data import DatasetWriter, LeRobotDataset
@@ -182,7 +182,7 @@ def test_replacing_a_dataset_whose_root_vanished_puts_the_new_one_in_place(tmp_p
     root = tmp_path / "d"
     write_toy_dataset(root, lengths=(3,))
     writer = DatasetWriter(root, fps=10, cameras=["corner"], state_dim=4, action_dim=4, overwrite=True)
-    writer.add_episode(_toy_frames(2), "push the button")
+    writer.add_episode(toy_episode(2, np.random.default_rng(2)), "push the button")
     shutil.rmtree(root)  # the user removed the old dataset while the new one was written
     assert writer.finalize() == root
     assert len(LeRobotDataset(root, horizon=1)) == 2
@@ -194,7 +194,7 @@ def test_writer_and_reader_refusals_say_what_was_expected(tmp_path):
         DatasetWriter(tmp_path / "a", fps=0, cameras=["corner"], state_dim=4, action_dim=4)
     writer = DatasetWriter(tmp_path / "b", fps=10, cameras=["corner"], state_dim=4, action_dim=4)
     with pytest.raises(ValueError, match=r"an episode needs at least one step; got 0"):
-        writer.add_episode(_toy_frames(0), "push the button")
+        writer.add_episode(toy_episode(0, np.random.default_rng(0)), "push the button")
     writer.abort()
 
     root = write_toy_dataset(tmp_path / "c", lengths=(3,), version="v2.1")
@@ -207,12 +207,3 @@ def test_writer_and_reader_refusals_say_what_was_expected(tmp_path):
     (root / "meta" / "tasks.jsonl").write_text('{"task_index": 7, "task": "push the button"}\n')
     with pytest.raises(ValueError, match=r"meta: task_index \[0\] used by the episodes is not listed in the tasks"):
         LeRobotDataset(root, horizon=1)
-
-
-def _toy_frames(length: int) -> dict[str, np.ndarray]:
-    """One episode in the layout of ``write_toy_dataset``: a 32 px camera, 4-dim state and actions."""
-    rng = np.random.default_rng(length)
-    return {"observation.state": rng.normal(size=(length, 4)).astype(np.float32),
-            "action": rng.uniform(-1, 1, size=(length, 4)).astype(np.float32),
-            "observation.images.corner": rng.integers(0, 256, size=(length, 32, 32, 3), dtype=np.uint8),
-            "observation.intrinsics.corner": np.tile(np.eye(3, dtype=np.float32), (length, 1, 1))}
