@@ -149,8 +149,11 @@ def test_frame_sizes_the_pixel_format_can_hold(shape, pix_fmt, bad):
             check_frames(frames, Path("clip.mp4"), pix_fmt)
     else:
         assert check_frames(frames, Path("clip.mp4"), pix_fmt).shape == shape
-    assert check_frames(np.zeros((2, 4, 6, 3), np.uint8), Path("clip.mp4")).shape == (2, 4, 6, 3)  # yuv420p by default
-    with pytest.raises(VideoEncodeError):
+
+
+def test_frames_are_checked_for_yuv420p_by_default():
+    assert check_frames(np.zeros((2, 4, 6, 3), np.uint8), Path("clip.mp4")).shape == (2, 4, 6, 3)
+    with pytest.raises(VideoEncodeError, match=r"pix_fmt yuv420p needs even height and width; got 5x6"):
         check_frames(np.zeros((2, 5, 6, 3), np.uint8), Path("clip.mp4"))
 
 

@@ -116,9 +116,9 @@ def test_encoders_are_built_and_run_on_the_given_device_and_dtype():
             ConvNet(32, (8, 16), 2, 16, 4, device="meta", dtype=torch.bfloat16),
             PixelShuffleProjector(8, 12, 2, device="meta", dtype=torch.bfloat16),
             DiffusersTimestepEmbedder(16, device="meta", dtype=torch.bfloat16)]
-    for module in made:
-        params = list(module.parameters())
-        assert {p.device.type for p in params} == {"meta"} and {p.dtype for p in params} == {torch.bfloat16}, module
+    for module in made:  # every parameter and floating buffer (pixel statistics, tables); masks stay bool
+        tensors = [*module.parameters(), *(b for b in module.buffers() if b.is_floating_point())]
+        assert {t.device.type for t in tensors} == {"meta"} and {t.dtype for t in tensors} == {torch.bfloat16}, module
     assert made[0].ar.device.type == "meta"
     embedding = sinusoidal_embedding(torch.rand(3, device="meta"), 16)
     assert embedding.device.type == "meta" and embedding.shape == (3, 16)

@@ -1,6 +1,8 @@
-"""The training loop's small contracts, value by value: the sharded epoch sampler, the derived
-seeds, the EMA and its warm-up, the learning-rate schedule, SIGTERM and the export marker
-(gaps that mutation testing found: docs/mutation.md)."""
+"""The training loop's contracts, value by value (gaps that mutation testing found:
+docs/mutation.md): the sharded epoch sampler, the derived seeds, the EMA and its warm-up, the
+learning-rate schedule, SIGTERM, export (marker, EMA default), resume (step and format checks, a
+LoRA run's base, worker seeds in a later epoch, TensorBoard's purge step), the recipe's train
+section, metrics rows and curves, and the run's own training noise."""
 
 from __future__ import annotations
 

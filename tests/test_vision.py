@@ -408,12 +408,6 @@ def test_siglip_is_built_on_its_device_and_never_reads_pickled_weights(siglip_di
         SiglipVision(str(tmp_path))
 
 
-def test_vision_backbones_keep_their_dtype_in_every_parameter_and_buffer():
-    for backbone in (PatchViT(image_size=32, patch_size=8, width=16, depth=1, num_heads=2, dtype=torch.bfloat16),
-                     ConvNet(image_size=32, channels=(8, 16), width=16, norm_groups=4, dtype=torch.bfloat16)):
-        assert {t.dtype for t in [*backbone.parameters(), *backbone.buffers()]} == {torch.bfloat16}, type(backbone)
-
-
 class WideViT(nn.Module):
     """Stands in for a timm model in the token-layout rules: only its attributes matter."""
 
